@@ -1,0 +1,15 @@
+"""User-facing errors: each is reported as one line and a non-zero exit, before heavy work starts."""
+
+
+class GreatsError(Exception):
+    """Base class of the errors the launcher prints as a single line (no traceback)."""
+
+    exit_code = 2
+
+
+class ConfigError(GreatsError):
+    """A config key, value or combination of values is not allowed."""
+
+
+class DataError(GreatsError):
+    """Input data is missing, unreadable, corrupted or unsuitable."""
