@@ -1,0 +1,288 @@
+"""The run configuration: one schema, YAML files plus dotted overrides, validated before any heavy work.
+
+Every key has a type and a default; unknown keys, wrong types and values outside what is allowed raise
+ConfigError with one line naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from megatron_greats.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: allowed types, default, and an optional check returning an error text or None."""
+
+    types: tuple
+    default: Any
+    check: Optional[Callable[[Any], Optional[str]]] = None
+    help: str = ""
+
+
+def _one_of(*allowed):
+    return lambda v: None if v in allowed else f"allowed: {', '.join(map(str, allowed))}"
+
+
+def _at_least(lo):
+    return lambda v: None if v >= lo else f"allowed: >= {lo}"
+
+
+def _fraction(v):
+    return None if 0.0 < v < 1.0 else "allowed: a number in (0, 1)"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "allowed: >= 0"
+
+
+INT, FLOAT, STR, BOOL = (int,), (float, int), (str,), (bool,)
+OPT_INT, OPT_FLOAT, OPT_STR = (int, type(None)), (float, int, type(None)), (str, type(None))
+
+SCHEMA: dict = {
+    "seed": Key(INT, 1234, help="seed of initialisation, data order and selection"),
+    "run_dir": Key(STR, "runs/default", help="outputs: tensorboard/, metrics.jsonl, checkpoints/, config.yaml"),
+    "data": {
+        "source": Key(STR, "embedded", _one_of("embedded", "files", "megatron")),
+        "cache_dir": Key(STR, "data_cache", help="built corpus, tokenizer and indexed data are cached here"),
+        "files": Key((list,), [], help="source=files: local json/jsonl/parquet/text files"),
+        "format": Key(STR, "auto", _one_of("auto", "json", "jsonl", "parquet", "text")),
+        "text_field": Key(STR, "text"),
+        "domain_field": Key(OPT_STR, None),
+        "megatron_prefixes": Key((dict, type(None)), None,
+                                 help="source=megatron: {train: prefix, val: prefix, test: prefix}"),
+        "target_domain": Key(STR, "python_docs", help="val/test are held-out documents of this domain"),
+        "val_fraction": Key(FLOAT, 0.1, _fraction),
+        "test_fraction": Key(FLOAT, 0.1, _fraction),
+        "split_seed": Key(INT, 1234),
+        "max_docs_per_domain": Key(OPT_INT, None, lambda v: None if v is None or v > 0 else "allowed: > 0 or null"),
+    },
+    "tokenizer": {
+        "model": Key(OPT_STR, None, help="an existing sentencepiece .model; null trains one on the train split"),
+        "vocab_size": Key(INT, 4096, _at_least(64)),
+    },
+    "model": {
+        "arch": Key(STR, "gpt2", _one_of("gpt2", "llama")),
+        "num_layers": Key(INT, 2, _at_least(1)),
+        "hidden_size": Key(INT, 64, _at_least(1)),
+        "num_heads": Key(INT, 4, _at_least(1)),
+        "ffn_hidden_size": Key(OPT_INT, None, help="null: 4*hidden (gpt2) or 8/3*hidden rounded to 64 (llama)"),
+        "seq_len": Key(INT, 64, _at_least(8)),
+        "tie_embeddings": Key(BOOL, True),
+        "dropout": Key(FLOAT, 0.0, lambda v: None if 0.0 <= v < 1.0 else "allowed: [0, 1)"),
+        "init_std": Key(FLOAT, 0.02, lambda v: None if v > 0 else "allowed: > 0"),
+        "norm_eps": Key(FLOAT, 1e-5, lambda v: None if v > 0 else "allowed: > 0"),
+        "rope_base": Key(FLOAT, 10000.0, lambda v: None if v > 1 else "allowed: > 1"),
+        "activation_checkpointing": Key(BOOL, False, help="recompute each transformer layer in backward"),
+        "vocab_pad_multiple": Key(INT, 128, _at_least(1),
+                                  help="vocab padded to this multiple (must be divisible by parallel.tensor)"),
+    },
+    "parallel": {
+        "tensor": Key(INT, 1, _at_least(1)),
+        "pipeline": Key(INT, 1, _at_least(1)),
+        "sequence_parallel": Key(BOOL, False),
+        "pipeline_partition": Key(STR, "type:TransformerLayer",
+                                  help="DeepSpeed PipelineModule partition_method"),
+    },
+    "zero": {
+        "stage": Key(INT, 0, _one_of(0, 1, 2, 3)),
+    },
+    "train": {
+        "steps": Key(INT, 100, _at_least(1)),
+        "global_batch": Key(INT, 8, _at_least(1), help="samples per optimizer step, over all replicas"),
+        "micro_batch": Key(INT, 4, _at_least(1), help="samples per forward pass per replica"),
+        "precision": Key(STR, "fp32", _one_of("fp32", "bf16")),
+        "lr": Key(FLOAT, 1e-3, lambda v: None if v > 0 else "allowed: > 0"),
+        "min_lr": Key(FLOAT, 1e-4, _non_negative),
+        "warmup_steps": Key(INT, 10, _non_negative),
+        "weight_decay": Key(FLOAT, 0.1, _non_negative),
+        "beta1": Key(FLOAT, 0.9, _fraction),
+        "beta2": Key(FLOAT, 0.95, _fraction),
+        "adam_eps": Key(FLOAT, 1e-8, lambda v: None if v > 0 else "allowed: > 0"),
+        "grad_clip": Key(FLOAT, 1.0, _non_negative, help="0 disables clipping"),
+        "log_interval": Key(INT, 1, _at_least(1)),
+        "eval_interval": Key(INT, 50, _at_least(0), help="0 evaluates only at the end"),
+        "eval_batches": Key(INT, 4, _at_least(1), help="global batches per evaluation of val and test"),
+        "save_interval": Key(INT, 0, _at_least(0), help="0 saves only at the end"),
+        "resume": Key(BOOL, True, help="resume from run_dir/checkpoints when a checkpoint is there"),
+        "progress": Key(BOOL, True, help="show a progress bar on rank 0"),
+    },
+}
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _defaults(schema: dict) -> dict:
+    return {k: (_defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default)) for k, v in schema.items()}
+
+
+def _merge(base: dict, update: dict, schema: dict, prefix: str) -> None:
+    if not isinstance(update, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {update!r}")
+    for name, value in update.items():
+        dotted = f"{prefix}{name}"
+        if name not in schema:
+            raise ConfigError(f"unknown config key '{dotted}'{_suggest(name, schema)}")
+        if isinstance(schema[name], dict):
+            _merge(base[name], value, schema[name], dotted + ".")
+        else:
+            base[name] = value
+
+
+def _check_types(cfg: dict, schema: dict, prefix: str = "") -> None:
+    for name, key in schema.items():
+        dotted, value = f"{prefix}{name}", cfg[name]
+        if isinstance(key, dict):
+            _check_types(value, key, dotted + ".")
+            continue
+        # bool is an int subclass in Python: never accept it where a number is meant
+        if isinstance(value, bool) and bool not in key.types:
+            ok = False
+        else:
+            ok = isinstance(value, key.types)
+        if not ok:
+            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in key.types)
+            raise ConfigError(f"config key '{dotted}' has value {value!r} of type {type(value).__name__}; "
+                              f"allowed type: {allowed}")
+        if key.check is not None and value is not None:
+            problem = key.check(value)
+            if problem:
+                raise ConfigError(f"config key '{dotted}' has value {value!r}; {problem}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.steps=5' -> (['train', 'steps'], 5); the value is parsed as YAML (safe_load)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form dotted.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: tuple = (), world_size: Optional[int] = None) -> "Config":
+    """Defaults <- YAML file <- dotted overrides; then every check, including the layout against world_size."""
+    cfg = _defaults(SCHEMA)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        _merge(cfg, loaded, SCHEMA, "")
+    for text in overrides:
+        keys, value = parse_override(text)
+        _merge(cfg, _nest(keys, value), SCHEMA, "")
+    _check_types(cfg, SCHEMA)
+    config = Config(cfg)
+    config.check_combinations(world_size)
+    return config
+
+
+class Config:
+    """Attribute access over the validated nested dict: cfg.train.steps."""
+
+    def __init__(self, tree: dict):
+        object.__setattr__(self, "_tree", tree)
+
+    def __getattr__(self, name):
+        tree = object.__getattribute__(self, "_tree")
+        if name not in tree:
+            raise AttributeError(name)
+        value = tree[name]
+        return Config(value) if isinstance(value, dict) and not name.endswith("prefixes") else value
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Config is read-only; use overrides")
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(object.__getattribute__(self, "_tree"))
+
+    def dump(self, path: str) -> None:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+        os.replace(tmp, path)
+
+    # ---- derived values -------------------------------------------------------------------------
+    @property
+    def ffn_hidden_size(self) -> int:
+        m = self.model
+        if m.ffn_hidden_size is not None:
+            return m.ffn_hidden_size
+        if m.arch == "llama":
+            return 64 * ((int(8 * m.hidden_size / 3) + 63) // 64)
+        return 4 * m.hidden_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tensor * self.parallel.pipeline)
+
+    def check_combinations(self, world_size: Optional[int]) -> None:
+        m, p, t = self.model, self.parallel, self.train
+        if m.hidden_size % m.num_heads:
+            raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+        if m.num_heads % p.tensor:
+            raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}")
+        if self.ffn_hidden_size % p.tensor:
+            raise ConfigError(f"ffn hidden size {self.ffn_hidden_size} is not divisible by parallel.tensor={p.tensor}")
+        if m.vocab_pad_multiple % p.tensor:
+            raise ConfigError(f"model.vocab_pad_multiple={m.vocab_pad_multiple} is not divisible by "
+                              f"parallel.tensor={p.tensor}")
+        if m.arch == "llama" and (m.hidden_size // m.num_heads) % 2:
+            raise ConfigError(f"RoPE needs an even head size; hidden_size/num_heads = {m.hidden_size // m.num_heads}")
+        if p.sequence_parallel and p.tensor == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor > 1")
+        if p.sequence_parallel and m.seq_len % p.tensor:
+            raise ConfigError(f"model.seq_len={m.seq_len} is not divisible by parallel.tensor={p.tensor} "
+                              "(needed by sequence parallel)")
+        if p.pipeline > 1 and self.zero.stage > 1:
+            raise ConfigError(f"zero.stage={self.zero.stage} with parallel.pipeline={p.pipeline}; "
+                              "allowed with pipeline parallelism: 0 or 1")
+        if p.pipeline > m.num_layers:
+            raise ConfigError(f"parallel.pipeline={p.pipeline} exceeds model.num_layers={m.num_layers}")
+        if t.min_lr > t.lr:
+            raise ConfigError(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}")
+        if self.data.val_fraction + self.data.test_fraction >= 1.0:
+            raise ConfigError("data.val_fraction + data.test_fraction must be < 1")
+        if self.data.source == "files" and not self.data.files:
+            raise ConfigError("data.source=files needs data.files (a list of local files)")
+        if self.data.source == "megatron":
+            prefixes = self.data.megatron_prefixes or {}
+            missing = [s for s in ("train", "val", "test") if s not in prefixes]
+            if missing:
+                raise ConfigError(f"data.source=megatron needs data.megatron_prefixes with keys train, val, test; "
+                                  f"missing: {', '.join(missing)}")
+            if self.tokenizer.model is None:
+                raise ConfigError("data.source=megatron needs tokenizer.model (the tokenizer the data was built with)")
+        if world_size is None:
+            return
+        model_parallel = p.tensor * p.pipeline
+        if world_size % model_parallel:
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
+                              f"{p.tensor} x {p.pipeline} = {model_parallel}")
+        dp = world_size // model_parallel
+        if t.global_batch % (t.micro_batch * dp):
+            raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by train.micro_batch x "
+                              f"data-parallel size = {t.micro_batch} x {dp}")

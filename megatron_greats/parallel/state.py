@@ -1,0 +1,157 @@
+"""Process start-up and the parallel layout: torch.distributed via DeepSpeed, then megatron-core's groups.
+
+Ranks are laid out tensor-fastest, then data, then pipeline. That is both megatron-core's default order
+("tp-cp-ep-dp-pp") and DeepSpeed's PipeModelDataParallelTopology(pipe, data, model), so the groups the
+two libraries create for the same rank agree.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_LAUNCHER_RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits: global rank, and its coordinates along the three parallel axes."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tensor: int
+    pipeline: int
+    data: int
+    tensor_rank: int
+    pipeline_rank: int
+    data_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pipeline_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pipeline_rank == self.pipeline - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_single_process_env() -> None:
+    """A plain `python launch/pretrain.py` (no launcher, no MPI): become rank 0 of a world of 1."""
+    if any(v in os.environ for v in _LAUNCHER_RANK_VARS):
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def launcher_world_size() -> int:
+    """World size as the launcher announced it, read before any process group exists (for validation)."""
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> None:
+    """torch.distributed through DeepSpeed (env://, or MPI discovery through mpi4py under mpirun)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from megatron_greats.parallel import cpu_shims
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        cpu_shims.apply()
+    set_single_process_env()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
+                                   auto_mpi_discovery=True, timeout=timedelta(minutes=timeout_minutes))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(local_rank)
+
+
+def init_model_parallel(tensor: int, pipeline: int) -> Layout:
+    """Create megatron-core's process groups for the layout and return this rank's coordinates."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline)
+    world = dist.get_world_size()
+    return Layout(
+        rank=dist.get_rank(), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        tensor=tensor, pipeline=pipeline, data=world // (tensor * pipeline),
+        tensor_rank=ps.get_tensor_model_parallel_rank(), pipeline_rank=ps.get_pipeline_model_parallel_rank(),
+        data_rank=ps.get_data_parallel_rank(),
+    )
+
+
+class MegatronMpu:
+    """The `mpu` object DeepSpeed expects (model-parallel = tensor x pipeline), over megatron-core's groups."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self._ps = ps
+
+    def get_model_parallel_group(self):
+        return self._ps.get_model_parallel_group()
+
+    def get_model_parallel_rank(self):
+        return dist.get_rank(group=self._ps.get_model_parallel_group())
+
+    def get_model_parallel_world_size(self):
+        return dist.get_world_size(group=self._ps.get_model_parallel_group())
+
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+    def get_data_parallel_rank(self):
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return self._ps.get_data_parallel_world_size()
+
+    def get_tensor_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self):
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self):
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self._ps.get_tensor_model_parallel_src_rank()
+
+    def get_pipeline_model_parallel_group(self):
+        return self._ps.get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self):
+        return self._ps.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self):
+        return self._ps.get_pipeline_model_parallel_world_size()
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
