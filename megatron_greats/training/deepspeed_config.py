@@ -1,0 +1,38 @@
+"""The DeepSpeed config and optimizer parameter groups derived from the run config."""
+
+from __future__ import annotations
+
+import torch
+
+
+def deepspeed_config(cfg, data_parallel: int) -> dict:
+    t = cfg.train
+    grad_accum = t.global_batch // (t.micro_batch * data_parallel)
+    return {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        # torch_adam: DeepSpeed would otherwise build its fused CPU Adam op (minutes of compiling)
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.adam_eps,
+                                                  "weight_decay": t.weight_decay, "torch_adam": True}},
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.zero.stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+
+
+def _decays(name: str, param: torch.nn.Parameter) -> bool:
+    # As Megatron: no weight decay on biases, norm weights and learned positions (1-D tensors).
+    return param.dim() > 1 and not name.endswith("positions")
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if _decays(name, param) else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]

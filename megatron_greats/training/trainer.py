@@ -1,0 +1,224 @@
+"""Pretraining loop: DeepSpeed engine (plain or pipeline), periodic evaluation, checkpoints, telemetry.
+
+Data order is a function of (seed, step) only: every step takes the next global batch of sample ids,
+and data-parallel replica r trains on its contiguous slice of it, split into micro-batches. So the
+samples of a step, and the loss, do not depend on the parallel layout.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_greats.errors import ConfigError
+from megatron_greats.model import build_model, mean_loss, per_sample_losses
+from megatron_greats.parallel.state import Layout, MegatronMpu, device, init_distributed, init_model_parallel
+from megatron_greats.training.grad_clip import install_pipeline_clipping
+from megatron_greats.training.deepspeed_config import deepspeed_config, parameter_groups
+from megatron_greats.training.schedule import ScheduleFactor, lr_at
+from megatron_greats.training.telemetry import Telemetry
+
+
+def prepare_run_dir(cfg) -> Path:
+    """Create run_dir (and check it is writable) before anything heavy starts."""
+    run_dir = Path(cfg.run_dir)
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_probe{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run_dir '{run_dir}' is not writable ({e.strerror}); allowed: a writable folder") from None
+    return run_dir
+
+
+def load_data(cfg, show_progress: bool):
+    from megatron_greats.data import prepare_data
+
+    d = cfg.data
+    return prepare_data(
+        cache_dir=d.cache_dir, seq_len=cfg.model.seq_len, source=d.source, files=d.files, file_format=d.format,
+        text_field=d.text_field, domain_field=d.domain_field, megatron_prefixes=d.megatron_prefixes,
+        target_domain=d.target_domain, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+        split_seed=d.split_seed, max_docs_per_domain=d.max_docs_per_domain, vocab_size=cfg.tokenizer.vocab_size,
+        tokenizer_model=cfg.tokenizer.model, show_progress=show_progress,
+    )
+
+
+def build_engine(cfg, vocab_size: int, layout: Layout):
+    import deepspeed
+
+    model = build_model(cfg, vocab_size, layout)
+    torch.manual_seed(cfg.seed)  # dropout stream, after the per-layer initialisation seeds
+    t = cfg.train
+    factor = ScheduleFactor(t.lr, t.min_lr, t.warmup_steps, t.steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=parameter_groups(model, t.weight_decay),
+        config=deepspeed_config(cfg, layout.data),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
+        mpu=None if layout.pipeline > 1 else MegatronMpu(),  # PipelineModule brings its own grid
+    )
+    if layout.pipeline > 1:
+        install_pipeline_clipping(engine)
+    return engine
+
+
+@dataclass
+class ReplicaBatches:
+    """Turns a step's global batch of sample ids into this replica's micro-batches."""
+
+    layout: Layout
+    micro_batch: int
+
+    def replica_ids(self, global_ids: np.ndarray) -> np.ndarray:
+        per_replica = len(global_ids) // self.layout.data
+        start = self.layout.data_rank * per_replica
+        return global_ids[start:start + per_replica]
+
+    def micro_batches(self, samples, global_ids: np.ndarray) -> list:
+        tokens = samples.get(self.replica_ids(global_ids))
+        dev = device()
+        return [(chunk[:, :-1].contiguous().to(dev), chunk[:, 1:].contiguous().to(dev))
+                for chunk in tokens.split(self.micro_batch)]
+
+
+class Trainer:
+    def __init__(self, cfg, engine, data, layout: Layout, run_dir: Path):
+        from megatron_greats.data import GlobalBatchSampler
+
+        self.cfg, self.engine, self.data, self.layout, self.run_dir = cfg, engine, data, layout, run_dir
+        self.pipelined = layout.pipeline > 1
+        self.sampler = GlobalBatchSampler(len(data.train), cfg.train.global_batch, cfg.seed)
+        self.batches = ReplicaBatches(layout, cfg.train.micro_batch)
+        self.step = 0
+        self.tokens_per_sample = cfg.model.seq_len
+
+    # ---- one optimizer step -----------------------------------------------------------------------
+    def train_step(self, global_ids: np.ndarray) -> float:
+        micro = self.batches.micro_batches(self.data.train, global_ids)
+        if self.pipelined:
+            return float(self.engine.train_batch(iter(micro)))
+        losses = []
+        for inputs, labels in micro:
+            loss = mean_loss(self.engine(inputs), labels)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach())
+        return self._data_parallel_mean(torch.stack(losses).mean())
+
+    def _data_parallel_mean(self, value: torch.Tensor) -> float:
+        value = value.detach().clone().float()
+        if self.layout.data > 1:
+            from megatron.core import parallel_state as ps
+
+            dist.all_reduce(value, group=ps.get_data_parallel_group())
+            value /= self.layout.data
+        return float(value)
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    def evaluation_ids(self, samples) -> list:
+        """Global batches covering the first eval_batches x global_batch samples (wrapping when fewer)."""
+        g = self.cfg.train.global_batch
+        count = min(self.cfg.train.eval_batches, -(-len(samples) // g))
+        ids = np.arange(count * g) % len(samples)
+        return [ids[i * g:(i + 1) * g] for i in range(count)]
+
+    @torch.no_grad()
+    def evaluate(self, samples) -> float:
+        losses = []
+        if self.pipelined:
+            for global_ids in self.evaluation_ids(samples):
+                micro = self.batches.micro_batches(samples, global_ids)
+                losses.append(float(self.engine.eval_batch(iter(micro), num_micro_batches=len(micro))))
+            return float(np.mean(losses))
+        self.engine.module.eval()
+        for global_ids in self.evaluation_ids(samples):
+            for inputs, labels in self.batches.micro_batches(samples, global_ids):
+                losses.append(per_sample_losses(self.engine.module(inputs), labels).mean())
+        self.engine.module.train()
+        return self._data_parallel_mean(torch.stack(losses).mean())
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> str:
+        return str(self.run_dir / "checkpoints")
+
+    def save(self) -> None:
+        self.engine.save_checkpoint(self.checkpoint_dir, tag=f"step_{self.step}", client_state={"step": self.step})
+
+    def maybe_resume(self) -> None:
+        if not self.cfg.train.resume or not (Path(self.checkpoint_dir) / "latest").exists():
+            return
+        path, client_state = self.engine.load_checkpoint(self.checkpoint_dir)
+        if path is None:
+            raise ConfigError(f"no loadable checkpoint in '{self.checkpoint_dir}' although a 'latest' file is there")
+        self.step = int(client_state["step"])
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        self.maybe_resume()
+        start_step = self.step
+        telemetry = Telemetry(self.run_dir, enabled=self.layout.is_logging_rank, resume_step=start_step)
+        progress = None
+        if self.layout.is_logging_rank and t.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        summary = {"start_step": start_step, "train_loss": None, "val_loss": None, "test_loss": None}
+        started = time.time()
+        window_start, window_samples = time.time(), 0
+        while self.step < t.steps:
+            lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
+            loss = self.train_step(self.sampler.batch_ids(self.step))
+            self.step += 1
+            window_samples += t.global_batch
+            summary["train_loss"] = loss
+            scalars = {}
+            if self.step % t.log_interval == 0 or self.step == t.steps:
+                elapsed = time.time() - window_start
+                scalars.update({
+                    "train/loss": loss, "train/lr": lr,
+                    "train/tokens_per_sec": window_samples * self.tokens_per_sample / max(elapsed, 1e-9),
+                    "train/samples_seen": self.step * t.global_batch,
+                })
+                window_start, window_samples = time.time(), 0
+            if (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.steps:
+                summary["val_loss"], summary["test_loss"] = self.evaluate(self.data.val), self.evaluate(self.data.test)
+                scalars.update({"val/loss": summary["val_loss"], "test/loss": summary["test_loss"]})
+            if scalars:
+                telemetry.log(self.step, scalars)
+            if (t.save_interval and self.step % t.save_interval == 0) or self.step == t.steps:
+                self.save()
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+            telemetry.flush()
+        if progress is not None:
+            progress.close()
+        telemetry.close()
+        summary.update(steps=self.step, seconds=time.time() - started)
+        return summary
+
+
+def pretrain(cfg) -> dict:
+    """Start-up in the order that lets bad input fail before heavy work, then train."""
+    run_dir = prepare_run_dir(cfg)
+    init_distributed()
+    is_rank0 = dist.get_rank() == 0
+    data = load_data(cfg, show_progress=is_rank0)
+    if is_rank0:
+        cfg.dump(str(run_dir / "config.yaml"))
+    layout = init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
+    engine = build_engine(cfg, data.vocab_size, layout)
+    summary = Trainer(cfg, engine, data, layout, run_dir).train()
+    summary.update(run_dir=str(run_dir), tensorboard=str(run_dir / "tensorboard"), world_size=layout.world_size,
+                   layout=f"dp={layout.data} tp={layout.tensor} pp={layout.pipeline}")
+    return summary
