@@ -28,6 +28,9 @@ from megatron_greats.training.telemetry import Telemetry
 def prepare_run_dir(cfg) -> Path:
     """Create run_dir (and check it is writable) before anything heavy starts."""
     run_dir = Path(cfg.run_dir)
+    if not cfg.train.resume and ((run_dir / "checkpoints" / "latest").exists() or (run_dir / "metrics.jsonl").exists()):
+        raise ConfigError(f"run_dir '{run_dir}' holds an earlier run and train.resume=false; "
+                          "allowed: train.resume=true to continue it, or another run_dir")
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write_probe{os.getpid()}"
@@ -203,6 +206,8 @@ class Trainer:
             telemetry.flush()
         if progress is not None:
             progress.close()
+        if summary["val_loss"] is None:  # resumed a finished run: still report where it stands
+            summary["val_loss"], summary["test_loss"] = self.evaluate(self.data.val), self.evaluate(self.data.test)
         telemetry.close()
         summary.update(steps=self.step, seconds=time.time() - started)
         return summary

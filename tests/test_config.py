@@ -1,0 +1,72 @@
+"""Config loading and validation: every bad value is one line naming the key and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_greats.config import SCHEMA, load_config
+from megatron_greats.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(str(path))
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    # A layout-consistent world size must be accepted: one 8-GPU node, or the tiny CPU default.
+    world_size = tp * pp * (1 if path.stem.startswith("tiny") else max(1, 8 // (tp * pp)))
+    load_config(str(path), world_size=world_size)
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["train.steps=7", "model.arch=llama", "parallel.sequence_parallel=false"])
+    assert cfg.train.steps == 7 and cfg.model.arch == "llama"
+    assert cfg.ffn_hidden_size % 64 == 0
+    assert cfg.to_dict()["train"]["steps"] == 7
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.stepz=3"], "unknown config key 'train.stepz' (did you mean 'steps'?)"),
+    (["modle.arch=gpt2"], "unknown config key 'modle' (did you mean 'model'?)"),
+    (["train.steps=ten"], "config key 'train.steps' has value 'ten' of type str; allowed type: int"),
+    (["train.steps=true"], "config key 'train.steps' has value True"),
+    (["model.arch=bert"], "allowed: gpt2, llama"),
+    (["zero.stage=4"], "allowed: 0, 1, 2, 3"),
+    (["parallel.pipeline=2", "zero.stage=2"], "allowed with pipeline parallelism: 0 or 1"),
+    (["model.num_heads=3"], "not divisible by model.num_heads=3"),
+    (["parallel.sequence_parallel=true"], "needs parallel.tensor > 1"),
+    (["train"], "not of the form dotted.key=value"),
+])
+def test_bad_config_is_one_line(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_layout_must_divide_world_size():
+    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by .* 2 x 2 = 4"):
+        load_config(None, ["parallel.tensor=2", "parallel.pipeline=2"], world_size=6)
+    with pytest.raises(ConfigError, match="train.global_batch=8 is not divisible"):
+        load_config(None, ["train.micro_batch=3"], world_size=1)
+
+
+def test_yaml_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train: 5\n")
+    with pytest.raises(ConfigError, match="section 'train' must be a mapping"):
+        load_config(str(nested))
+
+
+def test_schema_has_required_keys():
+    for key in ("seed", "run_dir"):
+        assert key in SCHEMA
+    assert {"tensor", "pipeline", "sequence_parallel"} <= set(SCHEMA["parallel"])
+    assert "stage" in SCHEMA["zero"] and "steps" in SCHEMA["train"]
