@@ -67,7 +67,7 @@ SCHEMA: dict = {
     },
     "tokenizer": {
         "model": Key(OPT_STR, None, help="an existing sentencepiece .model; null trains one on the train split"),
-        "vocab_size": Key(INT, 4096, _at_least(64)),
+        "vocab_size": Key(INT, 4096, _at_least(320), help="at least 320: 256 byte-fallback pieces + specials"),
     },
     "model": {
         "arch": Key(STR, "gpt2", _one_of("gpt2", "llama")),

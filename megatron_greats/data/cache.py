@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +34,15 @@ def file_digest(path: Path) -> str:
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary name in `path`'s folder; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary name next to `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # A unique name that the caller creates itself (normal permissions; several writers may race).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -73,7 +73,7 @@ class Artifact:
         return True
 
     def require(self) -> Path:
-        """The folder, or DataError when its build never finished (e.g. it failed on local rank 0)."""
+        """The folder, or DataError if its build never finished (e.g. it failed on local rank 0)."""
         if not self.complete:
             raise DataError(f"cache folder {self.dir} has no finished build ({MARKER} missing); "
                             "rerun data preparation on local rank 0")

