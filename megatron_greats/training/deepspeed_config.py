@@ -18,6 +18,10 @@ def deepspeed_config(cfg, data_parallel: int) -> dict:
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": cfg.zero.stage},
         "bf16": {"enabled": t.precision == "bf16"},
+        # DeepSpeed splits stage-to-stage activations over tensor-parallel ranks, assuming they are
+        # replicated there; sequence-parallel activations are per-rank shards, so send them whole.
+        "pipeline": {"pipe_partitioned": not cfg.parallel.sequence_parallel,
+                     "grad_partitioned": not cfg.parallel.sequence_parallel},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
         "dump_state": False,

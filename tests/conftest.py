@@ -1,0 +1,78 @@
+"""Shared test fixtures: one small built dataset per session, and a runner for real multi-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PRETRAIN = REPO / "launch" / "pretrain.py"
+
+# A model and corpus small enough for 4 processes on 2 cores.
+TINY_DATA = ["data.max_docs_per_domain=30", "tokenizer.vocab_size=512"]
+TINY_MODEL = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.seq_len=32"]
+TINY_TRAIN = ["train.global_batch=8", "train.micro_batch=2", "train.steps=5", "train.eval_interval=0",
+              "train.eval_batches=1", "train.save_interval=0", "train.progress=false", "train.warmup_steps=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """The embedded corpus, tokenizer and indexed data at the tiny settings, built once per session."""
+    cache = tmp_path_factory.mktemp("data_cache")
+    from megatron_greats.data import prepare_data
+
+    prepare_data(cache_dir=str(cache), seq_len=32, max_docs_per_domain=30, vocab_size=512, show_progress=False)
+    return cache
+
+
+def tiny_overrides(data_cache: Path, run_dir: Path, *extra: str) -> list:
+    return [f"data.cache_dir={data_cache}", f"run_dir={run_dir}",
+            *TINY_DATA, *TINY_MODEL, *TINY_TRAIN, *extra]
+
+
+def read_metrics(run_dir: Path) -> list:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def train_losses(run_dir: Path) -> list:
+    return [m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m]
+
+
+def run_pretrain(overrides: list, nproc: int = 1, launcher: str = "torchrun", timeout: int = 600,
+                 config: str = "configs/tiny-cpu.yaml") -> subprocess.CompletedProcess:
+    """launch/pretrain.py as a user runs it: plain python (nproc=1) or torchrun with nproc processes."""
+    script = [str(PRETRAIN), "--config", str(REPO / config), *overrides]
+    if launcher == "python":
+        cmd = [sys.executable, *script]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", *script]
+    else:
+        raise ValueError(launcher)
+    return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list:
+    return [line for line in proc.stderr.splitlines() if line.startswith("megatron_greats: error:")]
