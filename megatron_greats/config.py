@@ -118,7 +118,20 @@ SCHEMA: dict = {
 }
 
 
+# Names Megatron-LM / Hugging Face users type for our keys.
+ALIASES = {
+    "learning_rate": "lr", "lerning_rate": "lr", "max_lr": "lr", "lr_warmup_steps": "warmup_steps",
+    "lr_warmup_iters": "warmup_steps", "train_iters": "steps", "max_steps": "steps",
+    "micro_batch_size": "micro_batch", "global_batch_size": "global_batch", "clip_grad": "grad_clip",
+    "max_grad_norm": "grad_clip", "tensor_model_parallel_size": "tensor",
+    "pipeline_model_parallel_size": "pipeline", "seq_length": "seq_len", "num_attention_heads": "num_heads",
+    "hidden_dropout": "dropout", "untie_embeddings_and_output_weights": "tie_embeddings",
+}
+
+
 def _suggest(name: str, options) -> str:
+    if ALIASES.get(name) in options:
+        return f" (did you mean '{ALIASES[name]}'?)"
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
