@@ -250,7 +250,8 @@ def layer_specs(spec: ModelSpec) -> list:
 
 def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token cross entropy of each sample: logits [seq, batch, vocab/tp], labels [batch, seq] -> [batch]."""
-    token_losses = vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())
+    # megatron-core computes the softmax in float32 whatever the logits' dtype
+    token_losses = vocab_parallel_cross_entropy(logits, labels.t().contiguous())
     return token_losses.mean(dim=0)
 
 
