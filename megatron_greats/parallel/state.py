@@ -80,8 +80,10 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
         cpu_shims.apply()
     set_single_process_env()
     if not dist.is_initialized():
+        # distributed_port: under mpirun DeepSpeed's MPI discovery would otherwise always take 29500
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
-                                   auto_mpi_discovery=True, timeout=timedelta(minutes=timeout_minutes))
+                                   auto_mpi_discovery=True, timeout=timedelta(minutes=timeout_minutes),
+                                   distributed_port=int(os.environ.get("MASTER_PORT", "29500")))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)
