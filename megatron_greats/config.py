@@ -273,6 +273,10 @@ class Config:
         if p.pipeline > 1 and self.zero.stage > 1:
             raise ConfigError(f"zero.stage={self.zero.stage} with parallel.pipeline={p.pipeline}; "
                               "allowed with pipeline parallelism: 0 or 1")
+        if t.precision == "bf16" and self.zero.stage == 0 and p.pipeline == 1:
+            # DeepSpeed's plain engine then updates bf16 weights directly (no fp32 master copy)
+            raise ConfigError("train.precision=bf16 with zero.stage=0 and no pipeline trains without fp32 master "
+                              "weights; allowed: zero.stage >= 1 (also at data-parallel size 1), or fp32")
         if p.pipeline > m.num_layers:
             raise ConfigError(f"parallel.pipeline={p.pipeline} exceeds model.num_layers={m.num_layers}")
         if t.min_lr > t.lr:

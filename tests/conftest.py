@@ -7,9 +7,12 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+
+warnings.filterwarnings("ignore", module="megatron")  # optional-dependency notices (apex, TE) at import
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = REPO / "launch" / "pretrain.py"

@@ -37,6 +37,7 @@ def test_defaults_and_overrides():
     (["model.num_heads=3"], "not divisible by model.num_heads=3"),
     (["parallel.sequence_parallel=true"], "needs parallel.tensor > 1"),
     (["train"], "not of the form dotted.key=value"),
+    (["train.precision=bf16"], "allowed: zero.stage >= 1 (also at data-parallel size 1), or fp32"),
 ])
 def test_bad_config_is_one_line(overrides, needle):
     with pytest.raises(ConfigError) as err:

@@ -99,3 +99,15 @@ def test_finished_run_is_not_overwritten(data_cache, tmp_path):
     assert proc.returncode == 2
     assert "holds an earlier run and train.resume=false" in proc.stderr
     assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_bf16_trains_with_fp32_master_weights(data_cache, tmp_path):
+    """bf16 (ZeRO-1 in one process, and PP=2) keeps fp32 master weights: both layouts agree to bf16 noise."""
+    bf16 = ["train.precision=bf16", *STRICT]
+    proc = run_pretrain(tiny_overrides(data_cache, tmp_path / "z1", *bf16, "zero.stage=1"), launcher="python")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_pretrain(tiny_overrides(data_cache, tmp_path / "pp2", *bf16, "parallel.pipeline=2"), nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, piped = train_losses(tmp_path / "z1"), train_losses(tmp_path / "pp2")
+    assert np.std(single) > 1e-3
+    np.testing.assert_allclose(piped, single, rtol=1e-3)
