@@ -1,0 +1,5 @@
+"""Exact per-sample gradient inner products ("ghost" products) of the recorded layers. See recorder.py."""
+
+from megatron_greats.ghost.recorder import GhostRecorder
+
+__all__ = ["GhostRecorder"]

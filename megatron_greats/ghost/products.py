@@ -1,0 +1,150 @@
+"""Per-sample gradient inner products of one parameter, from layer operands, never from model-sized gradients.
+
+A *use* is one place where a parameter acts on a batch of n samples (a layer call). Its per-sample
+gradient is determined by two operands with a token dim T:
+  dense  (y = x W^T):      G_i = B_i^T A_i                      A [n, T, d_in], B [n, T, d_out]
+  sparse (embedding rows): G_i[r] = sum_{t: id_it = r} B_it     ids [n, T] (-1: row not on this rank)
+  diag   (norm weights):   G_i = sum_t B_it * A_it               A, B [n, T, d]
+A bias is a dense use with A = 1. A parameter used several times (tied embeddings, micro-batches)
+has per-sample gradient = the sum over its uses, so its Gram is the sum of cross products over all
+pairs of uses.
+
+Two exact paths per parameter:
+  ghost:        token-pair products, cost ~ n^2 T^2 (d_in + d_out), memory bounded by row chunks;
+  materialise:  per-sample gradients block by block of parameter rows, then G G^T, cost ~ n T d_in d_out
+                + n^2 d_in d_out, memory bounded by the block size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# Elements per temporary (token-pair tiles, per-sample gradient blocks): 2^26 x 4 bytes = 256 MiB in fp32.
+DEFAULT_CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass
+class Use:
+    kind: str                    # "dense" | "sparse" | "diag"
+    rows: int                    # parameter rows on this rank (d_out; local vocab; d for diag)
+    cols: int                    # parameter columns (d_in; hidden for sparse; 1 for diag)
+    samples: slice               # which rows of the Gram this use's samples are
+    inputs: torch.Tensor         # dense/diag: A [n, T, cols or d]; sparse: ids [n, T]
+    grads: Optional[torch.Tensor] = None   # B [n, T, rows] (dense), [n, T, cols] (sparse), [n, T, d] (diag)
+
+    @property
+    def n(self) -> int:
+        return self.samples.stop - self.samples.start
+
+    @property
+    def tokens(self) -> int:
+        return self.inputs.shape[1]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- cost model ------------------------------------------------------------------------------------
+def ghost_cost(uses: list, total: int) -> float:
+    cost = 0.0
+    for u in uses:
+        width = u.cols + u.rows if u.kind == "dense" else u.cols + 1
+        cost += u.n * total * u.tokens ** 2 * width
+    return cost
+
+
+def materialise_cost(uses: list, total: int) -> float:
+    rows, cols = uses[0].rows, uses[0].cols
+    forming = sum(u.n * u.tokens * (rows * cols if u.kind == "dense" else cols) for u in uses)
+    return forming + total * total * rows * cols
+
+
+def choose_path(uses: list, total: int, forced: Optional[str] = None) -> str:
+    if any(u.kind == "diag" for u in uses):
+        return "materialise"  # a per-sample vector: forming it is the whole cost
+    if forced is not None:
+        return forced
+    return "ghost" if ghost_cost(uses, total) <= materialise_cost(uses, total) else "materialise"
+
+
+# ---- ghost path ------------------------------------------------------------------------------------
+def _pair_tile(u: Use, v: Use, i0: int, i1: int, dtype) -> torch.Tensor:
+    """<G_u,i, G_v,j> for i in u's samples [i0, i1) and all of v's samples: [i1 - i0, v.n]."""
+    c, t_u, n_v, t_v = i1 - i0, u.tokens, v.n, v.tokens
+    bu = u.grads[i0:i1].to(dtype)
+    if u.kind == "sparse" and v.kind == "dense":
+        # sum_{t,s} B_v[j, s, id_u[i,t]] (b_u[i,t] . a_v[j,s])
+        ids = u.inputs[i0:i1].reshape(-1)
+        valid = ids >= 0
+        a_v = v.inputs.to(dtype)
+        dots = bu.reshape(c * t_u, -1) @ a_v.reshape(n_v * t_v, -1).T               # [(c t), (n s)]
+        picked = v.grads.to(dtype)[:, :, ids.clamp(min=0)]                           # [n, s, (c t)]
+        picked = picked.permute(2, 0, 1).reshape(c * t_u, n_v * t_v)
+        tile = (dots * picked)[valid]                                                # drop rows not on this rank
+        owner = torch.arange(c, device=ids.device).repeat_interleave(t_u)[valid]
+        per_token = tile.reshape(-1, n_v, t_v).sum(-1)
+        return torch.zeros(c, n_v, dtype=dtype, device=bu.device).index_add_(0, owner, per_token)
+    if u.kind == "dense" and v.kind == "sparse":
+        return _pair_tile_transposed(u, v, i0, i1, dtype)
+    grad_dots = bu.reshape(c * t_u, -1) @ v.grads.to(dtype).reshape(n_v * t_v, -1).T  # [(c t), (n s)]
+    if u.kind == "dense":
+        input_dots = u.inputs[i0:i1].to(dtype).reshape(c * t_u, -1) @ v.inputs.to(dtype).reshape(n_v * t_v, -1).T
+        weights = input_dots
+    else:  # sparse x sparse: token pairs with the same row id (on this rank)
+        ids_u = u.inputs[i0:i1].reshape(-1, 1)
+        ids_v = v.inputs.reshape(1, -1)
+        weights = ((ids_u == ids_v) & (ids_u >= 0)).to(dtype)
+    return (grad_dots * weights).reshape(c, t_u, n_v, t_v).sum(dim=(1, 3))
+
+
+def _pair_tile_transposed(u: Use, v: Use, i0: int, i1: int, dtype) -> torch.Tensor:
+    sub = Use(u.kind, u.rows, u.cols, slice(0, i1 - i0), u.inputs[i0:i1], u.grads[i0:i1])
+    return _pair_tile(v, sub, 0, v.n, dtype).T
+
+
+def ghost_gram(uses: list, total: int, dtype, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    device = uses[0].inputs.device
+    gram = torch.zeros(total, total, dtype=dtype, device=device)
+    for a, u in enumerate(uses):
+        for v in uses[a:]:
+            # rows of u per tile so that the [(c T_u), (n_v T_v)] temporaries stay within the budget
+            step = max(1, chunk_elements // max(1, u.tokens * v.n * v.tokens))
+            block = torch.cat([_pair_tile(u, v, i0, min(u.n, i0 + step), dtype)
+                               for i0 in range(0, u.n, step)])
+            gram[u.samples, v.samples] += block
+            if v is not u:
+                gram[v.samples, u.samples] += block.T
+    return gram
+
+
+# ---- materialised path -----------------------------------------------------------------------------
+def per_sample_rows(u: Use, r0: int, r1: int, dtype) -> torch.Tensor:
+    """Per-sample gradients of parameter rows [r0, r1): [n, r1 - r0, cols]."""
+    if u.kind == "dense":
+        return torch.einsum("ntr,ntc->nrc", u.grads[:, :, r0:r1].to(dtype), u.inputs.to(dtype))
+    if u.kind == "diag":
+        return (u.grads[:, :, r0:r1].to(dtype) * u.inputs[:, :, r0:r1].to(dtype)).sum(1).unsqueeze(-1)
+    ids = u.inputs
+    inside = (ids >= r0) & (ids < r1)
+    sample = torch.arange(u.n, device=ids.device).unsqueeze(1).expand_as(ids)[inside]
+    flat_rows = sample * (r1 - r0) + (ids[inside] - r0)
+    out = torch.zeros(u.n * (r1 - r0), u.cols, dtype=dtype, device=ids.device)
+    out.index_add_(0, flat_rows, u.grads[inside].to(dtype))
+    return out.view(u.n, r1 - r0, u.cols)
+
+
+def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+    """Yield per-sample gradient blocks [total, rows_in_block * cols], summed over uses."""
+    rows, cols = uses[0].rows, uses[0].cols
+    step = max(1, chunk_elements // max(1, total * cols))
+    device = uses[0].inputs.device
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        block = torch.zeros(total, r1 - r0, cols, dtype=dtype, device=device)
+        for u in uses:
+            block[u.samples] += per_sample_rows(u, r0, r1, dtype)
+        yield block.reshape(total, -1)
