@@ -1,0 +1,48 @@
+"""The GREATS greedy (Wang et al., NeurIPS 2024) on precomputed inner products.
+
+    phi_i = eta * <g_i, g_val>                       for every candidate i
+    repeat k times:
+        j = argmax over unselected i of phi_i        (ties: lowest index)
+        select j; its gain is phi_j
+        phi_i -= eta^2 * <g_i, g_j>                  for every unselected i
+
+This is the second-order Taylor estimate of the validation-loss drop of a step on the selected set
+(Hessian replaced by the identity), maximised greedily. Variants are explicit options:
+  self_term:   also subtract (eta^2 / 2) ||g_i||^2 from phi_i (the utility's diagonal term);
+  batch_mean:  the training step averages the k selected gradients, so each one moves the weights
+               by eta / k: use eta / k in place of eta.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def greats_greedy(val_alignment: torch.Tensor, gram: torch.Tensor, k: int, eta: float, *,
+                  self_term: bool = False, batch_mean: bool = False, return_gains: bool = False):
+    """val_alignment [N] = <g_i, g_val>, gram [N, N] = <g_i, g_j>; returns LongTensor [k] in pick order
+    (and the marginal gain of each pick, [k], with return_gains=True)."""
+    n = val_alignment.shape[0]
+    if gram.shape != (n, n):
+        raise ValueError(f"gram has shape {tuple(gram.shape)}; expected ({n}, {n}) to match val_alignment")
+    if not 0 < k <= n:
+        raise ValueError(f"k={k}; allowed: 1 <= k <= N={n}")
+    step = eta / k if batch_mean else eta
+    dtype = torch.float64
+    phi = step * val_alignment.to(dtype).clone()
+    gram = gram.to(dtype)
+    if self_term:
+        phi -= 0.5 * step ** 2 * torch.diagonal(gram)
+    available = torch.ones(n, dtype=torch.bool, device=phi.device)
+    picked, gains = [], []
+    for _ in range(k):
+        masked = torch.where(available, phi, torch.full_like(phi, -torch.inf))
+        j = int(torch.argmax(masked))  # first maximal index: ties go to the lowest index
+        picked.append(j)
+        gains.append(phi[j].item())
+        available[j] = False
+        phi -= step ** 2 * gram[:, j]
+    picked = torch.tensor(picked, dtype=torch.long, device=val_alignment.device)
+    if return_gains:
+        return picked, torch.tensor(gains, dtype=dtype, device=val_alignment.device)
+    return picked

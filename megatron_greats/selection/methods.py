@@ -1,0 +1,75 @@
+"""Selection methods by name: GREATS and the baselines of the paper. An unknown name is an error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from megatron_greats.selection.greedy import greats_greedy
+
+
+@dataclass
+class Selection:
+    picked: torch.Tensor     # LongTensor [k], candidate indices in pick order
+    scores: torch.Tensor     # [k]: marginal gains (greats) or the ranking score of each pick
+
+
+@dataclass(frozen=True)
+class Method:
+    needs: tuple             # inputs the method reads: "gram", "val_alignment", "losses", "reference_losses"
+    pick: Callable
+
+
+def top_k(score: torch.Tensor, k: int) -> Selection:
+    """The k largest scores, ties broken by lowest index (a stable sort, unlike torch.topk)."""
+    order = torch.argsort(-score.to(torch.float64), stable=True)[:k]
+    return Selection(order, score[order])
+
+
+def _greats(k, eta, gram, val_alignment, **options):
+    picked, gains = greats_greedy(val_alignment, gram, k, eta, return_gains=True, **options)
+    return Selection(picked, gains)
+
+
+def _uniform(k, n, generator):
+    picked = torch.randperm(n, generator=generator)[:k]
+    return Selection(picked, torch.zeros(k, dtype=torch.float64))
+
+
+METHODS = {
+    "greats": Method(("gram", "val_alignment"),
+                     lambda k, eta, gram, val_alignment, options, **_: _greats(k, eta, gram, val_alignment,
+                                                                                **options)),
+    "first_order": Method(("val_alignment",), lambda k, val_alignment, **_: top_k(val_alignment, k)),
+    "gradnorm": Method(("gram",), lambda k, gram, **_: top_k(torch.diagonal(gram), k)),
+    "maxloss": Method(("losses",), lambda k, losses, **_: top_k(losses, k)),
+    "rholoss": Method(("losses", "reference_losses"),
+                      lambda k, losses, reference_losses, **_: top_k(losses - reference_losses, k)),
+    "uniform": Method((), lambda k, n, generator, **_: _uniform(k, n, generator)),
+    # Regular trains on k samples straight from the stream: the first k candidates.
+    "regular": Method((), lambda k, **_: Selection(torch.arange(k), torch.zeros(k, dtype=torch.float64))),
+}
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown selection method '{name}'; allowed: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def select(name: str, k: int, n: int, *, eta: Optional[float] = None, gram=None, val_alignment=None,
+           losses=None, reference_losses=None, generator: Optional[torch.Generator] = None,
+           greats_options: Optional[dict] = None) -> Selection:
+    """Pick k of n candidates with the named method; the inputs it needs must be given."""
+    m = method(name)
+    given = {"gram": gram, "val_alignment": val_alignment, "losses": losses, "reference_losses": reference_losses}
+    missing = [x for x in m.needs if given[x] is None]
+    if missing:
+        raise ValueError(f"selection method '{name}' needs {', '.join(missing)}")
+    if not 0 < k <= n:
+        raise ValueError(f"k={k}; allowed: 1 <= k <= N={n}")
+    if name == "greats" and eta is None:
+        raise ValueError("selection method 'greats' needs eta (the step's learning rate)")
+    return m.pick(k=k, n=n, eta=eta, generator=generator, options=greats_options or {}, **given)
