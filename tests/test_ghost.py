@@ -1,0 +1,196 @@
+"""GhostRecorder against per-sample gradients from torch.func (vmap of grad), single process.
+
+Tolerances: float64 relative 1e-9, float32 relative 1e-4 (max abs error over max abs entry).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from megatron_greats.ghost import GhostRecorder
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(12, 20), nn.Linear(20, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc3(torch.tanh(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads, batch_dim):
+        super().__init__()
+        self.heads, self.batch_dim = heads, batch_dim
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.RMSNorm(d, eps=1e-6)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, h):
+        x = self.norm1(h)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.batch_dim == 1:  # [T, B, d] -> [B, T, d] for attention only
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        b, t, d = q.shape
+        q, k, v = (z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        if self.batch_dim == 1:
+            att = att.transpose(0, 1)
+        h = h + self.proj(att)
+        return h + self.down(F.gelu(self.up(self.norm2(h))))
+
+
+class TinyTransformer(nn.Module):
+    """nn.Linear attention + MLP blocks, LayerNorm/RMSNorm, learned positions, tied embeddings."""
+
+    def __init__(self, vocab=40, d=16, layers=2, seq=6, batch_dim=0):
+        super().__init__()
+        self.batch_dim = batch_dim
+        self.embed, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList([Block(d, 2, batch_dim) for _ in range(layers)])
+        self.final = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):  # tokens [B, T]
+        if self.batch_dim == 1:
+            tokens = tokens.t()
+        positions = torch.arange(tokens.shape[self.batch_dim ^ 1]).unsqueeze(self.batch_dim).expand_as(tokens)
+        h = self.embed(tokens) + self.pos(positions)
+        for block in self.blocks:
+            h = block(h)
+        logits = self.head(self.final(h))
+        return logits if self.batch_dim == 0 else logits.transpose(0, 1)
+
+
+def token_losses(logits, labels):  # [B, T, V], [B, T] -> [B]
+    return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(dim=1)
+
+
+def reference_gram(model, loss_fn, inputs, targets, params):
+    """<g_i, g_j> over `params` from torch.func per-sample gradients."""
+    names = {p: n for n, p in model.named_parameters()}
+    detached = {n: p.detach() for n, p in model.named_parameters()}
+
+    def one(p, x, y):
+        return loss_fn(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))[0]
+
+    per_sample = vmap(grad(one), in_dims=(None, 0, 0))(detached, inputs, targets)
+    flat = torch.cat([per_sample[names[p]].reshape(inputs.shape[0], -1) for p in params], dim=1)
+    return flat @ flat.T
+
+
+def recorded_gram(model, loss_fn, inputs, targets, **options):
+    rec = GhostRecorder(model, **options)
+    with rec.capture():
+        rec.backward(loss_fn(model(inputs), targets))
+    return rec.gram(), rec.parameters()
+
+
+def relative_error(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("path", ["ghost", "materialise", "auto"])
+def test_mlp_with_biases(dtype, path):
+    torch.manual_seed(0)
+    model = MLP().to(dtype)
+    x, y = torch.randn(7, 12, dtype=dtype), torch.randint(0, 3, (7,))
+
+    def loss_fn(out, target):
+        return F.cross_entropy(out, target, reduction="none")
+
+    gram, params = recorded_gram(model, loss_fn, x, y, path=path)
+    assert len(params) == 6
+    ref = reference_gram(model, loss_fn, x, y, params)
+    assert relative_error(gram, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("path", ["ghost", "materialise"])
+@pytest.mark.parametrize("batch_dim", [0, 1])
+def test_transformer_with_attention_norms_and_tied_embeddings(dtype, path, batch_dim):
+    torch.manual_seed(1)
+    model = TinyTransformer(batch_dim=batch_dim).to(dtype)
+    tokens = torch.randint(0, 40, (5, 7))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    gram, params = recorded_gram(model, token_losses, inputs, labels, path=path, batch_dim=batch_dim)
+    assert {id(p) for p in params} == {id(p) for p in model.parameters()}  # all covered, tied weight once
+    ref = reference_gram(model, token_losses, inputs, labels, params)
+    assert relative_error(gram, ref) < TOLERANCE[dtype]
+
+
+def test_include_exclude_patterns_cover_exactly_the_named_parameters():
+    torch.manual_seed(2)
+    model = TinyTransformer().double()
+    tokens = torch.randint(0, 40, (4, 7))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    gram, params = recorded_gram(model, token_losses, inputs, labels, exclude=["embed.*", "pos.*"])
+    names = {n for n, p in model.named_parameters() if any(p is q for q in params)}
+    assert not any(n.startswith(("embed", "pos")) for n in names) and "blocks.0.qkv.weight" in names
+    assert relative_error(gram, reference_gram(model, token_losses, inputs, labels, params)) < 1e-9
+    gram, params = recorded_gram(model, token_losses, inputs, labels, include=["blocks.1.*"])
+    assert all(any(p is q for q in model.blocks[1].parameters()) for p in params)
+    assert relative_error(gram, reference_gram(model, token_losses, inputs, labels, params)) < 1e-9
+
+
+def test_backward_touches_no_parameter_gradient():
+    torch.manual_seed(3)
+    model = TinyTransformer().double()
+    tokens = torch.randint(0, 40, (4, 7))
+    existing = {}
+    for i, p in enumerate(model.parameters()):
+        if i % 2:  # some parameters already hold a gradient, the others none
+            p.grad = torch.full_like(p, 0.5)
+            existing[p] = p.grad.clone()
+    rec = GhostRecorder(model)
+    with rec.capture():
+        rec.backward(token_losses(model(tokens[:, :-1]), tokens[:, 1:]))
+    rec.gram()
+    for p in model.parameters():
+        if p in existing:
+            assert torch.equal(p.grad, existing[p])
+        else:
+            assert p.grad is None
+        assert p.requires_grad  # restored after the capture
+
+
+def test_micro_batches_give_the_whole_gram():
+    torch.manual_seed(4)
+    model = TinyTransformer().double()
+    tokens = torch.randint(0, 40, (6, 7))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    rec = GhostRecorder(model)
+    with rec.capture():
+        for index in range(3):
+            rec.begin_micro_batch(index, 2)
+            part = slice(2 * index, 2 * index + 2)
+            rec.backward(token_losses(model(inputs[part]), labels[part]))
+    ref = reference_gram(model, token_losses, inputs, labels, rec.parameters())
+    assert relative_error(rec.gram(), ref) < 1e-9
+
+
+def test_small_chunks_change_nothing():
+    torch.manual_seed(5)
+    model = TinyTransformer().double()
+    tokens = torch.randint(0, 40, (5, 7))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    big, _ = recorded_gram(model, token_losses, inputs, labels, path="ghost")
+    for path in ("ghost", "materialise"):
+        small, _ = recorded_gram(model, token_losses, inputs, labels, path=path, chunk_elements=50)
+        assert relative_error(small, big) < 1e-12
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="path='fast'; allowed: auto, ghost, materialise"):
+        GhostRecorder(MLP(), path="fast")
+    with pytest.raises(ValueError, match="batch_dim=2"):
+        GhostRecorder(MLP(), batch_dim=2)
