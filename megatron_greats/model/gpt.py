@@ -206,12 +206,14 @@ class EmbeddingOutput(nn.Module):
         self.spec = spec
         self.positions = None
         if spec.arch == "gpt2":
-            self.positions = nn.Parameter(torch.empty(spec.seq_len, spec.hidden_size))
-            nn.init.normal_(self.positions, std=spec.init_std)
+            self.positions = nn.Embedding(spec.seq_len, spec.hidden_size)
+            nn.init.normal_(self.positions.weight, std=spec.init_std)
 
-    def forward(self, h):
+    def forward(self, h):  # [seq, batch, hidden]
         if self.positions is not None:
-            h = h + self.positions[: h.shape[0]].unsqueeze(1)
+            # looked up per sample ([seq, batch] ids), so each sample's position gradient stays its own
+            ids = torch.arange(h.shape[0], device=h.device).unsqueeze(1).expand(h.shape[0], h.shape[1])
+            h = h + self.positions(ids)
         h = F.dropout(h, self.spec.dropout if self.training else 0.0)
         # Positions were added on the full sequence: the scatter's backward gathers their gradient,
         # so it is complete and identical on every tensor-parallel rank.

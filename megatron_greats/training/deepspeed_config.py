@@ -30,7 +30,7 @@ def deepspeed_config(cfg, data_parallel: int) -> dict:
 
 def _decays(name: str, param: torch.nn.Parameter) -> bool:
     # As Megatron: no weight decay on biases, norm weights and learned positions (1-D tensors).
-    return param.dim() > 1 and not name.endswith("positions")
+    return param.dim() > 1 and ".positions." not in f".{name}"
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list:
