@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 
-# Elements per temporary (token-pair tiles, per-sample gradient blocks): 2^26 x 4 bytes = 256 MiB in fp32.
-DEFAULT_CHUNK_ELEMENTS = 1 << 26
+# Elements per temporary (token-pair tiles, per-sample gradient blocks): 2^22 x 4 bytes = 16 MiB in fp32.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass

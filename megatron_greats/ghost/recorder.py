@@ -105,6 +105,8 @@ class GhostRecorder:
 
     def _reset(self):
         self._uses = defaultdict(list)       # param -> [Use]
+        self._streamed = None                # Gram part of parameters already reduced during backward
+        self._streaming = True               # off once micro-batches are used (cross terms need every use)
         self._reductions = {}                # param -> reduction
         self._roots = []                     # leaf outputs marked requires_grad
         self._micro_batch = (0, None)        # (index, size)
@@ -143,6 +145,7 @@ class GhostRecorder:
     def begin_micro_batch(self, index: int, size: int) -> None:
         """Following layer calls belong to micro-batch `index` (samples index*size ... of the Gram)."""
         self._micro_batch = (index, size)
+        self._streaming = False
 
     def _report(self, operands: list, output: torch.Tensor, batch_dim: int):
         if not torch.is_grad_enabled() or _in_backward():
@@ -171,8 +174,26 @@ class GhostRecorder:
             b = samples_first(grad.detach(), batch_dim)
             for use in uses:
                 use.grads = b
+            if self._streaming:
+                self._stream({op.param for op in operands})
         output.register_hook(fill)
         return None
+
+    def _stream(self, params: set) -> None:
+        """Reduce parameters whose every use has its gradient now, and drop their operands.
+
+        With one micro-batch nothing else can add to them, so the activations and output gradients
+        they hold are freed during backward instead of piling up until gram().
+        """
+        tied = {id(p) for p, _, _ in self.tied}
+        for param in sorted(params, key=self._order_key):
+            uses = self._uses.get(param)
+            if id(param) in tied or not uses or any(u.grads is None for u in uses):
+                continue
+            part = self._param_gram_if_counted(param, uses, uses[0].n)
+            if part is not None:
+                self._streamed = part if self._streamed is None else self._streamed + part
+            del self._uses[param]
 
     def backward(self, losses: torch.Tensor) -> None:
         """Backward of losses.sum() w.r.t. the recorded activations; no parameter gradient is formed."""
@@ -198,19 +219,17 @@ class GhostRecorder:
         first = next(self.model.parameters())
         dtype = products.compute_dtype(first.dtype)  # the same on every rank: the all-reduce needs it
         gram = torch.zeros(total, total, dtype=dtype, device=first.device)
-        tensor_rank = dist.get_rank(self.tensor_group) if self.tensor_group is not None else 0
-        for param in self._ordered_params():
+        if self._streamed is not None:
+            gram += self._streamed
+        for param in sorted(self._uses, key=self._order_key):
             uses = self._uses[param]
-            missing = [u for u in uses if u.grads is None]
-            if missing:
+            if any(u.grads is None for u in uses):
                 raise RuntimeError(f"GhostRecorder: no output gradient reached a layer using '{self.names[param]}'; "
                                    "call rec.backward(losses) inside the capture")
-            reduction = self._reductions[param]
-            if param not in local:
-                continue
-            if reduction == "once" and tensor_rank != 0:
-                continue  # replicated over tensor-parallel ranks: rank 0 counts it
-            gram += self._param_gram(param, uses, total, dtype, tensor_rank)
+            if param in local:
+                part = self._param_gram_if_counted(param, uses, total)
+                if part is not None:
+                    gram += part.to(dtype)
         if self.model_parallel_group is not None and dist.get_world_size(self.model_parallel_group) > 1:
             dist.all_reduce(gram, group=self.model_parallel_group)
         return gram
@@ -228,9 +247,21 @@ class GhostRecorder:
         p = next(self.model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
-    def _ordered_params(self) -> list:
-        order = {p: i for i, p in enumerate(self.names)}
-        return sorted(self._uses, key=lambda p: order.get(p, len(order)))
+    def _order_key(self, param) -> int:
+        # one order on every rank: collectives inside the reduction must line up
+        if not hasattr(self, "_order"):
+            self._order = {p: i for i, p in enumerate(self.names)}
+        return self._order.get(param, len(self._order))
+
+    def _param_gram_if_counted(self, param, uses: list, total: int) -> Optional[torch.Tensor]:
+        """This rank's share of the parameter's Gram, or None where another rank counts it."""
+        tensor_rank = dist.get_rank(self.tensor_group) if self.tensor_group is not None else 0
+        reduction = self._reductions[param]
+        if reduction == "once" and tensor_rank != 0:
+            return None  # replicated over tensor-parallel ranks: rank 0 counts it
+        dtype = products.compute_dtype(next(self.model.parameters()).dtype)
+        part = self._param_gram(param, uses, total, dtype, tensor_rank)
+        return None if reduction == "sum_vectors" and tensor_rank != 0 else part
 
     def _param_gram(self, param, uses: list, total: int, dtype, tensor_rank: int) -> torch.Tensor:
         path = products.choose_path(uses, total, None if self.path == "auto" else self.path)
@@ -239,9 +270,7 @@ class GhostRecorder:
         gram = torch.zeros(total, total, dtype=dtype, device=uses[0].inputs.device)
         for block in products.materialised_blocks(uses, total, dtype, self.chunk_elements):
             if self._reductions[param] == "sum_vectors" and self.tensor_group is not None:
-                dist.all_reduce(block, group=self.tensor_group)
-                if tensor_rank != 0:
-                    continue
+                dist.all_reduce(block, group=self.tensor_group)  # every rank joins; rank 0 counts it
             gram += block @ block.T
         return gram
 
