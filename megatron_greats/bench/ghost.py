@@ -1,0 +1,154 @@
+"""Benchmark: GhostRecorder against torch.func per-sample gradients (vmap of grad) followed by a Gram.
+
+Both sides compute the same B x B matrix for the same model and batch: the recorder with a capture
+(forward, backward w.r.t. activations, gram()), the reference with vmap(grad) over samples, flattening
+and G G^T. Each measurement runs in a fresh process: peak memory is the rise of the process' peak RSS
+(CPU) or of the accelerator's peak allocation above what the model and batch already hold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from megatron_greats.ghost import GhostRecorder  # imported before any baseline is taken
+
+DEFAULT_POINTS = ((8, 128, 128), (32, 256, 256), (16, 512, 256))
+
+
+class BenchTransformer(nn.Module):
+    """Pre-norm transformer of nn.Linear layers, tied embeddings, width d, sequence T."""
+
+    def __init__(self, d: int, seq: int, layers: int = 2, vocab: int = 1024, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.embed, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(nn.ModuleDict({"norm1": nn.LayerNorm(d), "qkv": nn.Linear(d, 3 * d),
+                                              "proj": nn.Linear(d, d), "norm2": nn.LayerNorm(d),
+                                              "up": nn.Linear(d, 4 * d), "down": nn.Linear(4 * d, d)}))
+        self.final = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):  # [B, T] -> logits [B, T, V]
+        b, t = tokens.shape
+        h = self.embed(tokens) + self.pos(torch.arange(t, device=tokens.device).expand(b, t))
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["norm1"](h)).chunk(3, dim=-1)
+            q, k, v = (z.reshape(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
+            h = h + blk["proj"](att)
+            h = h + blk["down"](F.gelu(blk["up"](blk["norm2"](h))))
+        return self.head(self.final(h))
+
+
+def losses_of(logits, labels):
+    return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(dim=1)
+
+
+def ghost_gram(model, inputs, labels):
+    rec = GhostRecorder(model)
+    with rec.capture():
+        rec.backward(losses_of(model(inputs), labels))
+    return rec.gram()
+
+
+def func_gram(model, inputs, labels):
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def one(p, x, y):
+        return losses_of(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))[0]
+
+    per_sample = vmap(grad(one), in_dims=(None, 0, 0))(params, inputs, labels)
+    flat = torch.cat([g.reshape(inputs.shape[0], -1) for g in per_sample.values()], dim=1)
+    return flat @ flat.T
+
+
+METHODS = {"ghost": ghost_gram, "torch.func": func_gram}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(method: str, b: int, t: int, d: int, repeats: int) -> dict:
+    """In this process: peak memory of the first call, then the median time of `repeats` calls."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    device = torch.device(acc.current_device_name())
+    torch.manual_seed(0)
+    model = BenchTransformer(d, t).to(device)
+    tokens = torch.randint(0, 1024, (b, t + 1), device=device)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    fn = METHODS[method]
+    on_cpu = device.type == "cpu"
+    if on_cpu:
+        before = _rss_bytes()
+    else:
+        acc.synchronize()
+        acc.reset_peak_memory_stats()
+        before = acc.memory_allocated()
+    gram = fn(model, inputs, labels)
+    if on_cpu:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    else:
+        acc.synchronize()
+        peak = acc.max_memory_allocated() - before
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(model, inputs, labels)
+        if not on_cpu:
+            acc.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"method": method, "B": b, "T": t, "d": d, "seconds": statistics.median(times),
+            "seconds_spread": [min(times), max(times)], "peak_bytes": max(int(peak), 1),
+            "gram_trace": float(torch.diagonal(gram).sum()), "device": str(device)}
+
+
+def run(points=DEFAULT_POINTS, repeats: int = 3, json_path=None) -> list:
+    rows = []
+    for b, t, d in points:
+        pair = {}
+        for method in METHODS:
+            cmd = [sys.executable, "-m", "megatron_greats.bench", "ghost", "--one", method, str(b), str(t), str(d),
+                   "--repeats", str(repeats)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if proc.returncode != 0:
+                raise RuntimeError(f"{method} at B={b} T={t} d={d} failed:\n{proc.stderr[-2000:]}")
+            pair[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+        g, f = pair["ghost"], pair["torch.func"]
+        agree = math.isclose(g["gram_trace"], f["gram_trace"], rel_tol=1e-3)
+        rows.append({"B": b, "T": t, "d": d, "ghost": g, "torch.func": f, "traces_agree": agree,
+                     "speedup": f["seconds"] / g["seconds"], "memory_ratio": f["peak_bytes"] / g["peak_bytes"]})
+        print(_row(rows[-1]), flush=True)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(rows, fh, indent=2)
+    return rows
+
+
+HEADER = (f"{'B':>4} {'T':>5} {'d':>5} | {'ghost s':>9} {'func s':>9} {'func/ghost':>10} | "
+          f"{'ghost MiB':>9} {'func MiB':>9} {'func/ghost':>10} | same Gram")
+
+
+def _row(r: dict) -> str:
+    g, f = r["ghost"], r["torch.func"]
+    return (f"{r['B']:>4} {r['T']:>5} {r['d']:>5} | {g['seconds']:>9.3f} {f['seconds']:>9.3f} {r['speedup']:>9.1f}x | "
+            f"{g['peak_bytes'] / 2**20:>9.1f} {f['peak_bytes'] / 2**20:>9.1f} {r['memory_ratio']:>9.1f}x | "
+            f"{'yes' if r['traces_agree'] else 'NO'}")
