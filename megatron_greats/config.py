@@ -45,6 +45,8 @@ def _non_negative(v):
 
 
 INT, FLOAT, STR, BOOL = (int,), (float, int), (str,), (bool,)
+# The names megatron_greats.selection.METHODS knows (kept here so validation needs no torch import).
+SELECTION_METHODS = ("greats", "first_order", "gradnorm", "maxloss", "rholoss", "uniform", "regular")
 OPT_INT, OPT_FLOAT, OPT_STR = (int, type(None)), (float, int, type(None)), (str, type(None))
 
 SCHEMA: dict = {
@@ -94,6 +96,21 @@ SCHEMA: dict = {
     },
     "zero": {
         "stage": Key(INT, 0, _one_of(0, 1, 2, 3)),
+    },
+    "selection": {
+        "method": Key(STR, "greats", _one_of(*SELECTION_METHODS),
+                      help="greats, or a baseline; regular = plain training on k samples from the stream"),
+        "candidates": Key(OPT_INT, None, lambda v: None if v > 0 else "allowed: > 0 or null",
+                          help="N candidates per data-parallel replica and step (null: 2k)"),
+        "select": Key(OPT_INT, None, lambda v: None if v > 0 else "allowed: > 0 or null",
+                      help="k samples trained on per replica (null: train.global_batch / data-parallel size)"),
+        "val_batch": Key(INT, 4, _at_least(1), help="m validation samples per step (target domain, rotating)"),
+        "eta": Key(OPT_FLOAT, None, lambda v: None if v > 0 else "allowed: > 0 or null",
+                   help="GREATS step size; null: the step's scheduled learning rate"),
+        "self_term": Key(BOOL, False, help="GREATS variant: subtract (eta^2/2)||g_i||^2"),
+        "batch_mean": Key(BOOL, False, help="GREATS variant: eta / k (the update averages k gradients)"),
+        "score_exclude": Key((list,), [], help="parameter-name patterns left out of the score"),
+        "reference_checkpoint": Key(OPT_STR, None, help="rholoss: checkpoint folder (step_N) of a reference run"),
     },
     "train": {
         "steps": Key(INT, 100, _at_least(1)),
@@ -249,6 +266,15 @@ class Config:
             return 64 * ((int(8 * m.hidden_size / 3) + 63) // 64)
         return 4 * m.hidden_size
 
+    def num_selected(self, world_size: int) -> int:
+        """k: samples each data-parallel replica trains on per step."""
+        return self.train.global_batch // self.data_parallel_size(world_size)
+
+    def num_candidates(self, world_size: int) -> int:
+        """N: candidates each replica scores per step."""
+        n = self.selection.candidates
+        return 2 * self.num_selected(world_size) if n is None else n
+
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tensor * self.parallel.pipeline)
 
@@ -293,6 +319,14 @@ class Config:
                                   f"missing: {', '.join(missing)}")
             if self.tokenizer.model is None:
                 raise ConfigError("data.source=megatron needs tokenizer.model (the tokenizer the data was built with)")
+        sel = self.selection
+        if sel.method == "rholoss" and sel.reference_checkpoint is None:
+            raise ConfigError("selection.method=rholoss needs selection.reference_checkpoint (a step_N folder)")
+        if sel.method == "rholoss" and p.pipeline > 1:
+            raise ConfigError("selection.method=rholoss with parallel.pipeline > 1 is not supported yet; "
+                              "allowed: parallel.pipeline=1")
+        if not all(isinstance(x, str) for x in sel.score_exclude):
+            raise ConfigError(f"selection.score_exclude={sel.score_exclude!r}; allowed: a list of name patterns")
         if world_size is None:
             return
         model_parallel = p.tensor * p.pipeline
@@ -303,3 +337,10 @@ class Config:
         if t.global_batch % (t.micro_batch * dp):
             raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by train.micro_batch x "
                               f"data-parallel size = {t.micro_batch} x {dp}")
+        k = self.num_selected(world_size)
+        if sel.select is not None and sel.select != k:
+            raise ConfigError(f"selection.select={sel.select} but train.global_batch / data-parallel size = "
+                              f"{t.global_batch} / {dp} = {k}; allowed: {k} (or null)")
+        if self.num_candidates(world_size) < k:
+            raise ConfigError(f"selection.candidates={sel.candidates} is smaller than selection.select={k}; "
+                              f"allowed: >= {k}")

@@ -6,12 +6,27 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+import torch.distributed as dist
+
+
+def _truncate_jsonl(path: Path, resume_step: int) -> None:
+    """Drop lines a killed run wrote after the checkpoint it resumes from."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
 
 class Telemetry:
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0):
         self.enabled = enabled
         self.writer = None
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.selection_path = run_dir / "selection.jsonl"
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -19,16 +34,8 @@ class Telemetry:
         # purge_step drops events a killed run wrote after its last checkpoint
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
         if resume_step:
-            self._truncate_metrics(resume_step)
-
-    def _truncate_metrics(self, resume_step: int) -> None:
-        if not self.metrics_path.exists():
-            return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        tmp = self.metrics_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.metrics_path)
+            for path in (self.metrics_path, self.selection_path):
+                _truncate_jsonl(path, resume_step)
 
     def log(self, step: int, scalars: dict) -> None:
         """scalars: {"train/loss": 2.3, ...}; written to TensorBoard and as one metrics.jsonl line."""
@@ -39,6 +46,21 @@ class Telemetry:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, **scalars}) + "\n")
 
+    def scalars(self, step: int, scalars: dict) -> None:
+        """TensorBoard only (per-step detail that metrics.jsonl does not repeat)."""
+        if self.enabled:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def histogram(self, step: int, tag: str, values) -> None:
+        if self.enabled and len(values):
+            self.writer.add_histogram(tag, np.asarray(values), step)
+
+    def append_jsonl(self, path: Path, records: list) -> None:
+        if self.enabled and records:
+            with open(path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()
@@ -46,3 +68,61 @@ class Telemetry:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class SelectionLog:
+    """selection.jsonl (per step and replica: candidates, selected ids in pick order, gains) and the
+    TensorBoard selection/* scalars and histograms, gathered from every replica to the logging rank."""
+
+    def __init__(self, telemetry: Telemetry, train_samples, layout):
+        self.telemetry, self.samples, self.layout = telemetry, train_samples, layout
+        self.domain_names = list(train_samples.domain_names)
+
+    def record(self, step: int, choice) -> None:
+        if choice.candidates is None:  # regular: nothing was selected
+            return
+        if self.layout.tensor_rank != 0 or self.layout.pipeline_rank != 0:
+            return  # the replica's selecting rank reports for it
+        mine = {"step": step, "replica": self.layout.data_rank,
+                "candidates": choice.candidates.tolist(), "selected": choice.ids.tolist(),
+                "gains": [float(g) for g in choice.gains], "picked": choice.picked.tolist(),
+                "scores": None if choice.scores is None else [float(x) for x in choice.scores],
+                "seconds": choice.seconds}
+        records = [mine]
+        if self.layout.data > 1:
+            from megatron.core import parallel_state as ps
+
+            gathered = [None] * self.layout.data if self.layout.is_logging_rank else None
+            dist.gather_object(mine, gathered, dst=0, group=ps.get_data_parallel_group())
+            records = gathered
+        if not self.layout.is_logging_rank:
+            return
+        self.telemetry.append_jsonl(self.telemetry.selection_path,
+                                    [{k: r[k] for k in ("step", "replica", "candidates", "selected", "gains")}
+                                     for r in records])
+        self._summaries(step, records)
+
+    def _summaries(self, step: int, records: list) -> None:
+        candidates = np.concatenate([r["candidates"] for r in records])
+        selected = np.concatenate([r["selected"] for r in records])
+        scalars = {}
+        for name, ids in (("candidates", candidates), ("selected", selected)):
+            counts = np.bincount(self.samples.domains(ids), minlength=len(self.domain_names))
+            for domain, count in zip(self.domain_names, counts):
+                scalars[f"selection/{name}_share/{domain}"] = count / len(ids)
+        chosen, rejected = [], []
+        for r in records:
+            if r["scores"] is not None:
+                mask = np.zeros(len(r["scores"]), dtype=bool)
+                mask[r["picked"]] = True
+                chosen += list(np.asarray(r["scores"])[mask])
+                rejected += list(np.asarray(r["scores"])[~mask])
+        if chosen:
+            scalars["selection/score_selected_mean"] = float(np.mean(chosen))
+        if rejected:
+            scalars["selection/score_rejected_mean"] = float(np.mean(rejected))
+        for phase in ("scoring", "selection", "training"):
+            scalars[f"selection/seconds_{phase}"] = float(np.mean([r["seconds"].get(phase, 0.0) for r in records]))
+        self.telemetry.scalars(step, scalars)
+        self.telemetry.histogram(step, "selection/scores_selected", chosen)
+        self.telemetry.histogram(step, "selection/scores_rejected", rejected)

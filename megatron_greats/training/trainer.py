@@ -22,7 +22,8 @@ from megatron_greats.parallel.state import Layout, MegatronMpu, device, init_dis
 from megatron_greats.training.grad_clip import install_pipeline_clipping
 from megatron_greats.training.deepspeed_config import deepspeed_config, parameter_groups
 from megatron_greats.training.schedule import ScheduleFactor, lr_at
-from megatron_greats.training.telemetry import Telemetry
+from megatron_greats.training.selecting import StepSelector
+from megatron_greats.training.telemetry import SelectionLog, Telemetry
 
 
 def prepare_run_dir(cfg) -> Path:
@@ -73,6 +74,24 @@ def build_engine(cfg, vocab_size: int, layout: Layout):
     return engine
 
 
+def load_reference_model(cfg, vocab_size: int, layout: Layout) -> torch.nn.Module:
+    """RHO-Loss' reference model: same shape, weights from a DeepSpeed checkpoint folder (step_N) of
+    a run at the same tensor-parallel size."""
+    folder = Path(cfg.selection.reference_checkpoint)
+    path = folder / f"mp_rank_{layout.tensor_rank:02d}_model_states.pt"
+    if not path.is_file():
+        raise ConfigError(f"selection.reference_checkpoint '{folder}' has no {path.name}; allowed: a step_N "
+                          "folder of a run with the same parallel.tensor")
+    model = build_model(cfg, vocab_size, layout)
+    state = torch.load(path, map_location="cpu", weights_only=False)["module"]  # DeepSpeed's own format
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"selection.reference_checkpoint '{folder}' holds another model shape: "
+                          f"{str(e).splitlines()[0]}") from None
+    return model.to(device()).eval()
+
+
 @dataclass
 class ReplicaBatches:
     """Turns a step's global batch of sample ids into this replica's micro-batches."""
@@ -85,27 +104,27 @@ class ReplicaBatches:
         start = self.layout.data_rank * per_replica
         return global_ids[start:start + per_replica]
 
-    def micro_batches(self, samples, global_ids: np.ndarray) -> list:
-        tokens = samples.get(self.replica_ids(global_ids))
+    def micro_batches(self, samples, ids: np.ndarray) -> list:
+        """This replica's samples `ids` as (inputs, labels) micro-batches on the device."""
+        tokens = samples.get(ids)
         dev = device()
         return [(chunk[:, :-1].contiguous().to(dev), chunk[:, 1:].contiguous().to(dev))
                 for chunk in tokens.split(self.micro_batch)]
 
 
 class Trainer:
-    def __init__(self, cfg, engine, data, layout: Layout, run_dir: Path):
-        from megatron_greats.data import GlobalBatchSampler
-
+    def __init__(self, cfg, engine, data, layout: Layout, run_dir: Path, reference_module=None):
         self.cfg, self.engine, self.data, self.layout, self.run_dir = cfg, engine, data, layout, run_dir
         self.pipelined = layout.pipeline > 1
-        self.sampler = GlobalBatchSampler(len(data.train), cfg.train.global_batch, cfg.seed)
+        self.selector = StepSelector(cfg, engine.module, data, layout, reference_module=reference_module)
         self.batches = ReplicaBatches(layout, cfg.train.micro_batch)
         self.step = 0
         self.tokens_per_sample = cfg.model.seq_len
 
     # ---- one optimizer step -----------------------------------------------------------------------
-    def train_step(self, global_ids: np.ndarray) -> float:
-        micro = self.batches.micro_batches(self.data.train, global_ids)
+    def train_step(self, ids: np.ndarray) -> float:
+        """An ordinary DeepSpeed step on this replica's samples `ids` (the selected ones)."""
+        micro = self.batches.micro_batches(self.data.train, ids)
         if self.pipelined:
             return float(self.engine.train_batch(iter(micro)))
         losses = []
@@ -138,12 +157,12 @@ class Trainer:
         losses = []
         if self.pipelined:
             for global_ids in self.evaluation_ids(samples):
-                micro = self.batches.micro_batches(samples, global_ids)
+                micro = self.batches.micro_batches(samples, self.batches.replica_ids(global_ids))
                 losses.append(float(self.engine.eval_batch(iter(micro), num_micro_batches=len(micro))))
             return float(np.mean(losses))
         self.engine.module.eval()
         for global_ids in self.evaluation_ids(samples):
-            for inputs, labels in self.batches.micro_batches(samples, global_ids):
+            for inputs, labels in self.batches.micro_batches(samples, self.batches.replica_ids(global_ids)):
                 losses.append(per_sample_losses(self.engine.module(inputs), labels).mean())
         self.engine.module.train()
         return self._data_parallel_mean(torch.stack(losses).mean())
@@ -170,6 +189,7 @@ class Trainer:
         self.maybe_resume()
         start_step = self.step
         telemetry = Telemetry(self.run_dir, enabled=self.layout.is_logging_rank, resume_step=start_step)
+        self.selection_log = SelectionLog(telemetry, self.data.train, self.layout)
         progress = None
         if self.layout.is_logging_rank and t.progress:
             from tqdm import tqdm
@@ -180,8 +200,12 @@ class Trainer:
         window_start, window_samples = time.time(), 0
         while self.step < t.steps:
             lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
-            loss = self.train_step(self.sampler.batch_ids(self.step))
+            choice = self.selector.choose(self.step, lr)
+            timer = time.perf_counter()
+            loss = self.train_step(choice.ids)
+            choice.seconds["training"] = time.perf_counter() - timer
             self.step += 1
+            self.selection_log.record(self.step, choice)
             window_samples += t.global_batch
             summary["train_loss"] = loss
             scalars = {}
@@ -222,8 +246,9 @@ def pretrain(cfg) -> dict:
     if is_rank0:
         cfg.dump(str(run_dir / "config.yaml"))
     layout = init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
+    reference = load_reference_model(cfg, data.vocab_size, layout) if cfg.selection.method == "rholoss" else None
     engine = build_engine(cfg, data.vocab_size, layout)
-    summary = Trainer(cfg, engine, data, layout, run_dir).train()
+    summary = Trainer(cfg, engine, data, layout, run_dir, reference_module=reference).train()
     summary.update(run_dir=str(run_dir), tensorboard=str(run_dir / "tensorboard"), world_size=layout.world_size,
                    layout=f"dp={layout.data} tp={layout.tensor} pp={layout.pipeline}")
     return summary

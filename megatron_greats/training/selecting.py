@@ -1,0 +1,115 @@
+"""Per step and data-parallel replica: draw candidates, score them, select k, agree on the selection.
+
+The first rank of the replica's model-parallel group (tensor x pipeline) runs the selector and
+broadcasts the picks to the rest of its group, so every rank of a replica trains on the same samples.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_greats.parallel.state import Layout, device
+from megatron_greats.selection import METHODS, select
+from megatron_greats.training.candidates import CandidateStream
+from megatron_greats.training.scoring import ScoringPass
+
+# The ranking score reported for selected vs rejected candidates, per method.
+REPORTED_SCORE = {"greats": "val_alignment", "first_order": "val_alignment", "gradnorm": "grad_norm",
+                  "maxloss": "losses", "rholoss": "excess_loss"}
+
+
+@dataclass
+class StepChoice:
+    ids: np.ndarray                       # the k training sample ids of this replica, in pick order
+    candidates: Optional[np.ndarray] = None
+    gains: Optional[np.ndarray] = None
+    scores: Optional[np.ndarray] = None   # per candidate (see REPORTED_SCORE), or None
+    picked: Optional[np.ndarray] = None   # positions of the picks among the candidates
+    seconds: dict = field(default_factory=dict)
+
+
+class StepSelector:
+    def __init__(self, cfg, module: torch.nn.Module, data, layout: Layout, reference_module=None):
+        sel = cfg.selection
+        self.cfg, self.data, self.layout, self.method = cfg, data, layout, sel.method
+        self.k, self.n = cfg.num_selected(layout.world_size), cfg.num_candidates(layout.world_size)
+        per_replica = self.k if self.method == "regular" else self.n
+        self.stream = CandidateStream(len(data.train), len(data.val), per_replica, sel.val_batch, layout, cfg.seed)
+        needs = METHODS[self.method].needs
+        self.with_gram = "gram" in needs or "val_alignment" in needs
+        self.scoring = None
+        if needs:
+            self.scoring = ScoringPass(module, layout, cfg.model.hidden_size, cfg.model.seq_len,
+                                       cfg.parallel.sequence_parallel, exclude=sel.score_exclude)
+        self.reference = None
+        if reference_module is not None:
+            self.reference = ScoringPass(reference_module, layout, cfg.model.hidden_size, cfg.model.seq_len,
+                                         cfg.parallel.sequence_parallel)
+        self.greats_options = {"self_term": sel.self_term, "batch_mean": sel.batch_mean}
+
+    def choose(self, step: int, lr: float) -> StepChoice:
+        if self.method == "regular":
+            return StepChoice(ids=self.stream.candidates(step))
+        candidates = self.stream.candidates(step)
+        timer = time.perf_counter()
+        inputs = self._score(step, candidates)
+        scoring_s = time.perf_counter() - timer
+        timer = time.perf_counter()
+        picked, gains = self._select_and_broadcast(step, lr, inputs)
+        choice = StepChoice(ids=candidates[picked], candidates=candidates, gains=gains, picked=picked,
+                            scores=self._reported_score(inputs))
+        choice.seconds = {"scoring": scoring_s, "selection": time.perf_counter() - timer}
+        return choice
+
+    def _score(self, step: int, candidates: np.ndarray) -> dict:
+        if self.scoring is None:
+            return {}
+        tokens = self.data.train.get(candidates)
+        if self.with_gram:
+            tokens = torch.cat([tokens, self.data.val.get(self.stream.validation(step))])
+        losses, gram = self.scoring.run(tokens, with_gram=self.with_gram)
+        n = self.n
+        inputs = {"losses": losses[:n]}
+        if gram is not None:
+            inputs["gram"] = gram[:n, :n]
+            inputs["val_alignment"] = gram[:n, n:].mean(dim=1)  # <g_i, mean validation gradient>
+        if self.reference is not None:
+            inputs["reference_losses"], _ = self.reference.run(self.data.train.get(candidates), with_gram=False)
+        return inputs
+
+    def _select_and_broadcast(self, step: int, lr: float, inputs: dict):
+        from megatron.core import parallel_state as ps
+
+        picked = torch.zeros(self.k, dtype=torch.int64, device=device())
+        gains = torch.zeros(self.k, dtype=torch.float64, device=device())
+        if dist.get_rank() == ps.get_model_parallel_src_rank():
+            seed = np.random.SeedSequence([self.cfg.seed, step, self.layout.data_rank]).generate_state(1)[0]
+            generator = torch.Generator().manual_seed(int(seed))
+            eta = self.cfg.selection.eta if self.cfg.selection.eta is not None else lr
+            choice = select(self.method, self.k, self.n, eta=eta, generator=generator,
+                            greats_options=self.greats_options, **inputs)
+            picked.copy_(choice.picked)
+            gains.copy_(choice.scores.to(torch.float64))
+        group = ps.get_model_parallel_group()
+        if dist.get_world_size(group) > 1:
+            dist.broadcast(picked, ps.get_model_parallel_src_rank(), group=group)
+            dist.broadcast(gains, ps.get_model_parallel_src_rank(), group=group)
+        return picked.cpu().numpy(), gains.cpu().numpy()
+
+    def _reported_score(self, inputs: dict) -> Optional[np.ndarray]:
+        kind = REPORTED_SCORE.get(self.method)
+        if kind == "grad_norm":
+            score = torch.diagonal(inputs["gram"])
+        elif kind == "excess_loss":
+            score = inputs["losses"] - inputs["reference_losses"]
+        elif kind is None:
+            return None
+        else:
+            score = inputs[kind]
+        return score.detach().double().cpu().numpy()
