@@ -86,11 +86,11 @@ def test_every_method_trains(data_cache, tmp_path, method):
                         launcher="python")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len([m for m in read_metrics(tmp_path) if "train/loss" in m]) == 2
-    if method == "regular":
-        assert not (tmp_path / "selection.jsonl").exists()
-    else:
-        records = selections(tmp_path)
-        assert len(records) == 2 and all(len(r["selected"]) == 8 for r in records)
+    records = selections(tmp_path)
+    assert len(records) == 2 and all(len(r["selected"]) == 8 for r in records)
+    assert all(len(r["selected_domains"]) == 8 for r in records)
+    if method == "regular":  # the stream itself: no candidates beyond the k trained on
+        assert all(r["candidates"] == r["selected"] and r["gains"] == [] for r in records)
 
 
 def test_rholoss_with_a_reference_checkpoint(data_cache, tmp_path):

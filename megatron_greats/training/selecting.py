@@ -54,8 +54,9 @@ class StepSelector:
         self.greats_options = {"self_term": sel.self_term, "batch_mean": sel.batch_mean}
 
     def choose(self, step: int, lr: float) -> StepChoice:
-        if self.method == "regular":
-            return StepChoice(ids=self.stream.candidates(step))
+        if self.method == "regular":  # trains on the stream; logged like a selection of all k "candidates"
+            ids = self.stream.candidates(step)
+            return StepChoice(ids=ids, candidates=ids, gains=np.zeros(0), picked=np.arange(len(ids)))
         candidates = self.stream.candidates(step)
         timer = time.perf_counter()
         inputs = self._score(step, candidates)

@@ -79,8 +79,6 @@ class SelectionLog:
         self.domain_names = list(train_samples.domain_names)
 
     def record(self, step: int, choice) -> None:
-        if choice.candidates is None:  # regular: nothing was selected
-            return
         if self.layout.tensor_rank != 0 or self.layout.pipeline_rank != 0:
             return  # the replica's selecting rank reports for it
         mine = {"step": step, "replica": self.layout.data_rank,
@@ -97,9 +95,10 @@ class SelectionLog:
             records = gathered
         if not self.layout.is_logging_rank:
             return
-        self.telemetry.append_jsonl(self.telemetry.selection_path,
-                                    [{k: r[k] for k in ("step", "replica", "candidates", "selected", "gains")}
-                                     for r in records])
+        self.telemetry.append_jsonl(self.telemetry.selection_path, [
+            {**{k: r[k] for k in ("step", "replica", "candidates", "selected", "gains")},
+             "selected_domains": [self.domain_names[d] for d in self.samples.domains(np.asarray(r["selected"]))]}
+            for r in records])
         self._summaries(step, records)
 
     def _summaries(self, step: int, records: list) -> None:

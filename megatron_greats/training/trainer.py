@@ -215,6 +215,7 @@ class Trainer:
                     "train/loss": loss, "train/lr": lr,
                     "train/tokens_per_sec": window_samples * self.tokens_per_sample / max(elapsed, 1e-9),
                     "train/samples_seen": self.step * t.global_batch,
+                    "train/elapsed_s": time.time() - started,
                 })
                 window_start, window_samples = time.time(), 0
             if (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.steps:
