@@ -3,7 +3,7 @@
     python train_on_ids.py IDS_JSON OUT [dotted.key=value ...]
 
 IDS_JSON holds one list of sample ids per step (all replicas' selections, replica 0 first). Writes the
-model's state dict after those steps to OUT.
+model's state dict before and after those steps to OUT.
 """
 
 import json
@@ -32,9 +32,14 @@ def main():
     layout = init_model_parallel(1, 1)
     engine = build_engine(cfg, data.vocab_size, layout)
     trainer = Trainer(cfg, engine, data, layout, run_dir)
+
+    def state():
+        return {k: v.detach().clone() for k, v in engine.module.state_dict().items() if v is not None}
+
+    initial = state()
     for ids in steps:
         trainer.train_step(np.asarray(ids))
-    torch.save({k: v.detach().clone() for k, v in engine.module.state_dict().items() if v is not None}, out)
+    torch.save({"initial": initial, "final": state()}, out)
 
 
 if __name__ == "__main__":
