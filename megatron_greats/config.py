@@ -105,6 +105,8 @@ SCHEMA: dict = {
         "select": Key(OPT_INT, None, lambda v: None if v > 0 else "allowed: > 0 or null",
                       help="k samples trained on per replica (null: train.global_batch / data-parallel size)"),
         "val_batch": Key(INT, 4, _at_least(1), help="m validation samples per step (target domain, rotating)"),
+        "score_micro_batch": Key(OPT_INT, None, lambda v: None if v > 0 else "allowed: > 0 or null",
+                                 help="samples per scoring forward/backward (null: all N + m at once)"),
         "eta": Key(OPT_FLOAT, None, lambda v: None if v > 0 else "allowed: > 0 or null",
                    help="GREATS step size; null: the step's scheduled learning rate"),
         "self_term": Key(BOOL, False, help="GREATS variant: subtract (eta^2/2)||g_i||^2"),
@@ -341,6 +343,10 @@ class Config:
         if sel.select is not None and sel.select != k:
             raise ConfigError(f"selection.select={sel.select} but train.global_batch / data-parallel size = "
                               f"{t.global_batch} / {dp} = {k}; allowed: {k} (or null)")
+        scored = self.num_candidates(world_size) + sel.val_batch
+        if sel.score_micro_batch is not None and scored % sel.score_micro_batch:
+            raise ConfigError(f"selection.score_micro_batch={sel.score_micro_batch} does not divide candidates + "
+                              f"val_batch = {scored}; allowed: a divisor of {scored}, or null")
         if self.num_candidates(world_size) < k:
             raise ConfigError(f"selection.candidates={sel.candidates} is smaller than selection.select={k}; "
                               f"allowed: >= {k}")

@@ -138,3 +138,24 @@ def test_selection_telemetry(data_cache, tmp_path):
     rejected = events.Scalars("selection/score_rejected_mean")[0].value
     assert np.isfinite(selected) and np.isfinite(rejected)
     assert set(events.Tags()["histograms"]) >= {"selection/scores_selected", "selection/scores_rejected"}
+
+
+@pytest.mark.parametrize("nproc, layout", [(1, []), (2, ["parallel.pipeline=2"])], ids=["single", "pp2"])
+def test_scoring_in_micro_batches_selects_the_same(data_cache, tmp_path, nproc, layout):
+    """N + m = 20 scored at once, or in 4 micro-batches of 5: the Gram includes every cross pair."""
+    runs = {}
+    for name, micro in (("whole", "null"), ("micro", "5")):
+        run_dir = tmp_path / name
+        proc = run_pretrain(greats(data_cache, run_dir, "selection.val_batch=4", f"selection.score_micro_batch={micro}",
+                                   *layout), nproc=nproc, launcher="python" if nproc == 1 else "torchrun")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = selections(run_dir)
+    assert [r["selected"] for r in runs["micro"]] == [r["selected"] for r in runs["whole"]]
+    np.testing.assert_allclose([g for r in runs["micro"] for g in r["gains"]],
+                               [g for r in runs["whole"] for g in r["gains"]], rtol=1e-4)
+
+
+def test_score_micro_batch_must_divide(data_cache, tmp_path):
+    proc = run_pretrain(greats(data_cache, tmp_path, "selection.score_micro_batch=4"), launcher="python")
+    assert proc.returncode == 2
+    assert "selection.score_micro_batch=4 does not divide candidates + val_batch = 19" in error_lines(proc)[0]

@@ -4,7 +4,8 @@ It runs on the engine's module (not through the engine: no DeepSpeed gradient ho
 with the GhostRecorder capturing every supported layer (parameters frozen: no weight gradient is
 formed, no .grad is written). With pipeline parallelism the stages run a schedule of their own: one
 forward from the first stage to the last, then one backward to the first, point to point; no
-optimizer step. After run() every rank of the model-parallel group holds the same losses and Gram.
+optimizer step. The samples go through in micro-batches of `micro_batch` (all at once by
+default); the Gram covers every pair across micro-batches. After run() every rank of the model-parallel group holds the same losses and Gram.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from megatron_greats.parallel.state import Layout, device
 
 class ScoringPass:
     def __init__(self, module: torch.nn.Module, layout: Layout, hidden_size: int, seq_len: int,
-                 sequence_parallel: bool, exclude=()):
-        self.module, self.layout = module, layout
+                 sequence_parallel: bool, exclude=(), micro_batch=None):
+        self.module, self.layout, self.micro_batch = module, layout, micro_batch
         self.recorder = GhostRecorder(module, exclude=list(exclude), batch_dim=1)
         self.hidden_size = hidden_size
         self.stage_seq = seq_len // layout.tensor if sequence_parallel else seq_len
@@ -36,8 +37,15 @@ class ScoringPass:
                 with torch.no_grad():
                     losses = self._forward_only(inputs, labels)
                 return losses, None
+            size = self.micro_batch or inputs.shape[0]
             with self.recorder.capture():
-                losses = self._forward_backward(inputs, labels)
+                parts = []
+                for index, start in enumerate(range(0, inputs.shape[0], size)):
+                    if size < inputs.shape[0]:
+                        self.recorder.begin_micro_batch(index, size)  # the Gram spans all micro-batches
+                    part = slice(start, start + size)
+                    parts.append(self._forward_backward(inputs[part], labels[part]))
+                losses = torch.cat(parts)
             return losses, self.recorder.gram()
 
     @contextlib.contextmanager

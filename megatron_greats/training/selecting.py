@@ -46,7 +46,8 @@ class StepSelector:
         self.scoring = None
         if needs:
             self.scoring = ScoringPass(module, layout, cfg.model.hidden_size, cfg.model.seq_len,
-                                       cfg.parallel.sequence_parallel, exclude=sel.score_exclude)
+                                       cfg.parallel.sequence_parallel, exclude=sel.score_exclude,
+                                       micro_batch=sel.score_micro_batch if self.with_gram else None)
         self.reference = None
         if reference_module is not None:
             self.reference = ScoringPass(reference_module, layout, cfg.model.hidden_size, cfg.model.seq_len,
