@@ -126,7 +126,6 @@ def _torch_norm(module, report, batch_dim: int):
 
 # ---- megatron-core tensor-parallel layers ([seq, batch, hidden]: samples on dim 1) ----------------
 def _megatron_rules():
-    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
     from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
@@ -188,7 +187,6 @@ def _megatron_rules():
             return report(ops, output, 1)
         return [module.register_forward_hook(hook)]
 
-    del ps  # groups are resolved by the recorder
 
 
 def _project_rules():

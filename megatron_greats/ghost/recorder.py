@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_greats.ghost import products
-from megatron_greats.ghost.layers import Operand, rule_for, samples_first
+from megatron_greats.ghost.layers import rule_for, samples_first
 from megatron_greats.ghost.products import Use
 
 PATHS = ("auto", "ghost", "materialise")

@@ -185,7 +185,7 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def train(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         self.maybe_resume()
         start_step = self.step
         telemetry = Telemetry(self.run_dir, enabled=self.layout.is_logging_rank, resume_step=start_step)

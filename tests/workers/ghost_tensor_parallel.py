@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.func import functional_call, grad, vmap  # noqa: E402
+from torch.func import grad, vmap  # noqa: E402
 
 from megatron_greats.ghost import GhostRecorder  # noqa: E402
 from megatron_greats.parallel.state import init_distributed, init_model_parallel  # noqa: E402
