@@ -129,18 +129,27 @@ def _megatron_rules():
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
     from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-    @register(ColumnParallelLinear)
-    def _column(module, report, batch_dim: int):
+    def tap_forward_impl(module, report, operands):
+        """Wrap `_forward_impl(input, weight, ...)`, the call that feeds the weight-gradient GEMM, and
+        report operands(input, weight, args, kwargs) for each call."""
         original = module._forward_impl
 
         def forward_impl(input, weight, *args, **kwargs):
             output = original(input, weight, *args, **kwargs)
-            full_input = input.detach()
+            report(operands(input.detach(), weight, args, kwargs), output, 1)
+            return output
+
+        module._forward_impl = forward_impl
+        return [_Restore(module, "_forward_impl")]
+
+    @register(ColumnParallelLinear)
+    def _column(module, report, batch_dim: int):
+        def operands(input, weight, args, kwargs):
             if kwargs.get("sequence_parallel", False):
                 # the GEMM saw the all-gathered sequence; gather our own copy of it
-                full_input = gather_from_sequence_parallel_region(full_input, tensor_parallel_output_grad=False,
-                                                                  group=module.tp_group)
-            a = samples_first(full_input, 1)
+                input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=False,
+                                                             group=module.tp_group)
+            a = samples_first(input, 1)
             rows = weight.shape[0]
             ops = [Operand(weight, "dense", rows, weight.shape[1], a, _sharded(weight))]
             bias = kwargs.get("bias", args[0] if args else None)
@@ -148,30 +157,21 @@ def _megatron_rules():
                 bias = module.bias  # added by the caller to this same output
             if bias is not None:
                 ops.append(Operand(bias, "dense", rows, 1, _ones_like_tokens(a), _sharded(bias)))
-            report(ops, output, 1)
-            return output
-
-        module._forward_impl = forward_impl
-        return [_Restore(module, "_forward_impl")]
+            return ops
+        return tap_forward_impl(module, report, operands)
 
     @register(RowParallelLinear)
     def _row(module, report, batch_dim: int):
-        original = module._forward_impl
-
-        def forward_impl(input, weight, *args, **kwargs):
-            output = original(input, weight, *args, **kwargs)
-            a = samples_first(input.detach(), 1)
+        def operands(input, weight, args, kwargs):
+            a = samples_first(input, 1)
             ops = [Operand(weight, "dense", weight.shape[0], weight.shape[1], a, _sharded(weight))]
             if module.bias is not None:
                 # Added after the reduction, whatever skip_bias_add says; the gradient of this
                 # pre-reduction output is the full output gradient, so the bias' per-sample
                 # gradient is its token sum, identical on every tensor-parallel rank.
                 ops.append(Operand(module.bias, "dense", weight.shape[0], 1, _ones_like_tokens(a), "once"))
-            report(ops, output, 1)
-            return output
-
-        module._forward_impl = forward_impl
-        return [_Restore(module, "_forward_impl")]
+            return ops
+        return tap_forward_impl(module, report, operands)
 
     @register(VocabParallelEmbedding)
     def _vocab_embedding(module, report, batch_dim: int):

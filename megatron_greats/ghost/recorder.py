@@ -69,6 +69,8 @@ class GhostRecorder:
         self.names = {}
         for name, p in model.named_parameters(remove_duplicate=True):
             self.names.setdefault(p, name)
+        # one order on every rank: collectives inside the reduction must line up
+        self._order = {p: i for i, p in enumerate(self.names)}
         self.selected = {p for p, name in self.names.items()
                          if (include is None or _matches(name, include)) and not _matches(name, exclude)}
         self.modules = [m for m in model.modules() if rule_for(m) is not None]
@@ -248,9 +250,6 @@ class GhostRecorder:
         return p.device if p is not None else torch.device("cpu")
 
     def _order_key(self, param) -> int:
-        # one order on every rank: collectives inside the reduction must line up
-        if not hasattr(self, "_order"):
-            self._order = {p: i for i, p in enumerate(self.names)}
         return self._order.get(param, len(self._order))
 
     def _param_gram_if_counted(self, param, uses: list, total: int) -> Optional[torch.Tensor]:

@@ -106,51 +106,36 @@ def init_model_parallel(tensor: int, pipeline: int) -> Layout:
 
 
 class MegatronMpu:
-    """The `mpu` object DeepSpeed expects (model-parallel = tensor x pipeline), over megatron-core's groups."""
+    """The `mpu` object DeepSpeed expects (model-parallel = tensor x pipeline), over megatron-core's groups.
+
+    Only the names listed are exposed: DeepSpeed probes optional ones (sequence parallel, ...) with
+    hasattr, and must not find megatron-core functions of other meanings.
+    """
+
+    _DELEGATED = (
+        "get_model_parallel_group", "get_data_parallel_group", "get_data_parallel_rank",
+        "get_data_parallel_world_size", "get_tensor_model_parallel_group", "get_tensor_model_parallel_rank",
+        "get_tensor_model_parallel_world_size", "get_tensor_model_parallel_src_rank",
+        "get_pipeline_model_parallel_group", "get_pipeline_model_parallel_rank",
+        "get_pipeline_model_parallel_world_size",
+    )
 
     def __init__(self):
         from megatron.core import parallel_state as ps
 
         self._ps = ps
 
-    def get_model_parallel_group(self):
-        return self._ps.get_model_parallel_group()
+    def __getattr__(self, name):
+        if name in MegatronMpu._DELEGATED:
+            return getattr(self._ps, name)
+        raise AttributeError(name)
 
+    # megatron-core has no rank/size of the model-parallel group itself
     def get_model_parallel_rank(self):
         return dist.get_rank(group=self._ps.get_model_parallel_group())
 
     def get_model_parallel_world_size(self):
         return dist.get_world_size(group=self._ps.get_model_parallel_group())
-
-    def get_data_parallel_group(self):
-        return self._ps.get_data_parallel_group()
-
-    def get_data_parallel_rank(self):
-        return self._ps.get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self):
-        return self._ps.get_data_parallel_world_size()
-
-    def get_tensor_model_parallel_group(self):
-        return self._ps.get_tensor_model_parallel_group()
-
-    def get_tensor_model_parallel_rank(self):
-        return self._ps.get_tensor_model_parallel_rank()
-
-    def get_tensor_model_parallel_world_size(self):
-        return self._ps.get_tensor_model_parallel_world_size()
-
-    def get_tensor_model_parallel_src_rank(self):
-        return self._ps.get_tensor_model_parallel_src_rank()
-
-    def get_pipeline_model_parallel_group(self):
-        return self._ps.get_pipeline_model_parallel_group()
-
-    def get_pipeline_model_parallel_rank(self):
-        return self._ps.get_pipeline_model_parallel_rank()
-
-    def get_pipeline_model_parallel_world_size(self):
-        return self._ps.get_pipeline_model_parallel_world_size()
 
 
 def device() -> torch.device:
