@@ -159,3 +159,31 @@ def test_score_micro_batch_must_divide(data_cache, tmp_path):
     proc = run_pretrain(greats(data_cache, tmp_path, "selection.score_micro_batch=4"), launcher="python")
     assert proc.returncode == 2
     assert "selection.score_micro_batch=4 does not divide candidates + val_batch = 19" in error_lines(proc)[0]
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_scoring_schedule_is_deepspeeds_1f1b_without_an_optimizer_step(stages):
+    """The pipeline scoring pass is a DeepSpeed PipeSchedule: the same exchange of activations and
+    gradients as TrainSchedule, scoring compute in place of ForwardPass/BackwardPass, no reduction or step."""
+    from deepspeed.runtime.pipe import schedule as ds
+
+    from megatron_greats.training.scoring_schedule import (ScoreBackward, ScoreForward, ScoreLoad,
+                                                           ScoringForwardSchedule, ScoringSchedule)
+
+    def names(steps, keep):
+        return [(type(c).__name__, c.kwargs.get("buffer_id")) for cmds in steps for c in cmds if isinstance(c, keep)]
+
+    exchange = (ds.SendActivation, ds.RecvActivation, ds.SendGrad, ds.RecvGrad)
+    for stage in range(stages):
+        for kind, reference in ((ScoringSchedule, ds.TrainSchedule), (ScoringForwardSchedule, ds.InferenceSchedule)):
+            ours = list(kind(micro_batches=3, stages=stages, stage_id=stage).steps())
+            theirs = list(reference(micro_batches=3, stages=stages, stage_id=stage).steps())
+            assert names(ours, exchange) == names(theirs, exchange)
+            flat = [c for cmds in ours for c in cmds]
+            assert not any(isinstance(c, (ds.OptimizerStep, ds.ReduceGrads, ds.ReduceTiedGrads, ds.ForwardPass,
+                                          ds.BackwardPass, ds.LoadMicroBatch)) for c in flat)
+            assert [c.micro_batch_id for c in flat if isinstance(c, ScoreForward)] == [0, 1, 2]
+            backward = [c.micro_batch_id for c in flat if isinstance(c, ScoreBackward)]
+            assert backward == ([0, 1, 2] if kind is ScoringSchedule else [])
+            loads = [c.micro_batch_id for c in flat if isinstance(c, ScoreLoad)]
+            assert loads == ([0, 1, 2] if stage in (0, stages - 1) else [])

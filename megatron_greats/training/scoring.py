@@ -2,10 +2,11 @@
 
 It runs on the engine's module (not through the engine: no DeepSpeed gradient hooks), in eval mode,
 with the GhostRecorder capturing every supported layer (parameters frozen: no weight gradient is
-formed, no .grad is written). With pipeline parallelism the stages run a schedule of their own: one
-forward from the first stage to the last, then one backward to the first, point to point; no
-optimizer step. The samples go through in micro-batches of `micro_batch` (all at once by
-default); the Gram covers every pair across micro-batches. After run() every rank of the model-parallel group holds the same losses and Gram.
+formed, no .grad is written). With pipeline parallelism the stages run DeepSpeed pipeline schedules
+of their own (training/scoring_schedule.py): 1F1B forward and backward over the scoring
+micro-batches, no optimizer step. The samples go through in micro-batches of `micro_batch` (all at
+once by default); the Gram covers every pair across micro-batches. After run() every rank of the
+model-parallel group holds the same losses and Gram.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ import torch.distributed as dist
 from megatron_greats.ghost import GhostRecorder
 from megatron_greats.model import per_sample_losses
 from megatron_greats.parallel.state import Layout, device
+from megatron_greats.training.scoring_schedule import ScoringRun, run_schedule
 
 
 class ScoringPass:
-    def __init__(self, module: torch.nn.Module, layout: Layout, hidden_size: int, seq_len: int,
-                 sequence_parallel: bool, exclude=(), micro_batch=None):
-        self.module, self.layout, self.micro_batch = module, layout, micro_batch
+    def __init__(self, module: torch.nn.Module, layout: Layout, engine=None, exclude=(), micro_batch=None):
+        """module: the model (or this stage of it) to score with; engine: the DeepSpeed PipelineEngine
+        whose pipeline runs the scoring schedules (needed when layout.pipeline > 1)."""
+        self.module, self.layout, self.engine, self.micro_batch = module, layout, engine, micro_batch
         self.recorder = GhostRecorder(module, exclude=list(exclude), batch_dim=1)
-        self.hidden_size = hidden_size
-        self.stage_seq = seq_len // layout.tensor if sequence_parallel else seq_len
 
     def run(self, tokens: torch.Tensor, with_gram: bool = True):
         """tokens [n, seq+1] -> (losses [n], Gram [n, n] or None)."""
@@ -37,15 +38,8 @@ class ScoringPass:
                 with torch.no_grad():
                     losses = self._forward_only(inputs, labels)
                 return losses, None
-            size = self.micro_batch or inputs.shape[0]
             with self.recorder.capture():
-                parts = []
-                for index, start in enumerate(range(0, inputs.shape[0], size)):
-                    if size < inputs.shape[0]:
-                        self.recorder.begin_micro_batch(index, size)  # the Gram spans all micro-batches
-                    part = slice(start, start + size)
-                    parts.append(self._forward_backward(inputs[part], labels[part]))
-                losses = torch.cat(parts)
+                losses = self._forward_backward(inputs, labels)
             return losses, self.recorder.gram()
 
     @contextlib.contextmanager
@@ -66,48 +60,35 @@ class ScoringPass:
                 setattr(self.module, name, value)
             self.module.train(was_training)
 
-    # ---- one process per model replica slice ------------------------------------------------------
+    # ---- one stage per process, or a pipeline of stages ----------------------------------------------
     def _forward_only(self, inputs, labels):
         if self.layout.pipeline == 1:
             return per_sample_losses(self.module(inputs), labels)
-        return self._pipeline(inputs, labels, backward=False)
+        return self._pipeline([inputs], [labels], recorder=None)
 
     def _forward_backward(self, inputs, labels):
-        if self.layout.pipeline == 1:
-            losses = per_sample_losses(self.module(inputs), labels)
-            self.recorder.backward(losses)
-            return losses.detach()
-        return self._pipeline(inputs, labels, backward=True)
+        size = self.micro_batch or inputs.shape[0]
+        parts = [slice(start, start + size) for start in range(0, inputs.shape[0], size)]
+        if self.layout.pipeline > 1:
+            return self._pipeline([inputs[p] for p in parts], [labels[p] for p in parts], self.recorder)
+        losses = []
+        for index, part in enumerate(parts):
+            if len(parts) > 1:
+                self.recorder.begin_micro_batch(index, size)  # the Gram spans all micro-batches
+            part_losses = per_sample_losses(self.module(inputs[part]), labels[part])
+            self.recorder.backward(part_losses)
+            losses.append(part_losses.detach())
+        return torch.cat(losses)
 
-    def _pipeline(self, inputs, labels, backward: bool):
+    def _pipeline(self, inputs: list, labels: list, recorder):
         from megatron.core import parallel_state as ps
 
-        lay, n = self.layout, inputs.shape[0]
-        shape = (self.stage_seq, n, self.hidden_size)
-        dtype = next(self.module.parameters()).dtype
-        if lay.is_first_stage:
-            stage_input = inputs
-        else:
-            stage_input = torch.empty(shape, dtype=dtype, device=inputs.device)
-            dist.recv(stage_input, ps.get_pipeline_model_parallel_prev_rank())
-            stage_input.requires_grad_(backward)
-        out = self.module(stage_input)
-        losses = torch.zeros(n, dtype=torch.float32, device=inputs.device)
-        if lay.is_last_stage:
-            losses = per_sample_losses(out, labels)
-        else:
-            dist.send(out.detach().contiguous(), ps.get_pipeline_model_parallel_next_rank())
-        if backward:
-            targets = [] if lay.is_first_stage else [stage_input]
-            if lay.is_last_stage:
-                grads = self.recorder.backward_from([losses.sum()], [None], inputs=targets)
-            else:
-                out_grad = torch.empty_like(out)
-                dist.recv(out_grad, ps.get_pipeline_model_parallel_next_rank())
-                grads = self.recorder.backward_from([out], [out_grad], inputs=targets)
-            if not lay.is_first_stage:
-                dist.send(grads[0].contiguous(), ps.get_pipeline_model_parallel_prev_rank())
-        losses = losses.detach().float()
+        if self.engine is None:
+            raise ValueError("ScoringPass: pipeline parallelism runs on a DeepSpeed PipelineEngine; pass engine=")
+        run = ScoringRun(self.module, inputs, labels, recorder)
+        losses = run_schedule(self.engine, run)
+        if losses is None:
+            losses = torch.zeros(sum(len(x) for x in inputs), dtype=torch.float32, device=inputs[0].device)
         # the last stage has the losses; every stage of this pipeline gets them
         dist.broadcast(losses, ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
         return losses

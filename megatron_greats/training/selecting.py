@@ -35,7 +35,7 @@ class StepChoice:
 
 
 class StepSelector:
-    def __init__(self, cfg, module: torch.nn.Module, data, layout: Layout, reference_module=None):
+    def __init__(self, cfg, engine, data, layout: Layout, reference_module=None):
         sel = cfg.selection
         self.cfg, self.data, self.layout, self.method = cfg, data, layout, sel.method
         self.k, self.n = cfg.num_selected(layout.world_size), cfg.num_candidates(layout.world_size)
@@ -45,13 +45,11 @@ class StepSelector:
         self.with_gram = "gram" in needs or "val_alignment" in needs
         self.scoring = None
         if needs:
-            self.scoring = ScoringPass(module, layout, cfg.model.hidden_size, cfg.model.seq_len,
-                                       cfg.parallel.sequence_parallel, exclude=sel.score_exclude,
+            self.scoring = ScoringPass(engine.module, layout, engine=engine, exclude=sel.score_exclude,
                                        micro_batch=sel.score_micro_batch if self.with_gram else None)
         self.reference = None
         if reference_module is not None:
-            self.reference = ScoringPass(reference_module, layout, cfg.model.hidden_size, cfg.model.seq_len,
-                                         cfg.parallel.sequence_parallel)
+            self.reference = ScoringPass(reference_module, layout, engine=engine)
         self.greats_options = {"self_term": sel.self_term, "batch_mean": sel.batch_mean}
 
     def choose(self, step: int, lr: float) -> StepChoice:

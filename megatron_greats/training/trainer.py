@@ -116,7 +116,7 @@ class Trainer:
     def __init__(self, cfg, engine, data, layout: Layout, run_dir: Path, reference_module=None):
         self.cfg, self.engine, self.data, self.layout, self.run_dir = cfg, engine, data, layout, run_dir
         self.pipelined = layout.pipeline > 1
-        self.selector = StepSelector(cfg, engine.module, data, layout, reference_module=reference_module)
+        self.selector = StepSelector(cfg, engine, data, layout, reference_module=reference_module)
         self.batches = ReplicaBatches(layout, cfg.train.micro_batch)
         self.step = 0
         self.tokens_per_sample = cfg.model.seq_len

@@ -1,0 +1,170 @@
+"""The scoring pass under pipeline parallelism, as DeepSpeed pipeline schedules.
+
+A new pass is a new schedule: ScoringSchedule is DeepSpeed's 1F1B TrainSchedule with its compute
+instructions swapped for scoring ones and no gradient reduction or optimizer step;
+ScoringForwardSchedule is its InferenceSchedule with the same swap (per-sample losses only).
+DeepSpeed's own SendActivation / RecvActivation / SendGrad / RecvGrad move the tensors between stages.
+
+The scoring instructions differ from ForwardPass / BackwardPass in what the engine must not do:
+  ScoreForward   runs the stage's module directly (no engine hooks) and, on the last stage, keeps
+                 per-sample losses instead of the mean training loss;
+  ScoreBackward  differentiates w.r.t. activations only through the GhostRecorder (parameters are
+                 frozen): no engine.backward, so no loss scaling, no gradient hooks, no .grad written.
+                 The gradient w.r.t. the stage input is left in its .grad for DeepSpeed's SendGrad.
+
+run_schedule() executes a schedule on the engine with scoring state of its own: DeepSpeed caches
+activation and gradient buffer shapes of the training micro-batches, and partitions activations over
+tensor-parallel ranks; the scoring micro-batches have other shapes, so shapes are exchanged every
+time (dynamic_shape), nothing is partitioned, and the training state is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from deepspeed.runtime.pipe import schedule as ds_schedule
+
+from megatron_greats.model import per_sample_losses
+
+
+class ScoreLoad(ds_schedule.BufferOpInstruction):
+    """First stage: the micro-batch's token ids; last stage: its labels."""
+
+
+class ScoreForward(ds_schedule.BufferOpInstruction):
+    """Forward of the stage's module; the last stage keeps per-sample losses."""
+
+
+class ScoreBackward(ds_schedule.BufferOpInstruction):
+    """Backward w.r.t. activations through the GhostRecorder; the stage input's gradient goes to .grad."""
+
+
+_NOT_IN_SCORING = (ds_schedule.ReduceTiedGrads, ds_schedule.ReduceGrads, ds_schedule.OptimizerStep)
+
+
+def _scoring_steps(steps):
+    """DeepSpeed's steps with compute swapped for scoring; micro-batch ids follow DeepSpeed's order
+    (loads, forwards and backwards each visit micro-batches 0, 1, ... in turn on every stage)."""
+    counts = {ScoreLoad: 0, ScoreForward: 0, ScoreBackward: 0}
+    swap = {ds_schedule.LoadMicroBatch: ScoreLoad, ds_schedule.ForwardPass: ScoreForward,
+            ds_schedule.BackwardPass: ScoreBackward}
+    for cmds in steps:
+        out = []
+        for cmd in cmds:
+            if isinstance(cmd, _NOT_IN_SCORING):
+                continue
+            kind = swap.get(type(cmd))
+            if kind is None:
+                out.append(cmd)  # DeepSpeed's activation / gradient exchange
+                continue
+            out.append(kind(cmd.buffer_id, micro_batch_id=counts[kind]))
+            counts[kind] += 1
+        yield out
+
+
+class ScoringSchedule(ds_schedule.TrainSchedule):
+    """Forward and backward over all scoring micro-batches (1F1B order); no optimizer step."""
+
+    def steps(self):
+        yield from _scoring_steps(super().steps())
+
+
+class ScoringForwardSchedule(ds_schedule.InferenceSchedule):
+    """Forward only over all scoring micro-batches: per-sample losses, no Gram."""
+
+    def steps(self):
+        yield from _scoring_steps(super().steps())
+
+
+@dataclass
+class ScoringRun:
+    """What the scoring instructions of one run read and write (held by the engine during the run)."""
+    module: torch.nn.Module
+    inputs: list                                  # per micro-batch token ids (first stage)
+    labels: list                                  # per micro-batch labels (last stage)
+    recorder: Optional[object] = None             # GhostRecorder; None: forward only
+    losses: dict = field(default_factory=dict)    # micro-batch id -> per-sample losses (last stage)
+
+    @property
+    def backward(self) -> bool:
+        return self.recorder is not None
+
+
+def _exec_score_load(engine, buffer_id: int, micro_batch_id: int):
+    run = engine.greats_scoring_run
+    if engine.is_first_stage():
+        engine.pipe_buffers["inputs"][buffer_id] = run.inputs[micro_batch_id]
+    if engine.is_last_stage():
+        engine.pipe_buffers["labels"][buffer_id] = run.labels[micro_batch_id]
+
+
+def _exec_score_forward(engine, buffer_id: int, micro_batch_id: int):
+    run = engine.greats_scoring_run
+    inputs = engine.pipe_buffers["inputs"][buffer_id]
+    if run.backward and len(run.inputs) > 1:
+        # the Gram spans all micro-batches: tell the recorder where these samples sit
+        run.recorder.begin_micro_batch(micro_batch_id, run.inputs[0].shape[0])
+    with torch.set_grad_enabled(run.backward):
+        outputs = run.module(inputs)
+        if engine.is_last_stage():
+            losses = per_sample_losses(outputs, engine.pipe_buffers["labels"][buffer_id])
+            run.losses[micro_batch_id] = losses.detach().float()
+            outputs = losses.sum()
+    engine.pipe_buffers["outputs"][buffer_id] = outputs if run.backward or not engine.is_last_stage() else None
+
+
+def _exec_score_backward(engine, buffer_id: int, micro_batch_id: int):
+    run = engine.greats_scoring_run
+    outputs = engine.pipe_buffers["outputs"][buffer_id]
+    stage_input = engine.pipe_buffers["inputs"][buffer_id]
+    targets = [] if engine.is_first_stage() else [stage_input]
+    # grad_layer is a view of a buffer DeepSpeed reuses for the next micro-batch; the recorder keeps
+    # output gradients (autograd may hand this very tensor to a layer's hook) until gram()
+    output_grad = None if engine.is_last_stage() else engine.grad_layer.clone()
+    grads = run.recorder.backward_from([outputs], [output_grad], inputs=targets)
+    if targets:
+        grad = grads[0]
+        stage_input.grad = grad if grad is not None else torch.zeros_like(stage_input)
+    engine.pipe_buffers["outputs"][buffer_id] = None  # the graph is done with
+
+
+_INSTRUCTIONS = {ScoreLoad: _exec_score_load, ScoreForward: _exec_score_forward,
+                 ScoreBackward: _exec_score_backward}
+
+# Engine attributes that describe the training micro-batches' exchange; the scoring run sets its own.
+_EXCHANGE_STATE = ("dynamic_shape", "is_pipe_partitioned", "is_grad_partitioned", "first_output_send",
+                   "pipe_recv_buf", "grad_layer", "_grad_layer_buf", "meta_buffer")
+
+
+@contextlib.contextmanager
+def _scoring_state(engine, run: ScoringRun):
+    saved = {name: getattr(engine, name) for name in _EXCHANGE_STATE}
+    engine.dynamic_shape = True             # scoring micro-batches have their own shapes
+    engine.is_pipe_partitioned = engine.is_grad_partitioned = False
+    engine._grad_layer_buf = []             # do not resize the buffers training's grad_layer views
+    engine._INSTRUCTION_MAP = {**type(engine)._INSTRUCTION_MAP, **_INSTRUCTIONS}
+    engine.greats_scoring_run = run
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(engine, name, value)
+        del engine._INSTRUCTION_MAP         # back to the class's map
+        del engine.greats_scoring_run
+        for buffers in engine.pipe_buffers.values():
+            buffers[:] = [None] * len(buffers)  # free the scoring activations
+
+
+def run_schedule(engine, run: ScoringRun) -> Optional[torch.Tensor]:
+    """Execute the scoring schedule of `run` on this stage; returns the per-sample losses on the last
+    stage (None elsewhere)."""
+    kind = ScoringSchedule if run.backward else ScoringForwardSchedule
+    schedule = kind(micro_batches=len(run.inputs), stages=engine.num_stages, stage_id=engine.stage_id)
+    with _scoring_state(engine, run):
+        engine._exec_schedule(schedule)
+    if not engine.is_last_stage():
+        return None
+    return torch.cat([run.losses[i] for i in range(len(run.inputs))])
