@@ -1,10 +1,12 @@
-"""The ghost benchmark runs and reports numbers (targets are reported by the command, not asserted here)."""
+"""The benchmarks run and report numbers (targets are reported by the commands, not asserted here)."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import REPO, child_env
+from conftest import REPO, child_env, free_port, tiny_overrides
 
 
 def test_ghost_benchmark_prints_ratios(tmp_path):
@@ -24,3 +26,58 @@ def test_bad_point_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "megatron_greats.bench", "ghost", "--points", "4,16"],
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "point '4,16' is not B,T,d" in proc.stderr
+
+
+def _check_step_report(out):
+    report = json.loads((out / "bench_step.json").read_text())
+    assert set(report["variants"]) == {"regular_k", "regular_N", "greats"}
+    for variant in report["variants"].values():
+        assert variant["median_s"] > 0 and variant["peak_bytes"] > 0 and len(variant["seconds"]) == 2
+    for value in report["ratios"].values():
+        assert 0 < value < float("inf")
+    phases = report["variants"]["greats"]["phases_median_s"]
+    assert phases["score_forward"] > 0 and phases["score_backward"] > 0 and phases["training"] > 0
+    assert phases["ghost_products"] > 0
+    # the phases account for the step (the rest: drawing candidates, reading samples)
+    assert 0.5 < sum(phases.values()) / report["variants"]["greats"]["median_s"] <= 1.05
+    markdown = (out / "bench_step.md").read_text()
+    assert "GREATS / Regular(N)" in markdown and "ghost_products" in markdown
+    return report
+
+
+def test_step_benchmark_one_process(data_cache, tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "megatron_greats.bench", "step", "--config",
+                           str(REPO / "configs" / "tiny-cpu.yaml"), "--warmup", "1", "--repeats", "2",
+                           "--out", str(out), *tiny_overrides(data_cache, tmp_path / "run")],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GREATS / Regular(N)" in proc.stdout
+    report = _check_step_report(out)
+    assert report["layout"] == "dp=1 tp=1 pp=1" and report["N"] == 2 * report["k"]
+
+
+def test_step_benchmark_under_the_deepspeed_launcher_with_pipeline(data_cache, tmp_path):
+    out = tmp_path / "bench"
+    env = child_env()
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                           "megatron_greats.bench", "step", "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
+                           "--warmup", "1", "--repeats", "2", "--out", str(out),
+                           *tiny_overrides(data_cache, tmp_path / "run", "parallel.pipeline=2")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    report = _check_step_report(out)
+    assert report["layout"] == "dp=1 tp=1 pp=2"
+    assert report["variants"]["greats"]["phases_median_s"]["score_exchange"] > 0
+
+
+def test_step_benchmark_bad_input_is_one_line(data_cache, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "megatron_greats.bench", "step", "--config",
+                           str(REPO / "configs" / "tiny-cpu.yaml"), "--out", str(tmp_path / "bench"),
+                           *tiny_overrides(data_cache, tmp_path / "run", "selection.candidates=3")],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("megatron_greats: error:")]
+    assert len(errors) == 1 and "selection.candidates=3" in errors[0]
+    assert not (tmp_path / "bench").exists()

@@ -1,4 +1,6 @@
-"""python -m megatron_greats.bench ghost [--points B,T,d ...] [--repeats N] [--json FILE]"""
+"""python -m megatron_greats.bench ghost [--points B,T,d ...] [--repeats N] [--json FILE]
+python -m megatron_greats.bench step --config FILE [--warmup W] [--repeats R] [--out DIR] [key=value ...]
+    (any launcher: python, torchrun, deepspeed; every rank runs it)"""
 
 from __future__ import annotations
 
@@ -17,17 +19,28 @@ def _point(text: str) -> tuple:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_greats.bench")
+    # the deepspeed launcher puts --local_rank before the sub-command
+    parser.add_argument("--local_rank", dest="launcher_local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="bench", required=True)
     ghost = sub.add_parser("ghost", help="GhostRecorder vs torch.func per-sample gradients + Gram")
     ghost.add_argument("--points", type=_point, nargs="+", default=None, help="B,T,d triples")
     ghost.add_argument("--repeats", type=int, default=3)
     ghost.add_argument("--json", default=None, help="also write the results here")
     ghost.add_argument("--one", nargs=4, metavar=("METHOD", "B", "T", "D"), help=argparse.SUPPRESS)
+    step = sub.add_parser("step", help="GREATS step vs Regular(k) and Regular(N): time, memory, phase split")
+    step.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    step.add_argument("--warmup", type=int, default=2, help="steps dropped per variant")
+    step.add_argument("--repeats", type=int, default=5, help="steps timed per variant")
+    step.add_argument("--out", default="runs/bench-step", help="folder for bench_step.json and bench_step.md")
+    step.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    step.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     args = parser.parse_args(argv)
 
     import warnings
 
     warnings.filterwarnings("ignore")
+    if args.bench == "step":
+        return _step(args)
     from megatron_greats.bench import ghost as bench_ghost
 
     if args.one:  # one measurement, in its own process (run() spawns these)
@@ -38,6 +51,30 @@ def main(argv=None) -> int:
           "(2-layer transformer, tied embeddings, vocab 1024; median of repeats, peak memory above the model)")
     print(bench_ghost.HEADER)
     bench_ghost.run(args.points or bench_ghost.DEFAULT_POINTS, args.repeats, args.json)
+    return 0
+
+
+def _step(args) -> int:
+    import os
+
+    local_rank = args.local_rank if args.local_rank is not None else args.launcher_local_rank
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    from megatron_greats.bench import step as bench_step
+    from megatron_greats.errors import GreatsError
+
+    try:
+        report = bench_step.run(args.config, args.overrides, args.warmup, args.repeats, args.out)
+    except GreatsError as e:
+        print(f"megatron_greats: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print(bench_step.markdown(report), flush=True)
+        print(f"written: {args.out}/bench_step.json, {args.out}/bench_step.md", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
     return 0
 
 

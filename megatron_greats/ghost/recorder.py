@@ -76,6 +76,7 @@ class GhostRecorder:
         self.modules = [m for m in model.modules() if rule_for(m) is not None]
         self.tensor_group, self.model_parallel_group = self._default_groups(tensor_group, model_parallel_group)
         self.tied = self._pipeline_ties(model)
+        self.clock = None  # optional: an object with .phase(name) (training/telemetry.py's PhaseClock)
         self._reset()
 
     # ---- set-up -----------------------------------------------------------------------------------
@@ -104,6 +105,9 @@ class GhostRecorder:
                 if param in self.selected:
                     ties.append((param, comm["group"], comm["ranks"]))
         return ties
+
+    def _phase(self, name: str):
+        return self.clock.phase(name) if self.clock is not None else contextlib.nullcontext()
 
     def _reset(self):
         self._uses = defaultdict(list)       # param -> [Use]
@@ -192,7 +196,8 @@ class GhostRecorder:
             uses = self._uses.get(param)
             if id(param) in tied or not uses or any(u.grads is None for u in uses):
                 continue
-            part = self._param_gram_if_counted(param, uses, uses[0].n)
+            with self._phase("ghost_products"):
+                part = self._param_gram_if_counted(param, uses, uses[0].n)
             if part is not None:
                 self._streamed = part if self._streamed is None else self._streamed + part
             del self._uses[param]
@@ -216,8 +221,9 @@ class GhostRecorder:
 
     def gram(self) -> torch.Tensor:
         """[B, B] over all micro-batches recorded, identical on every rank of the model-parallel group."""
-        total = self._agreed_total()
-        local = self._gather_tied_uses()
+        with self._phase("allreduce"):
+            total = self._agreed_total()
+            local = self._gather_tied_uses()
         first = next(self.model.parameters())
         dtype = products.compute_dtype(first.dtype)  # the same on every rank: the all-reduce needs it
         gram = torch.zeros(total, total, dtype=dtype, device=first.device)
@@ -229,11 +235,13 @@ class GhostRecorder:
                 raise RuntimeError(f"GhostRecorder: no output gradient reached a layer using '{self.names[param]}'; "
                                    "call rec.backward(losses) inside the capture")
             if param in local:
-                part = self._param_gram_if_counted(param, uses, total)
-                if part is not None:
-                    gram += part.to(dtype)
+                with self._phase("ghost_products"):
+                    part = self._param_gram_if_counted(param, uses, total)
+                    if part is not None:
+                        gram += part.to(dtype)
         if self.model_parallel_group is not None and dist.get_world_size(self.model_parallel_group) > 1:
-            dist.all_reduce(gram, group=self.model_parallel_group)
+            with self._phase("allreduce"):
+                dist.all_reduce(gram, group=self.model_parallel_group)
         return gram
 
     def _agreed_total(self) -> int:
@@ -269,7 +277,8 @@ class GhostRecorder:
         gram = torch.zeros(total, total, dtype=dtype, device=uses[0].inputs.device)
         for block in products.materialised_blocks(uses, total, dtype, self.chunk_elements):
             if self._reductions[param] == "sum_vectors" and self.tensor_group is not None:
-                dist.all_reduce(block, group=self.tensor_group)  # every rank joins; rank 0 counts it
+                with self._phase("allreduce"):
+                    dist.all_reduce(block, group=self.tensor_group)  # every rank joins; rank 0 counts it
             gram += block @ block.T
         return gram
 

@@ -20,6 +20,7 @@ from megatron_greats.ghost import GhostRecorder
 from megatron_greats.model import per_sample_losses
 from megatron_greats.parallel.state import Layout, device
 from megatron_greats.training.scoring_schedule import ScoringRun, run_schedule
+from megatron_greats.training.telemetry import phase
 
 
 class ScoringPass:
@@ -28,6 +29,10 @@ class ScoringPass:
         whose pipeline runs the scoring schedules (needed when layout.pipeline > 1)."""
         self.module, self.layout, self.engine, self.micro_batch = module, layout, engine, micro_batch
         self.recorder = GhostRecorder(module, exclude=list(exclude), batch_dim=1)
+        self.clock = None  # a PhaseClock: seconds of score_forward / score_backward / ... per run
+
+    def use_clock(self, clock) -> None:
+        self.clock = self.recorder.clock = clock
 
     def run(self, tokens: torch.Tensor, with_gram: bool = True):
         """tokens [n, seq+1] -> (losses [n], Gram [n, n] or None)."""
@@ -63,7 +68,8 @@ class ScoringPass:
     # ---- one stage per process, or a pipeline of stages ----------------------------------------------
     def _forward_only(self, inputs, labels):
         if self.layout.pipeline == 1:
-            return per_sample_losses(self.module(inputs), labels)
+            with phase(self.clock, "score_forward"):
+                return per_sample_losses(self.module(inputs), labels)
         return self._pipeline([inputs], [labels], recorder=None)
 
     def _forward_backward(self, inputs, labels):
@@ -75,8 +81,10 @@ class ScoringPass:
         for index, part in enumerate(parts):
             if len(parts) > 1:
                 self.recorder.begin_micro_batch(index, size)  # the Gram spans all micro-batches
-            part_losses = per_sample_losses(self.module(inputs[part]), labels[part])
-            self.recorder.backward(part_losses)
+            with phase(self.clock, "score_forward"):
+                part_losses = per_sample_losses(self.module(inputs[part]), labels[part])
+            with phase(self.clock, "score_backward"):
+                self.recorder.backward(part_losses)
             losses.append(part_losses.detach())
         return torch.cat(losses)
 
@@ -85,7 +93,7 @@ class ScoringPass:
 
         if self.engine is None:
             raise ValueError("ScoringPass: pipeline parallelism runs on a DeepSpeed PipelineEngine; pass engine=")
-        run = ScoringRun(self.module, inputs, labels, recorder)
+        run = ScoringRun(self.module, inputs, labels, recorder, clock=self.clock)
         losses = run_schedule(self.engine, run)
         if losses is None:
             losses = torch.zeros(sum(len(x) for x in inputs), dtype=torch.float32, device=inputs[0].device)

@@ -28,6 +28,7 @@ import torch
 from deepspeed.runtime.pipe import schedule as ds_schedule
 
 from megatron_greats.model import per_sample_losses
+from megatron_greats.training.telemetry import phase
 
 
 class ScoreLoad(ds_schedule.BufferOpInstruction):
@@ -87,6 +88,7 @@ class ScoringRun:
     labels: list                                  # per micro-batch labels (last stage)
     recorder: Optional[object] = None             # GhostRecorder; None: forward only
     losses: dict = field(default_factory=dict)    # micro-batch id -> per-sample losses (last stage)
+    clock: Optional[object] = None                # PhaseClock, or None
 
     @property
     def backward(self) -> bool:
@@ -131,8 +133,20 @@ def _exec_score_backward(engine, buffer_id: int, micro_batch_id: int):
     engine.pipe_buffers["outputs"][buffer_id] = None  # the graph is done with
 
 
-_INSTRUCTIONS = {ScoreLoad: _exec_score_load, ScoreForward: _exec_score_forward,
-                 ScoreBackward: _exec_score_backward}
+def _in_phase(name: str, execute):
+    def timed(engine, **kwargs):
+        with phase(engine.greats_scoring_run.clock, name):
+            execute(engine, **kwargs)
+    return timed
+
+
+def _instructions(engine_class) -> dict:
+    exchange = {kind: _in_phase("score_exchange", engine_class._INSTRUCTION_MAP[kind])
+                for kind in (ds_schedule.SendActivation, ds_schedule.RecvActivation, ds_schedule.SendGrad,
+                             ds_schedule.RecvGrad)}
+    return {**engine_class._INSTRUCTION_MAP, **exchange, ScoreLoad: _exec_score_load,
+            ScoreForward: _in_phase("score_forward", _exec_score_forward),
+            ScoreBackward: _in_phase("score_backward", _exec_score_backward)}
 
 # Engine attributes that describe the training micro-batches' exchange; the scoring run sets its own.
 _EXCHANGE_STATE = ("dynamic_shape", "is_pipe_partitioned", "is_grad_partitioned", "first_output_send",
@@ -145,7 +159,7 @@ def _scoring_state(engine, run: ScoringRun):
     engine.dynamic_shape = True             # scoring micro-batches have their own shapes
     engine.is_pipe_partitioned = engine.is_grad_partitioned = False
     engine._grad_layer_buf = []             # do not resize the buffers training's grad_layer views
-    engine._INSTRUCTION_MAP = {**type(engine)._INSTRUCTION_MAP, **_INSTRUCTIONS}
+    engine._INSTRUCTION_MAP = _instructions(type(engine))
     engine.greats_scoring_run = run
     try:
         yield

@@ -6,7 +6,6 @@ broadcasts the picks to the rest of its group, so every rank of a replica trains
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -18,6 +17,7 @@ from megatron_greats.parallel.state import Layout, device
 from megatron_greats.selection import METHODS, select
 from megatron_greats.training.candidates import CandidateStream
 from megatron_greats.training.scoring import ScoringPass
+from megatron_greats.training.telemetry import PhaseClock
 
 # The ranking score reported for selected vs rejected candidates, per method.
 REPORTED_SCORE = {"greats": "val_alignment", "first_order": "val_alignment", "gradnorm": "grad_norm",
@@ -51,20 +51,28 @@ class StepSelector:
         if reference_module is not None:
             self.reference = ScoringPass(reference_module, layout, engine=engine)
         self.greats_options = {"self_term": sel.self_term, "batch_mean": sel.batch_mean}
+        self.use_clock(PhaseClock())
+
+    def use_clock(self, clock: PhaseClock) -> None:
+        """Where the phase seconds of each step go (a benchmark passes one that synchronises)."""
+        self.clock = clock
+        for scoring in (self.scoring, self.reference):
+            if scoring is not None:
+                scoring.use_clock(clock)
 
     def choose(self, step: int, lr: float) -> StepChoice:
         if self.method == "regular":  # trains on the stream; logged like a selection of all k "candidates"
             ids = self.stream.candidates(step)
             return StepChoice(ids=ids, candidates=ids, gains=np.zeros(0), picked=np.arange(len(ids)))
         candidates = self.stream.candidates(step)
-        timer = time.perf_counter()
+        self.clock.take()
         inputs = self._score(step, candidates)
-        scoring_s = time.perf_counter() - timer
-        timer = time.perf_counter()
-        picked, gains = self._select_and_broadcast(step, lr, inputs)
-        choice = StepChoice(ids=candidates[picked], candidates=candidates, gains=gains, picked=picked,
-                            scores=self._reported_score(inputs))
-        choice.seconds = {"scoring": scoring_s, "selection": time.perf_counter() - timer}
+        scoring = self.clock.take()
+        with self.clock.phase("selection"):
+            picked, gains = self._select_and_broadcast(step, lr, inputs)
+            scores = self._reported_score(inputs)
+        choice = StepChoice(ids=candidates[picked], candidates=candidates, gains=gains, picked=picked, scores=scores)
+        choice.seconds = {"scoring": sum(scoring.values()), **scoring, **self.clock.take()}
         return choice
 
     def _score(self, step: int, candidates: np.ndarray) -> dict:

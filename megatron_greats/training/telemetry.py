@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,55 @@ def _truncate_jsonl(path: Path, resume_step: int) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+
+
+# The phases of a step, in the order they happen (seconds per step in selection.jsonl and TensorBoard).
+SCORING_PHASES = ("score_forward", "score_backward", "score_exchange", "ghost_products", "allreduce")
+STEP_PHASES = SCORING_PHASES + ("selection", "training")
+
+
+class PhaseClock:
+    """Seconds per named phase of a step. Phases nest exclusively: time inside an inner phase (ghost
+    products computed in backward hooks) is not also counted in the outer one (score_backward).
+    sync=True synchronises the accelerator at every phase edge so device time lands in the phase that
+    queued it (benchmarks; it costs overlap, so training runs leave it off)."""
+
+    def __init__(self, sync: bool = False):
+        self.sync = sync
+        self.seconds = defaultdict(float)
+        self._stack = []  # [name, start of its current stretch]
+
+    def _now(self) -> float:
+        if self.sync:
+            from deepspeed.accelerator import get_accelerator
+
+            get_accelerator().synchronize()
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        now = self._now()
+        if self._stack:
+            outer = self._stack[-1]
+            self.seconds[outer[0]] += now - outer[1]
+        self._stack.append([name, now])
+        try:
+            yield
+        finally:
+            now = self._now()
+            self.seconds[name] += now - self._stack.pop()[1]
+            if self._stack:
+                self._stack[-1][1] = now
+
+    def take(self) -> dict:
+        """The seconds so far, and start afresh."""
+        out, self.seconds = dict(self.seconds), defaultdict(float)
+        return out
+
+
+def phase(clock, name: str):
+    """clock.phase(name), or nothing when there is no clock."""
+    return clock.phase(name) if clock is not None else contextlib.nullcontext()
 
 
 class Telemetry:
@@ -96,7 +148,7 @@ class SelectionLog:
         if not self.layout.is_logging_rank:
             return
         self.telemetry.append_jsonl(self.telemetry.selection_path, [
-            {**{k: r[k] for k in ("step", "replica", "candidates", "selected", "gains")},
+            {**{k: r[k] for k in ("step", "replica", "candidates", "selected", "gains", "seconds")},
              "selected_domains": [self.domain_names[d] for d in self.samples.domains(np.asarray(r["selected"]))]}
             for r in records])
         self._summaries(step, records)
@@ -120,8 +172,8 @@ class SelectionLog:
             scalars["selection/score_selected_mean"] = float(np.mean(chosen))
         if rejected:
             scalars["selection/score_rejected_mean"] = float(np.mean(rejected))
-        for phase in ("scoring", "selection", "training"):
-            scalars[f"selection/seconds_{phase}"] = float(np.mean([r["seconds"].get(phase, 0.0) for r in records]))
+        for name in ("scoring",) + STEP_PHASES:
+            scalars[f"selection/seconds_{name}"] = float(np.mean([r["seconds"].get(name, 0.0) for r in records]))
         self.telemetry.scalars(step, scalars)
         self.telemetry.histogram(step, "selection/scores_selected", chosen)
         self.telemetry.histogram(step, "selection/scores_rejected", rejected)

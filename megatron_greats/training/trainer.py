@@ -201,9 +201,9 @@ class Trainer:
         while self.step < t.steps:
             lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
             choice = self.selector.choose(self.step, lr)
-            timer = time.perf_counter()
-            loss = self.train_step(choice.ids)
-            choice.seconds["training"] = time.perf_counter() - timer
+            with self.selector.clock.phase("training"):
+                loss = self.train_step(choice.ids)
+            choice.seconds.update(self.selector.clock.take())
             self.step += 1
             self.selection_log.record(self.step, choice)
             window_samples += t.global_batch

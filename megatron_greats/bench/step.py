@@ -1,0 +1,203 @@
+"""Benchmark: what a GREATS step costs against ordinary steps, in one run on one machine and layout.
+
+Variants, each on a DeepSpeed engine of its own built from the same config (one after the other):
+  regular_k   an ordinary step on k samples per replica (what GREATS trains on)
+  regular_N   an ordinary step on N samples per replica (what GREATS scores)
+  greats      N candidates + m validation samples scored, k selected, a step on the k
+Per variant: `warmup` steps dropped, then `repeats` steps timed (median, min, max of the slowest rank),
+peak memory (accelerator: peak allocation; CPU: peak resident set, sampled), and for GREATS the split
+of its step into phases (training/telemetry.py STEP_PHASES), timed with the accelerator synchronised
+at every phase edge.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_greats.training.telemetry import STEP_PHASES, PhaseClock
+
+VARIANTS = ("regular_k", "regular_N", "greats")
+
+
+class PeakMemory:
+    """Peak memory of this process while inside the context: the accelerator's peak allocation, or on
+    CPU the peak resident set size sampled every `interval` seconds (ru_maxrss never goes down)."""
+
+    def __init__(self, interval: float = 0.002):
+        from deepspeed.accelerator import get_accelerator
+
+        self.acc, self.interval, self.peak = get_accelerator(), interval, 0
+        self.on_cpu = self.acc.device_name() == "cpu"
+
+    @staticmethod
+    def _rss() -> int:
+        import os
+
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.on_cpu:
+            self.peak, self._stop = self._rss(), threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        else:
+            self.acc.synchronize()
+            self.acc.reset_peak_memory_stats()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        if self.on_cpu:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+        else:
+            self.acc.synchronize()
+            self.peak = self.acc.max_memory_allocated()
+        return False
+
+
+def variant_overrides(cfg, world_size: int) -> dict:
+    dp = cfg.data_parallel_size(world_size)
+    n = cfg.num_candidates(world_size)
+    return {"regular_k": ["selection.method=regular"],
+            "regular_N": ["selection.method=regular", f"train.global_batch={n * dp}"],
+            "greats": ["selection.method=greats"]}
+
+
+def _measure(name: str, cfg, data, layout, run_dir: Path, warmup: int, repeats: int, show_progress: bool) -> dict:
+    from deepspeed.accelerator import get_accelerator
+
+    from megatron_greats.parallel.state import device
+    from megatron_greats.training.schedule import lr_at
+    from megatron_greats.training.trainer import Trainer, build_engine
+
+    engine = build_engine(cfg, data.vocab_size, layout)
+    trainer = Trainer(cfg, engine, data, layout, run_dir)
+    clock = PhaseClock(sync=True)
+    trainer.selector.use_clock(clock)
+    acc = get_accelerator()
+    t = cfg.train
+    seconds, phases = [], []
+    progress = None
+    if show_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=warmup + repeats, desc=f"bench {name}", unit="step", leave=False)
+    memory = PeakMemory()
+    for step in range(warmup + repeats):
+        if step == warmup:
+            memory.__enter__()
+        acc.synchronize()
+        start = time.perf_counter()
+        choice = trainer.selector.choose(step, lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.steps))
+        with clock.phase("training"):
+            trainer.train_step(choice.ids)
+        choice.seconds.update(clock.take())
+        acc.synchronize()
+        if step >= warmup:
+            seconds.append(time.perf_counter() - start)
+            phases.append(choice.seconds)
+        if progress is not None:
+            progress.update(1)
+    memory.__exit__(None, None, None)
+    if progress is not None:
+        progress.close()
+    # the step is as slow as its slowest rank; memory as high as its highest
+    per_step = torch.tensor(seconds, dtype=torch.float64, device=device())
+    peak = torch.tensor([float(memory.peak)], dtype=torch.float64, device=device())
+    split = torch.tensor([[p.get(name, 0.0) for name in STEP_PHASES] for p in phases], dtype=torch.float64,
+                         device=device())
+    for value in (per_step, peak, split):
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    per_step, peak, split = per_step.cpu(), peak.cpu(), split.cpu()
+    del trainer, engine
+    gc.collect()
+    acc.empty_cache()
+    return {"seconds": per_step.tolist(), "median_s": statistics.median(per_step.tolist()),
+            "min_s": float(per_step.min()), "max_s": float(per_step.max()), "peak_bytes": int(peak[0]),
+            "phases_median_s": {name: statistics.median(split[:, i].tolist()) for i, name in enumerate(STEP_PHASES)}}
+
+
+def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: str) -> dict:
+    from megatron_greats.config import load_config
+    from megatron_greats.errors import ConfigError
+    from megatron_greats.parallel.state import init_distributed, init_model_parallel, launcher_world_size
+    from megatron_greats.training.trainer import load_data
+
+    if warmup < 0 or repeats < 1:
+        raise ConfigError(f"--warmup {warmup} / --repeats {repeats}; allowed: warmup >= 0, repeats >= 1")
+    world = launcher_world_size()
+    base = load_config(config_path, overrides, world_size=world)
+    configs = {name: load_config(config_path, [*overrides, *extra], world_size=world)
+               for name, extra in variant_overrides(base, world).items()}  # every variant checked before work
+    out = Path(out_dir)
+    init_distributed()
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+    data = load_data(base, show_progress=rank0)
+    layout = init_model_parallel(base.parallel.tensor, base.parallel.pipeline)
+    results = {}
+    for name, cfg in configs.items():
+        results[name] = _measure(name, cfg, data, layout, out, warmup, repeats, show_progress=rank0 and base.train.progress)
+    acc_name = __import__("deepspeed").accelerator.get_accelerator().device_name()
+    report = {
+        "config": config_path, "overrides": list(overrides), "device": acc_name, "world_size": layout.world_size,
+        "layout": f"dp={layout.data} tp={layout.tensor} pp={layout.pipeline}",
+        "k": base.num_selected(world), "N": base.num_candidates(world), "m": base.selection.val_batch,
+        "warmup": warmup, "repeats": repeats, "variants": results,
+        "ratios": {
+            "greats_over_regular_k_time": results["greats"]["median_s"] / results["regular_k"]["median_s"],
+            "greats_over_regular_N_time": results["greats"]["median_s"] / results["regular_N"]["median_s"],
+            "greats_over_regular_k_memory": results["greats"]["peak_bytes"] / results["regular_k"]["peak_bytes"],
+            "greats_over_regular_N_memory": results["greats"]["peak_bytes"] / results["regular_N"]["peak_bytes"],
+        },
+    }
+    phases = results["greats"]["phases_median_s"]
+    report["greats_phase_share"] = {name: phases[name] / results["greats"]["median_s"] for name in STEP_PHASES}
+    if rank0:
+        (out / "bench_step.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "bench_step.md").write_text(markdown(report))
+    return report
+
+
+def markdown(r: dict) -> str:
+    v = r["variants"]
+    lines = [f"Step benchmark: `{r['config']}` {' '.join(r['overrides'])}".rstrip(),
+             "",
+             f"{r['device']}, world size {r['world_size']} ({r['layout']}); per replica k={r['k']}, N={r['N']}, "
+             f"m={r['m']}; {r['warmup']} warm-up steps dropped, median of {r['repeats']} (min-max).",
+             "",
+             "| variant | step time (s) | min-max (s) | peak memory (MiB) |",
+             "|---|---|---|---|"]
+    labels = {"regular_k": f"Regular, k={r['k']}", "regular_N": f"Regular, N={r['N']}",
+              "greats": f"GREATS, N={r['N']} -> k={r['k']}, m={r['m']}"}
+    for name in VARIANTS:
+        x = v[name]
+        lines.append(f"| {labels[name]} | {x['median_s']:.3f} | {x['min_s']:.3f}-{x['max_s']:.3f} | "
+                     f"{x['peak_bytes'] / 2**20:.0f} |")
+    q = r["ratios"]
+    lines += ["",
+              "| ratio | time | peak memory |",
+              "|---|---|---|",
+              f"| GREATS / Regular(k) | {q['greats_over_regular_k_time']:.2f} | {q['greats_over_regular_k_memory']:.2f} |",
+              f"| GREATS / Regular(N) | {q['greats_over_regular_N_time']:.2f} | {q['greats_over_regular_N_memory']:.2f} |",
+              "",
+              "| GREATS phase | seconds (median) | share of the step |",
+              "|---|---|---|"]
+    for name in STEP_PHASES:
+        lines.append(f"| {name} | {v['greats']['phases_median_s'][name]:.4f} | {100 * r['greats_phase_share'][name]:.1f}% |")
+    return "\n".join(lines) + "\n"
