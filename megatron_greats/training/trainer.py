@@ -220,7 +220,8 @@ class Trainer:
                 window_start, window_samples = time.time(), 0
             if (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.steps:
                 summary["val_loss"], summary["test_loss"] = self.evaluate(self.data.val), self.evaluate(self.data.test)
-                scalars.update({"val/loss": summary["val_loss"], "test/loss": summary["test_loss"]})
+                scalars.update({"val/loss": summary["val_loss"], "test/loss": summary["test_loss"],
+                                "train/elapsed_s": time.time() - started})  # wall time at each evaluation
             if scalars:
                 telemetry.log(self.step, scalars)
             if (t.save_interval and self.step % t.save_interval == 0) or self.step == t.steps:

@@ -1,0 +1,276 @@
+"""Selection methods side by side: several seeds each, equal update steps and k, one output folder.
+
+    python -m megatron_greats.compare --out DIR [--quick] [--seeds S] [--methods m1,m2,...]
+                                      [--reference-checkpoint STEP_DIR] [-- key=value ...]
+
+Runs launch/pretrain.py once per (method, seed), one after the other (so wall times compare), into
+DIR/runs/<method>/seed<S>; a finished run is not run again. Then writes DIR/summary.md and
+DIR/summary.json, and PNG plots in DIR/plots. TensorBoard: tensorboard --logdir DIR/runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_METHODS = ("regular", "greats", "first_order", "gradnorm", "maxloss")
+DEFAULT_CONFIG = "configs/tiny-cpu.yaml"
+# The default size fits the 45-minute budget on 2 CPU cores: 15 runs of 200 steps.
+DEFAULT_TRAIN = ["train.steps=200", "train.warmup_steps=20", "train.eval_interval=20", "train.save_interval=200"]
+QUICK_TRAIN = ["train.steps=4", "train.warmup_steps=0", "train.eval_interval=2", "train.save_interval=4",
+               "train.eval_batches=1"]
+PLOTS = ("val_loss_vs_step.png", "val_loss_vs_wall_time.png", "selected_target_share_vs_step.png")
+
+
+def _jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# ---- running ------------------------------------------------------------------------------------------
+def run_dir_of(out: Path, method: str, seed: int) -> Path:
+    return out / "runs" / method / f"seed{seed}"
+
+
+def is_finished(run_dir: Path, steps: int) -> bool:
+    return any(m.get("step") == steps and "val/loss" in m for m in _jsonl(run_dir / "metrics.jsonl"))
+
+
+def train_all(out: Path, config: str, methods: list, seeds: list, overrides: list, steps: int) -> None:
+    jobs = [(m, s) for m in methods for s in seeds]
+    started = time.time()
+    for index, (method, seed) in enumerate(jobs, 1):
+        run_dir = run_dir_of(out, method, seed)
+        if is_finished(run_dir, steps):
+            print(f"[compare] {index}/{len(jobs)} {method} seed {seed}: finished before, kept", flush=True)
+            continue
+        print(f"[compare] {index}/{len(jobs)} {method} seed {seed} -> {run_dir} "
+              f"({time.time() - started:.0f} s so far)", flush=True)
+        cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", config, *overrides,
+               f"run_dir={run_dir}", f"seed={seed}", f"selection.method={method}", "train.resume=true",
+               "train.progress=false"]
+        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            errors = [line for line in proc.stderr.splitlines() if line.startswith("megatron_greats: error:")]
+            raise SystemExit(errors[0] if errors else f"megatron_greats: error: {method} seed {seed} failed:\n"
+                             f"{proc.stderr[-3000:]}")
+
+
+# ---- reading runs ---------------------------------------------------------------------------------------
+def read_run(run_dir: Path) -> dict:
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    metrics = _jsonl(run_dir / "metrics.jsonl")
+    evals = [m for m in metrics if "val/loss" in m]
+    target = cfg["data"]["target_domain"]
+    share = {}
+    for record in _jsonl(run_dir / "selection.jsonl"):
+        picked = record.get("selected_domains", [])
+        counts = share.setdefault(record["step"], [0, 0])
+        counts[0] += sum(d == target for d in picked)
+        counts[1] += len(picked)
+    return {
+        "target": target,
+        "eval_steps": [m["step"] for m in evals], "val": [m["val/loss"] for m in evals],
+        "test": [m["test/loss"] for m in evals], "eval_seconds": [m.get("train/elapsed_s", math.nan) for m in evals],
+        "share_steps": sorted(share), "share": [share[s][0] / max(share[s][1], 1) for s in sorted(share)],
+        "target_share": (sum(c[0] for c in share.values()) / max(sum(c[1] for c in share.values()), 1)
+                         if share else None),
+    }
+
+
+def _mean_std(values: list) -> tuple:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(out: Path, methods: list, seeds: list) -> tuple:
+    """(summary, per-method per-seed curves)"""
+    runs = {m: {s: read_run(run_dir_of(out, m, s)) for s in seeds} for m in methods}
+    baseline = "regular" if "regular" in runs else methods[0]
+    target_val, _ = _mean_std([r["val"][-1] for r in runs[baseline].values()])
+    summary = {"target_domain": next(iter(runs[baseline].values()))["target"], "seeds": seeds,
+               "baseline": baseline, "baseline_final_val": target_val, "methods": {}}
+    for method, per_seed in runs.items():
+        reach_steps, reach_seconds = [], []
+        for r in per_seed.values():
+            hit = next((i for i, v in enumerate(r["val"]) if v <= target_val), None)
+            reach_steps.append(None if hit is None else r["eval_steps"][hit])
+            reach_seconds.append(None if hit is None else r["eval_seconds"][hit])
+        final_val, final_val_std = _mean_std([r["val"][-1] for r in per_seed.values()])
+        final_test, final_test_std = _mean_std([r["test"][-1] for r in per_seed.values()])
+        wall, wall_std = _mean_std([r["eval_seconds"][-1] for r in per_seed.values()])
+        share, share_std = _mean_std([r["target_share"] for r in per_seed.values()])
+        steps_mean, steps_std = _mean_std(reach_steps)
+        seconds_mean, seconds_std = _mean_std(reach_seconds)
+        summary["methods"][method] = {
+            "final_val": final_val, "final_val_std": final_val_std, "final_test": final_test,
+            "final_test_std": final_test_std, "steps": next(iter(per_seed.values()))["eval_steps"][-1],
+            "wall_s": wall, "wall_s_std": wall_std, "target_share": share, "target_share_std": share_std,
+            "reached": sum(s is not None for s in reach_steps), "reach_steps": reach_steps,
+            "reach_steps_mean": steps_mean, "reach_steps_std": steps_std,
+            "reach_seconds_mean": seconds_mean, "reach_seconds_std": seconds_std,
+            "per_seed_final_val": [r["val"][-1] for r in per_seed.values()],
+        }
+    return summary, runs
+
+
+def markdown(summary: dict, command: str) -> str:
+    target, base = summary["target_domain"], summary["baseline"]
+    n = len(summary["seeds"])
+
+    def pm(mean, std, spec):
+        return "n/a" if mean is None else f"{mean:{spec}} ± {std:{spec}}"
+
+    lines = [f"# Selection methods compared ({n} seeds: {', '.join(map(str, summary['seeds']))})", "",
+             f"Command: `{command}`", "",
+             f"Target domain: `{target}`. Mean ± standard deviation over seeds. \"Reach\": the first evaluation "
+             f"at which a run's {target} val loss is at or below {base}'s final val loss "
+             f"({summary['baseline_final_val']:.4f}, mean over seeds); runs that never reach it are left out "
+             "of the mean and counted.", "",
+             f"| method | final {target} val loss | final {target} test loss | steps | wall time (s) | "
+             f"steps to reach {base}'s final val | wall time to reach (s) | runs that reach | "
+             f"{target} share of trained samples |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method, m in summary["methods"].items():
+        share = "n/a" if m["target_share"] is None else f"{100 * m['target_share']:.1f}% ± {100 * m['target_share_std']:.1f}%"
+        lines.append(f"| {method} | {pm(m['final_val'], m['final_val_std'], '.4f')} | "
+                     f"{pm(m['final_test'], m['final_test_std'], '.4f')} | {m['steps']} | "
+                     f"{pm(m['wall_s'], m['wall_s_std'], '.0f')} | {pm(m['reach_steps_mean'], m['reach_steps_std'], '.0f')} | "
+                     f"{pm(m['reach_seconds_mean'], m['reach_seconds_std'], '.0f')} | {m['reached']}/{n} | {share} |")
+    lines += ["", "Plots: " + ", ".join(f"`plots/{p}`" for p in PLOTS), ""]
+    return "\n".join(lines)
+
+
+# ---- plots ----------------------------------------------------------------------------------------------
+def _rolling(values: list, window: int) -> list:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot(out: Path, runs: dict, summary: dict) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = out / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = summary["target_domain"]
+    written = []
+
+    def band(ax, xs_per_seed, ys_per_seed, label):
+        length = min(len(y) for y in ys_per_seed)
+        xs = [statistics.fmean(x[i] for x in xs_per_seed) for i in range(length)]
+        ys = [[y[i] for y in ys_per_seed] for i in range(length)]
+        (line,) = ax.plot(xs, [statistics.fmean(y) for y in ys], label=label)
+        ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2, color=line.get_color())
+
+    figures = [
+        (PLOTS[0], "update step", f"{target} val loss", lambda r: (r["eval_steps"], r["val"])),
+        (PLOTS[1], "wall time (s)", f"{target} val loss", lambda r: (r["eval_seconds"], r["val"])),
+        (PLOTS[2], "update step", f"{target} share of trained samples (rolling mean, 10 steps)",
+         lambda r: (r["share_steps"], _rolling(r["share"], 10))),
+    ]
+    for name, xlabel, ylabel, series in figures:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method, per_seed in runs.items():
+            pairs = [series(r) for r in per_seed.values()]
+            if all(len(x) for x, _ in pairs):
+                band(ax, [x for x, _ in pairs], [y for _, y in pairs], method)
+        if name != PLOTS[2]:
+            ax.axhline(summary["baseline_final_val"], color="gray", linestyle=":", linewidth=1,
+                       label=f"{summary['baseline']} final")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"mean over {len(summary['seeds'])} seeds (band: min-max)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        written.append(folder / name)
+    return written
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_greats.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="output folder (default runs/compare-<time>)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--quick", action="store_true", help="a smoke version: 4 steps, 2 seeds")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; --quick: 2)")
+    parser.add_argument("--first-seed", type=int, default=1234)
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser.add_argument("--reference-checkpoint", default=None,
+                        help="a step_N checkpoint folder of the same model: adds rholoss")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run (after --)")
+    args = parser.parse_args(argv)
+
+    from megatron_greats.config import SELECTION_METHODS, load_config
+    from megatron_greats.errors import GreatsError
+
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in SELECTION_METHODS]
+    if bad or not methods:
+        print(f"megatron_greats: error: --methods {args.methods!r}: unknown {', '.join(bad) or '(none given)'}; "
+              f"allowed: a comma-separated list of {', '.join(SELECTION_METHODS)}", file=sys.stderr)
+        return 2
+    seeds_count = args.seeds if args.seeds is not None else (2 if args.quick else 3)
+    if seeds_count < 1:
+        print(f"megatron_greats: error: --seeds {seeds_count}; allowed: >= 1", file=sys.stderr)
+        return 2
+    overrides = [*(QUICK_TRAIN if args.quick else DEFAULT_TRAIN), *args.overrides]
+    if args.reference_checkpoint:
+        if "rholoss" not in methods:
+            methods.append("rholoss")
+        overrides.append(f"selection.reference_checkpoint={args.reference_checkpoint}")
+    elif "rholoss" in methods:
+        print("megatron_greats: error: --methods includes rholoss but no --reference-checkpoint is given; "
+              "allowed: --reference-checkpoint STEP_DIR", file=sys.stderr)
+        return 2
+    try:  # every run's config is checked before the first one trains
+        cfgs = [load_config(str(REPO / args.config) if not Path(args.config).is_absolute() else args.config,
+                            [*overrides, f"selection.method={m}"]) for m in methods]
+    except GreatsError as e:
+        print(f"megatron_greats: error: {e}", file=sys.stderr)
+        return e.exit_code
+    steps = cfgs[0].train.steps
+    out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    seeds = list(range(args.first_seed, args.first_seed + seeds_count))
+    config = str((REPO / args.config) if not Path(args.config).is_absolute() else args.config)
+    print(f"[compare] {len(methods)} methods x {len(seeds)} seeds, {steps} steps each, into {out}", flush=True)
+    train_all(out, config, methods, seeds, overrides, steps)
+    summary, runs = summarize(out, methods, seeds)
+    command = "bash launch/compare.sh " + " ".join(
+        ([f"--out {args.out}"] if args.out else []) + (["--quick"] if args.quick else [])
+        + ([f"--seeds {args.seeds}"] if args.seeds is not None else [])
+        + ([f"--methods {args.methods}"] if args.methods != ",".join(DEFAULT_METHODS) else [])
+        + ([f"--reference-checkpoint {args.reference_checkpoint}"] if args.reference_checkpoint else [])
+        + (["--", *args.overrides] if args.overrides else []))
+    text = markdown(summary, command.strip())
+    (out / "summary.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(out, runs, summary)
+    print(text)
+    print(f"[compare] written: {out}/summary.md, summary.json, plots/; curves: tensorboard --logdir {out}/runs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
