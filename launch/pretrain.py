@@ -28,6 +28,8 @@ def _format_summary(summary: dict, target_domain: str) -> str:
     rows = [
         ("layout", f"{summary['layout']} (world size {summary['world_size']})"),
         ("steps", f"{summary['steps']} (this run started at step {summary['start_step']})"),
+        *([("preempted", f"SIGTERM: stopped after step {summary['steps']} and saved a checkpoint; "
+                         "run the same command to resume")] if summary.get("preempted") else []),
         ("train loss", loss(summary["train_loss"])),
         ("val loss", f"{loss(summary['val_loss'])} (held-out {target_domain})"),
         ("test loss", f"{loss(summary['test_loss'])} (held-out {target_domain})"),

@@ -93,6 +93,9 @@ SCHEMA: dict = {
         "sequence_parallel": Key(BOOL, False),
         "pipeline_partition": Key(STR, "type:TransformerLayer",
                                   help="DeepSpeed PipelineModule partition_method"),
+        "distributed_timeout_minutes": Key(FLOAT, 30.0, lambda v: None if v > 0 else "allowed: > 0",
+                                           help="a collective waiting longer than this fails the run (a rank "
+                                                "died or hangs) instead of hanging"),
     },
     "zero": {
         "stage": Key(INT, 0, _one_of(0, 1, 2, 3)),
@@ -131,6 +134,8 @@ SCHEMA: dict = {
         "eval_interval": Key(INT, 50, _at_least(0), help="0 evaluates only at the end"),
         "eval_batches": Key(INT, 4, _at_least(1), help="global batches per evaluation of val and test"),
         "save_interval": Key(INT, 0, _at_least(0), help="0 saves only at the end"),
+        "max_skipped_steps": Key(INT, 20, _at_least(1),
+                                 help="stop (with a checkpoint) after this many non-finite steps in a row"),
         "resume": Key(BOOL, True, help="resume from run_dir/checkpoints when a checkpoint is there"),
         "progress": Key(BOOL, True, help="show a progress bar on rank 0"),
     },
@@ -178,6 +183,8 @@ def _check_types(cfg: dict, schema: dict, prefix: str = "") -> None:
         if isinstance(key, dict):
             _check_types(value, key, dotted + ".")
             continue
+        if float in key.types and isinstance(value, str):
+            value = cfg[name] = _yaml11_float(value)
         # bool is an int subclass in Python: never accept it where a number is meant
         if isinstance(value, bool) and bool not in key.types:
             ok = False
@@ -205,6 +212,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _yaml11_float(value):
+    """PyYAML (YAML 1.1) reads 1e-4 or 3e30 as strings; everyone means the number."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if any(c in value.lower() for c in ".e") and value.strip().lower() not in ("nan", "inf", "-inf", "+inf"):
+            return number
+    return value
+
+
 def _nest(path: list[str], value: Any) -> dict:
     out: Any = value
     for part in reversed(path):
@@ -218,11 +237,12 @@ def load_config(path: Optional[str] = None, overrides: tuple = (), world_size: O
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
+            raise ConfigError(f"config file '{path}' does not exist; allowed: a YAML file such as configs/tiny-cpu.yaml")
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"config file '{path}' is not valid YAML ({str(e).splitlines()[0]}); allowed: a YAML "
+                              "mapping of sections such as configs/tiny-cpu.yaml") from None
         _merge(cfg, loaded, SCHEMA, "")
     for text in overrides:
         keys, value = parse_override(text)
@@ -323,7 +343,8 @@ class Config:
                 raise ConfigError("data.source=megatron needs tokenizer.model (the tokenizer the data was built with)")
         sel = self.selection
         if sel.method == "rholoss" and sel.reference_checkpoint is None:
-            raise ConfigError("selection.method=rholoss needs selection.reference_checkpoint (a step_N folder)")
+            raise ConfigError("selection.method=rholoss needs selection.reference_checkpoint; allowed: a step_N checkpoint "
+                              "folder of a reference run of the same model")
         if sel.method == "rholoss" and p.pipeline > 1:
             raise ConfigError("selection.method=rholoss with parallel.pipeline > 1 is not supported yet; "
                               "allowed: parallel.pipeline=1")
@@ -334,11 +355,13 @@ class Config:
         model_parallel = p.tensor * p.pipeline
         if world_size % model_parallel:
             raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
-                              f"{p.tensor} x {p.pipeline} = {model_parallel}")
+                              f"{p.tensor} x {p.pipeline} = {model_parallel}; allowed: a world size that is a "
+                              f"multiple of {model_parallel}, or tensor/pipeline sizes whose product divides {world_size}")
         dp = world_size // model_parallel
         if t.global_batch % (t.micro_batch * dp):
             raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by train.micro_batch x "
-                              f"data-parallel size = {t.micro_batch} x {dp}")
+                              f"data-parallel size = {t.micro_batch} x {dp}; allowed: a multiple of "
+                              f"{t.micro_batch * dp}")
         k = self.num_selected(world_size)
         if sel.select is not None and sel.select != k:
             raise ConfigError(f"selection.select={sel.select} but train.global_batch / data-parallel size = "

@@ -13,3 +13,9 @@ class ConfigError(GreatsError):
 
 class DataError(GreatsError):
     """Input data is missing, unreadable, corrupted or unsuitable."""
+
+
+class TrainingError(GreatsError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); a checkpoint was saved first."""
+
+    exit_code = 3

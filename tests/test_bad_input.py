@@ -1,80 +1,121 @@
-"""Bad input ends with one error line and a non-zero exit before any training starts, and writes nothing."""
+"""The bad-input catalogue: each kind of bad config or data ends with one error line that names the
+problem and what is allowed, a non-zero exit before training starts, and no half-written outputs."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import error_lines, run_pretrain, tiny_overrides
+from conftest import PRETRAIN, REPO, child_env, error_lines, run_pretrain, tiny_overrides
+
+CONFIG = REPO / "configs" / "tiny-cpu.yaml"
+GREATS = ["selection.method=greats", "selection.candidates=16", "selection.val_batch=3"]
 
 
-def assert_refused(proc, run_dir: Path, *needles: str) -> None:
+def _megatron_copy(data_cache: Path, tmp: Path, cut: str) -> list:
+    """The indexed data given by prefix (Megatron style), with one file of train cut in half."""
+    indexed = next(p for p in data_cache.iterdir() if p.name.startswith("indexed-"))
+    tokenizer = next(p for p in data_cache.iterdir() if p.name.startswith("tokenizer-"))
+    for split in ("train", "val", "test"):
+        for suffix in (".bin", ".idx"):
+            shutil.copy(indexed / f"{split}{suffix}", tmp / f"{split}{suffix}")
+    victim = tmp / f"train{cut}"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    return ["data.source=megatron", f"tokenizer.model={next(tokenizer.glob('*.model'))}", "data.target_domain=default",
+            "data.megatron_prefixes={train: %s, val: %s, test: %s}" % tuple(tmp / s for s in ("train", "val", "test"))]
+
+
+def _corrupt_tokenizer(data_cache, tmp):
+    bad = tmp / "broken.model"
+    bad.write_bytes(b"\x00\x01 not a sentencepiece model")
+    return [f"tokenizer.model={bad}"]
+
+
+def _config_file(text):
+    def setup(data_cache, tmp):
+        path = tmp / "config.yaml"
+        path.write_text(text)
+        return ["--config", str(path)]
+    return setup
+
+
+def _checkpoint_of_another_shape(data_cache, tmp):
+    """A finished 1-step run at hidden size 32 in run_dir; the bad call asks for 64 there."""
+    proc = run_pretrain(tiny_overrides(data_cache, tmp / "run", "train.steps=1", "train.save_interval=1"),
+                        launcher="python")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return ["model.hidden_size=64", "train.steps=2"]
+
+
+# id: (setup(data_cache, tmp) -> extra args, or a list of overrides; words the one error line must hold;
+#      processes)
+CASES = {
+    "unknown key": (["train.learning_rate=0.1"], ["unknown config key 'train.learning_rate'", "did you mean 'lr'"], 1),
+    "misspelled key": (["model.hiden_size=64"], ["'model.hiden_size'", "did you mean 'hidden_size'"], 1),
+    "wrong type": (["model.num_layers=two"], ["'model.num_layers'", "'two'", "allowed type: int"], 1),
+    "value out of range": (["model.dropout=1.5"], ["'model.dropout'", "1.5", "allowed: [0, 1)"], 1),
+    "N smaller than k": ([*GREATS, "selection.candidates=3"], ["selection.candidates=3", "allowed: >= 8"], 1),
+    "k not divisible into micro-batches": (["train.micro_batch=3"], ["train.global_batch=8 is not divisible"], 1),
+    "scoring micro-batch not dividing N + m": ([*GREATS, "selection.score_micro_batch=4"],
+                                               ["selection.score_micro_batch=4", "allowed: a divisor of 19"], 1),
+    "rholoss without a reference": (["selection.method=rholoss", "selection.candidates=16"],
+                                    ["selection.reference_checkpoint"], 1),
+    "pipeline with ZeRO-2": (["parallel.pipeline=2", "zero.stage=2"], ["allowed with pipeline parallelism: 0 or 1"], 1),
+    "layout not dividing the world size": (["parallel.tensor=2"], ["world size 3 is not divisible"], 3),
+    "config file missing": (lambda d, t: ["--config", str(t / "nope.yaml")], ["nope.yaml", "does not exist"], 1),
+    "config file not YAML": (_config_file("model: [unclosed\n"), ["is not valid YAML"], 1),
+    "run_dir not writable": (lambda d, t: [f"run_dir={CONFIG}/run"], ["run_dir", "not writable"], 1),
+    "data path missing": (lambda d, t: ["data.source=files", f"data.files=[{t / 'no_such.jsonl'}]",
+                                        "data.target_domain=default"], ["no_such.jsonl"], 1),
+    "target domain absent from the data": (["data.target_domain=klingon"], ["'klingon'", "domains present"], 1),
+    "empty val set": (lambda d, t: [f"data.cache_dir={t / 'cache'}", "data.max_docs_per_domain=1"],
+                      ["val/test would be empty"], 1),
+    "tokenizer file missing": (lambda d, t: [f"tokenizer.model={t / 'missing.model'}"],
+                               ["missing.model", "does not exist"], 1),
+    "tokenizer file corrupt": (_corrupt_tokenizer, ["broken.model", "not a readable sentencepiece model"], 1),
+    ".idx cut short": (lambda d, t: _megatron_copy(d, t, ".idx"), ["train.idx"], 1),
+    ".bin not matching its .idx": (lambda d, t: _megatron_copy(d, t, ".bin"), ["train.bin", "bytes but index"], 1),
+    "seq_len longer than the data": (["model.seq_len=60000"], ["seq_len 60000 is too long"], 1),
+    "vocabulary too large for the text": (["tokenizer.vocab_size=60000"], ["60000"], 1),
+    "checkpoint of another model shape": (_checkpoint_of_another_shape, ["another model shape", "hidden_size"], 1),
+}
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_catalogue(case, data_cache, tmp_path):
+    setup, needles, nproc = CASES[case]
+    extra = setup(data_cache, tmp_path) if callable(setup) else list(setup)
+    run_dir = tmp_path / "run"
+    config = ["--config", str(CONFIG)]
+    if extra[:1] == ["--config"]:
+        config, extra = extra[:2], extra[2:]
+    cache_before, run_before = _snapshot(data_cache), _snapshot(run_dir) if run_dir.exists() else {}
+    args = [*config, *tiny_overrides(data_cache, run_dir, *extra)]
+    if nproc == 1:
+        proc = subprocess.run([sys.executable, str(PRETRAIN), *args], cwd=REPO, env=child_env(), capture_output=True,
+                              text=True, timeout=300)
+    else:
+        proc = run_pretrain(args[2:], nproc=nproc)
     lines = error_lines(proc)
     assert proc.returncode != 0
     assert len(set(lines)) == 1, proc.stderr[-3000:]
     for needle in needles:
         assert needle in lines[0], lines[0]
-    # (torchrun prints its own traceback when a child exits non-zero; ours must not)
+    assert any(w in lines[0] for w in ("allowed", "did you mean", "domains present")), lines[0]  # what is allowed
+    # no traceback of ours (torchrun prints its own when a child exits non-zero)
     assert "megatron_greats/" not in proc.stderr and 'pretrain.py", line' not in proc.stderr
-    assert not (run_dir / "metrics.jsonl").exists()
-    assert not (run_dir / "checkpoints" / "latest").exists()
-
-
-def test_unknown_key_names_it_and_suggests(data_cache, tmp_path):
-    proc = run_pretrain(tiny_overrides(data_cache, tmp_path, "train.learning_rate=0.1"), launcher="python")
-    assert_refused(proc, tmp_path, "unknown config key 'train.learning_rate'", "did you mean 'lr'")
-    proc = run_pretrain(tiny_overrides(data_cache, tmp_path, "model.hiden_size=64"), launcher="python")
-    assert_refused(proc, tmp_path, "unknown config key 'model.hiden_size'", "did you mean 'hidden_size'")
-
-
-def test_wrong_type(data_cache, tmp_path):
-    proc = run_pretrain(tiny_overrides(data_cache, tmp_path, "model.num_layers=two"), launcher="python")
-    assert_refused(proc, tmp_path, "'model.num_layers'", "'two'", "allowed type: int")
-
-
-def test_layout_not_dividing_world_size(data_cache, tmp_path):
-    proc = run_pretrain(tiny_overrides(data_cache, tmp_path, "parallel.tensor=2"), nproc=3)
-    assert_refused(proc, tmp_path, "world size 3 is not divisible by parallel.tensor x parallel.pipeline")
-
-
-def test_missing_data_path(data_cache, tmp_path):
-    missing = tmp_path / "no_such_corpus.jsonl"
-    proc = run_pretrain(tiny_overrides(data_cache, tmp_path / "run", "data.source=files", f"data.files=[{missing}]",
-                                       "data.target_domain=default"), launcher="python")
-    assert_refused(proc, tmp_path / "run", str(missing))
-
-
-def test_corrupted_idx(data_cache, tmp_path):
-    """Megatron-format data given by prefix, with its .idx cut short."""
-    indexed = next(p for p in data_cache.iterdir() if p.name.startswith("indexed-"))
-    tokenizer = next(p for p in data_cache.iterdir() if p.name.startswith("tokenizer-"))
-    prefixes = {}
-    for split in ("train", "val", "test"):
-        for suffix in (".bin", ".idx"):
-            shutil.copy(indexed / f"{split}{suffix}", tmp_path / f"{split}{suffix}")
-        prefixes[split] = str(tmp_path / split)
-    idx = tmp_path / "train.idx"
-    idx.write_bytes(idx.read_bytes()[: idx.stat().st_size // 2])
-    model = next(tokenizer.glob("*.model"))
-    overrides = tiny_overrides(data_cache, tmp_path / "run", "data.source=megatron", f"tokenizer.model={model}",
-                               "data.target_domain=default",
-                               "data.megatron_prefixes={train: %s, val: %s, test: %s}" % (
-                                   prefixes["train"], prefixes["val"], prefixes["test"]))
-    proc = run_pretrain(overrides, launcher="python")
-    assert_refused(proc, tmp_path / "run", str(idx))
-
-
-def test_vocab_too_large_for_the_text(data_cache, tmp_path):
-    proc = run_pretrain(tiny_overrides(data_cache, tmp_path, "tokenizer.vocab_size=60000"), launcher="python")
-    assert_refused(proc, tmp_path, "60000")
-
-
-@pytest.mark.parametrize("overrides, needle", [
-    (["parallel.pipeline=2", "zero.stage=2"], "allowed with pipeline parallelism: 0 or 1"),
-    (["train.micro_batch=3"], "train.global_batch=8 is not divisible"),
-])
-def test_pipeline_and_batch_constraints(data_cache, tmp_path, overrides, needle):
-    proc = run_pretrain(tiny_overrides(data_cache, tmp_path, *overrides), launcher="python")
-    assert_refused(proc, tmp_path, needle)
+    # nothing half-written: the shared data cache and an earlier run's files are as they were
+    assert _snapshot(data_cache) == cache_before
+    after = _snapshot(run_dir) if run_dir.exists() else {}
+    assert {k: v for k, v in after.items() if not k.startswith("config.yaml")} == \
+        {k: v for k, v in run_before.items() if not k.startswith("config.yaml")}
+    leftovers = [p for p in tmp_path.rglob("*.tmp")]
+    assert not leftovers, leftovers

@@ -376,7 +376,7 @@ def test_missing_domain_field_and_target_domain(tmp_path, corpus):
 def test_vocab_too_large_for_the_text(cache):
     with pytest.raises(DataError) as e:
         prepare_data(cache_dir=cache, **{**SMALL, "vocab_size": 60000})
-    assert_one_line(e, "60000", "at most")
+    assert_one_line(e, "60000", "allowed: tokenizer.vocab_size <=")
 
 
 def test_vocab_too_small_for_the_characters(tmp_path):

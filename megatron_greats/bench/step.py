@@ -80,6 +80,7 @@ def variant_overrides(cfg, world_size: int) -> dict:
 def _measure(name: str, cfg, data, layout, run_dir: Path, warmup: int, repeats: int, show_progress: bool) -> dict:
     from deepspeed.accelerator import get_accelerator
 
+    from megatron_greats.errors import TrainingError
     from megatron_greats.parallel.state import device
     from megatron_greats.training.schedule import lr_at
     from megatron_greats.training.trainer import Trainer, build_engine
@@ -103,6 +104,9 @@ def _measure(name: str, cfg, data, layout, run_dir: Path, warmup: int, repeats: 
         acc.synchronize()
         start = time.perf_counter()
         choice = trainer.selector.choose(step, lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.steps))
+        if choice.skipped:
+            raise TrainingError(f"bench: step {step} of {name} had NaN/Inf scores; allowed: a config that trains "
+                                "(lower train.lr)")
         with clock.phase("training"):
             trainer.train_step(choice.ids)
         choice.seconds.update(clock.take())
@@ -144,16 +148,19 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
     configs = {name: load_config(config_path, [*overrides, *extra], world_size=world)
                for name, extra in variant_overrides(base, world).items()}  # every variant checked before work
     out = Path(out_dir)
-    init_distributed()
+    init_distributed(base.parallel.distributed_timeout_minutes)
     rank0 = dist.get_rank() == 0
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
     data = load_data(base, show_progress=rank0)
-    layout = init_model_parallel(base.parallel.tensor, base.parallel.pipeline)
+    layout = init_model_parallel(base.parallel.tensor, base.parallel.pipeline,
+                                 base.parallel.distributed_timeout_minutes)
     results = {}
     for name, cfg in configs.items():
         results[name] = _measure(name, cfg, data, layout, out, warmup, repeats, show_progress=rank0 and base.train.progress)
-    acc_name = __import__("deepspeed").accelerator.get_accelerator().device_name()
+    from deepspeed.accelerator import get_accelerator
+
+    acc_name = get_accelerator().device_name()
     report = {
         "config": config_path, "overrides": list(overrides), "device": acc_name, "world_size": layout.world_size,
         "layout": f"dp={layout.data} tp={layout.tensor} pp={layout.pipeline}",

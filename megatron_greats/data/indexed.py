@@ -34,6 +34,11 @@ _HEADER = struct.Struct("<9sQBQQ")
 _ENCODE_CHUNK = 256  # documents per tokenizer call
 
 
+def _bad_index(problem: str) -> DataError:
+    return DataError(f"{problem}; allowed: a .bin/.idx pair as megatron-core's IndexedDatasetBuilder writes it "
+                     "(rebuild the data)")
+
+
 def _names_path(prefix: Path) -> Path:
     return Path(f"{prefix}.domains.json")
 
@@ -73,23 +78,23 @@ def _check_files(prefix: Path) -> tuple[Path, Path]:
     idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
     for path in (idx, bin_):
         if not path.is_file():
-            raise DataError(f"indexed dataset file {path} does not exist")
+            raise _bad_index(f"indexed dataset file {path} does not exist")
     with open(idx, "rb") as f:
         raw = f.read(_HEADER.size)
     if len(raw) < _HEADER.size:
-        raise DataError(f"index file {idx} is truncated ({len(raw)} bytes, header needs "
+        raise _bad_index(f"index file {idx} is truncated ({len(raw)} bytes, header needs "
                         f"{_HEADER.size})")
     magic, version, code, n_seq, n_doc = _HEADER.unpack(raw)
     if magic != _MAGIC:
-        raise DataError(f"index file {idx} is not a Megatron indexed dataset index: magic "
+        raise _bad_index(f"index file {idx} is not a Megatron indexed dataset index: magic "
                         f"{magic!r}, expected {_MAGIC!r}")
     if version != 1:
-        raise DataError(f"index file {idx} has format version {version}; only version 1 is read")
+        raise _bad_index(f"index file {idx} has format version {version}; only version 1 is read")
     if code not in {d.value for d in DType}:
-        raise DataError(f"index file {idx} has unknown token dtype code {code}")
+        raise _bad_index(f"index file {idx} has unknown token dtype code {code}")
     expected = _HEADER.size + n_seq * (4 + 8) + n_doc * 8
     if idx.stat().st_size != expected:
-        raise DataError(f"index file {idx} has {idx.stat().st_size} bytes but its header "
+        raise _bad_index(f"index file {idx} has {idx.stat().st_size} bytes but its header "
                         f"({n_seq} sequences, {n_doc} document indices) needs {expected}")
     return idx, bin_
 
@@ -117,20 +122,20 @@ def open_indexed(prefix: str | Path) -> IndexedDocuments:
     try:
         dataset = IndexedDataset(str(prefix), mmap=True)
     except Exception as e:  # megatron-core reports corruption through asserts and numpy errors
-        raise DataError(f"index file {idx} cannot be read by megatron-core: "
+        raise _bad_index(f"index file {idx} cannot be read by megatron-core: "
                         f"{one_line(e)}") from None
     index = dataset.index
     lengths = index.sequence_lengths.astype(np.int64)
     itemsize = np.dtype(index.dtype).itemsize
     token_offsets = np.concatenate([[0], np.cumsum(lengths)])
     if not np.array_equal(index.sequence_pointers, token_offsets[:-1] * itemsize):
-        raise DataError(f"index file {idx} has sequence pointers that are not contiguous")
+        raise _bad_index(f"index file {idx} has sequence pointers that are not contiguous")
     if bin_.stat().st_size != token_offsets[-1] * itemsize:
-        raise DataError(f"data file {bin_} has {bin_.stat().st_size} bytes but index {idx} "
+        raise _bad_index(f"data file {bin_} has {bin_.stat().st_size} bytes but index {idx} "
                         f"describes {token_offsets[-1] * itemsize}")
     docs = index.document_indices
     if docs[0] != 0 or np.any(np.diff(docs) < 0):
-        raise DataError(f"index file {idx} has document indices that are not increasing from 0")
+        raise _bad_index(f"index file {idx} has document indices that are not increasing from 0")
     doc_start = token_offsets[docs[:-1]]
     names, labels = _read_domains(prefix, len(docs) - 1)
     return IndexedDocuments(prefix, dataset, np.dtype(index.dtype), doc_start,
@@ -143,7 +148,7 @@ def _read_domains(prefix: Path, num_docs: int) -> tuple[list[str], np.ndarray]:
         return [DEFAULT_DOMAIN], np.zeros(num_docs, dtype=np.int64)
     try:
         names = json.loads(names_path.read_text())["domain_names"]
-        labels = np.load(labels_path)
+        labels = np.load(labels_path, allow_pickle=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"domain side file {names_path} / {labels_path} is unreadable: "
                         f"{one_line(e)}") from None

@@ -41,7 +41,7 @@ class SampleSet:
         if len(self._starts) == 0:
             longest = max((length for _, length in self._streams), default=1) - 1
             raise DataError(f"seq_len {seq_len} is too long for {docs.prefix}: its longest domain "
-                            f"stream allows seq_len <= {longest}")
+                            f"stream is {longest + 1} tokens; allowed: model.seq_len <= {longest}")
         self._tokens = np.memmap(docs.bin_path, dtype=docs.dtype, mode="r")
 
     def __len__(self) -> int:

@@ -37,7 +37,8 @@ def split_documents(documents: list[Document], *, target_domain: str, val_fracti
     if n_val == 0 or n_test == 0:
         raise DataError(f"val/test would be empty: target domain {target_domain!r} has "
                         f"{len(target)} documents and val_fraction={val_fraction}, "
-                        f"test_fraction={test_fraction}; use more documents or larger fractions")
+                        f"test_fraction={test_fraction}; allowed: more documents of that domain (data."
+                        "max_docs_per_domain) or larger data.val_fraction / data.test_fraction")
     order = _rng(seed, target_domain, 1).permutation(target)
     val, test = set(order[:n_val].tolist()), set(order[n_val:n_val + n_test].tolist())
     kept = sorted(i for ids in by_domain.values() for i in ids)

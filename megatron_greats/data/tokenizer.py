@@ -38,12 +38,14 @@ class Tokenizer:
     def __init__(self, model_path: str | os.PathLike):
         self.path = Path(model_path)
         if not self.path.is_file():
-            raise DataError(f"tokenizer model {self.path} does not exist")
+            raise DataError(f"tokenizer model {self.path} does not exist; allowed: a sentencepiece .model file, or "
+                            "tokenizer.model=null to train one")
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (OSError, RuntimeError) as e:
             raise DataError(f"tokenizer model {self.path} is not a readable sentencepiece model "
-                            f"({one_line(e)})") from None
+                            f"({one_line(e)}); allowed: a sentencepiece .model file, or tokenizer.model=null "
+                            "to train one") from None
         if self._sp.eos_id() < 0:
             raise DataError(f"tokenizer model {self.path} has no end-of-sequence piece to use as "
                             "end-of-document; train it with eos_id >= 0")
@@ -84,8 +86,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: Path) -> 
 def _training_error(message: str, vocab_size: int) -> DataError:
     if high := _TOO_HIGH.search(message):
         return DataError(f"vocab_size {vocab_size} is too large for the training text: "
-                         f"sentencepiece allows at most {high.group(2)}; use a smaller vocab_size "
-                         "or more training text")
+                         f"allowed: tokenizer.vocab_size <= {high.group(2)} (or more training text)")
     if "Vocabulary size too high" in message:
         return DataError(f"vocab_size {vocab_size} is too large for the training text; use a "
                          "smaller vocab_size")

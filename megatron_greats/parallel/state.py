@@ -89,13 +89,14 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
         accelerator.set_device(local_rank)
 
 
-def init_model_parallel(tensor: int, pipeline: int) -> Layout:
+def init_model_parallel(tensor: int, pipeline: int, timeout_minutes: float = 30.0) -> Layout:
     """Create megatron-core's process groups for the layout and return this rank's coordinates."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
+                                 distributed_timeout_minutes=timeout_minutes)  # timedelta(minutes=): a float works
     world = dist.get_world_size()
     return Layout(
         rank=dist.get_rank(), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),

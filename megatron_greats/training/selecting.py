@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron_greats.parallel.state import Layout, device
 from megatron_greats.selection import METHODS, select
 from megatron_greats.training.candidates import CandidateStream
+from megatron_greats.training.nonfinite import any_rank
 from megatron_greats.training.scoring import ScoringPass
 from megatron_greats.training.telemetry import PhaseClock
 
@@ -32,6 +33,7 @@ class StepChoice:
     scores: Optional[np.ndarray] = None   # per candidate (see REPORTED_SCORE), or None
     picked: Optional[np.ndarray] = None   # positions of the picks among the candidates
     seconds: dict = field(default_factory=dict)
+    skipped: bool = False                 # the scores held NaN/Inf on some replica: no selection, no update
 
 
 class StepSelector:
@@ -70,6 +72,9 @@ class StepSelector:
         scoring = self.clock.take()
         with self.clock.phase("selection"):
             picked, gains = self._select_and_broadcast(step, lr, inputs)
+            if any_rank(bool(picked[0] < 0), device()):  # every replica skips the step together
+                return StepChoice(ids=np.zeros(0, dtype=np.int64), candidates=candidates, skipped=True,
+                                  seconds={"scoring": sum(scoring.values()), **scoring, **self.clock.take()})
             scores = self._reported_score(inputs)
         choice = StepChoice(ids=candidates[picked], candidates=candidates, gains=gains, picked=picked, scores=scores)
         choice.seconds = {"scoring": sum(scoring.values()), **scoring, **self.clock.take()}
@@ -96,7 +101,9 @@ class StepSelector:
 
         picked = torch.zeros(self.k, dtype=torch.int64, device=device())
         gains = torch.zeros(self.k, dtype=torch.float64, device=device())
-        if dist.get_rank() == ps.get_model_parallel_src_rank():
+        if dist.get_rank() == ps.get_model_parallel_src_rank() and not _all_finite(inputs):
+            picked.fill_(-1)  # NaN/Inf scores: no selection this step
+        elif dist.get_rank() == ps.get_model_parallel_src_rank():
             seed = np.random.SeedSequence([self.cfg.seed, step, self.layout.data_rank]).generate_state(1)[0]
             generator = torch.Generator().manual_seed(int(seed))
             eta = self.cfg.selection.eta if self.cfg.selection.eta is not None else lr
@@ -121,3 +128,7 @@ class StepSelector:
         else:
             score = inputs[kind]
         return score.detach().double().cpu().numpy()
+
+
+def _all_finite(inputs: dict) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in inputs.values() if torch.is_tensor(v))

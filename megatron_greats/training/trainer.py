@@ -8,6 +8,7 @@ samples of a step, and the loss, do not depend on the parallel layout.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_greats.errors import ConfigError
+from megatron_greats.errors import ConfigError, TrainingError
 from megatron_greats.model import build_model, mean_loss, per_sample_losses
 from megatron_greats.parallel.state import Layout, MegatronMpu, device, init_distributed, init_model_parallel
 from megatron_greats.training.grad_clip import install_pipeline_clipping
 from megatron_greats.training.deepspeed_config import deepspeed_config, parameter_groups
+from megatron_greats.training import checkpoint
+from megatron_greats.training.nonfinite import guard_optimizer
+from megatron_greats.training.preemption import StopOnSigterm
 from megatron_greats.training.schedule import ScheduleFactor, lr_at
 from megatron_greats.training.selecting import StepSelector
 from megatron_greats.training.telemetry import SelectionLog, Telemetry
@@ -71,6 +75,7 @@ def build_engine(cfg, vocab_size: int, layout: Layout):
     )
     if layout.pipeline > 1:
         install_pipeline_clipping(engine)
+    guard_optimizer(engine, device())
     return engine
 
 
@@ -83,7 +88,7 @@ def load_reference_model(cfg, vocab_size: int, layout: Layout) -> torch.nn.Modul
         raise ConfigError(f"selection.reference_checkpoint '{folder}' has no {path.name}; allowed: a step_N "
                           "folder of a run with the same parallel.tensor")
     model = build_model(cfg, vocab_size, layout)
-    state = torch.load(path, map_location="cpu", weights_only=False)["module"]  # DeepSpeed's own format
+    state = torch.load(path, map_location="cpu", weights_only=True)["module"]  # tensors and plain values only
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -119,6 +124,8 @@ class Trainer:
         self.selector = StepSelector(cfg, engine, data, layout, reference_module=reference_module)
         self.batches = ReplicaBatches(layout, cfg.train.micro_batch)
         self.step = 0
+        self.saved_step = None
+        self.skipped_in_a_row = self.skipped_total = 0
         self.tokens_per_sample = cfg.model.seq_len
 
     # ---- one optimizer step -----------------------------------------------------------------------
@@ -173,20 +180,45 @@ class Trainer:
         return str(self.run_dir / "checkpoints")
 
     def save(self) -> None:
-        self.engine.save_checkpoint(self.checkpoint_dir, tag=f"step_{self.step}", client_state={"step": self.step})
+        if self.saved_step != self.step:
+            checkpoint.save(self.engine, self.checkpoint_dir, self.step, self.cfg.seed,
+                            checkpoint.shape_of(self.cfg))
+            self.saved_step = self.step
 
     def maybe_resume(self) -> None:
-        if not self.cfg.train.resume or not (Path(self.checkpoint_dir) / "latest").exists():
+        if not self.cfg.train.resume:
             return
-        path, client_state = self.engine.load_checkpoint(self.checkpoint_dir)
-        if path is None:
-            raise ConfigError(f"no loadable checkpoint in '{self.checkpoint_dir}' although a 'latest' file is there")
-        self.step = int(client_state["step"])
+        step = checkpoint.load(self.engine, self.checkpoint_dir, self.cfg.seed, checkpoint.shape_of(self.cfg))
+        if step is not None:
+            self.step = self.saved_step = step
+
+    # ---- non-finite steps -------------------------------------------------------------------------
+    def _count_skips(self, skipped: bool, choice) -> dict:
+        """TensorBoard scalars for a skipped step; stop after train.max_skipped_steps in a row."""
+        if not skipped:
+            self.skipped_in_a_row = 0
+            return {}
+        self.skipped_in_a_row += 1
+        self.skipped_total += 1
+        where = "scores (Gram or scoring losses)" if choice.skipped else "training loss or gradients"
+        if self.layout.is_logging_rank:
+            print(f"megatron_greats: warning: step {self.step} skipped: NaN/Inf in the {where}; "
+                  f"{self.skipped_in_a_row} in a row", file=sys.stderr, flush=True)
+        if self.skipped_in_a_row >= self.cfg.train.max_skipped_steps:
+            self.save()  # skipped steps change no weight: this is the last good state
+            raise TrainingError(
+                f"{self.skipped_in_a_row} steps in a row (up to step {self.step}) had NaN/Inf in the {where} "
+                f"(train.max_skipped_steps={self.cfg.train.max_skipped_steps}); the last good state is saved as "
+                f"'{Path(self.checkpoint_dir) / checkpoint.tag_of(self.step)}'; allowed: a lower train.lr or "
+                "train.grad_clip, or other data, then run again to resume")
+        return {"train/skipped_steps": self.skipped_total, "train/step_skipped": 1.0}
 
     # ---- the loop ---------------------------------------------------------------------------------
     def train(self) -> dict:
         t = self.cfg.train
         self.maybe_resume()
+        if self.layout.is_logging_rank:  # only now: a refused resume leaves the earlier run's config
+            self.cfg.dump(str(self.run_dir / "config.yaml"))
         start_step = self.step
         telemetry = Telemetry(self.run_dir, enabled=self.layout.is_logging_rank, resume_step=start_step)
         self.selection_log = SelectionLog(telemetry, self.data.train, self.layout)
@@ -196,19 +228,36 @@ class Trainer:
 
             progress = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         summary = {"start_step": start_step, "train_loss": None, "val_loss": None, "test_loss": None}
-        started = time.time()
+        stop = StopOnSigterm(device())
+        with stop:
+            self._loop(summary, telemetry, progress, stop)
+        if progress is not None:
+            progress.close()
+        if summary["val_loss"] is None and not summary.get("preempted"):  # resumed a finished run
+            summary["val_loss"], summary["test_loss"] = self.evaluate(self.data.val), self.evaluate(self.data.test)
+        telemetry.close()
+        summary.update(steps=self.step, seconds=time.time() - summary.pop("_started"))
+        return summary
+
+    def _loop(self, summary: dict, telemetry, progress, stop) -> None:
+        t = self.cfg.train
+        started = summary["_started"] = time.time()
         window_start, window_samples = time.time(), 0
         while self.step < t.steps:
             lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
             choice = self.selector.choose(self.step, lr)
-            with self.selector.clock.phase("training"):
-                loss = self.train_step(choice.ids)
-            choice.seconds.update(self.selector.clock.take())
+            loss = float("nan")
+            if not choice.skipped:
+                with self.selector.clock.phase("training"):
+                    loss = self.train_step(choice.ids)
+                choice.seconds.update(self.selector.clock.take())
+            skipped = choice.skipped or not self.engine.was_step_applied()
             self.step += 1
-            self.selection_log.record(self.step, choice)
+            scalars = self._count_skips(skipped, choice)
+            if not skipped:
+                self.selection_log.record(self.step, choice)
+                summary["train_loss"] = loss
             window_samples += t.global_batch
-            summary["train_loss"] = loss
-            scalars = {}
             if self.step % t.log_interval == 0 or self.step == t.steps:
                 elapsed = time.time() - window_start
                 scalars.update({
@@ -230,24 +279,20 @@ class Trainer:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
             telemetry.flush()
-        if progress is not None:
-            progress.close()
-        if summary["val_loss"] is None:  # resumed a finished run: still report where it stands
-            summary["val_loss"], summary["test_loss"] = self.evaluate(self.data.val), self.evaluate(self.data.test)
-        telemetry.close()
-        summary.update(steps=self.step, seconds=time.time() - started)
-        return summary
+            if stop.agreed():
+                self.save()
+                summary["preempted"] = True
+                return
 
 
 def pretrain(cfg) -> dict:
     """Start-up in the order that lets bad input fail before heavy work, then train."""
     run_dir = prepare_run_dir(cfg)
-    init_distributed()
+    init_distributed(cfg.parallel.distributed_timeout_minutes)
     is_rank0 = dist.get_rank() == 0
     data = load_data(cfg, show_progress=is_rank0)
-    if is_rank0:
-        cfg.dump(str(run_dir / "config.yaml"))
-    layout = init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
+    layout = init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline,
+                                 cfg.parallel.distributed_timeout_minutes)
     reference = load_reference_model(cfg, data.vocab_size, layout) if cfg.selection.method == "rholoss" else None
     engine = build_engine(cfg, data.vocab_size, layout)
     summary = Trainer(cfg, engine, data, layout, run_dir, reference_module=reference).train()

@@ -36,7 +36,8 @@ def resolve_files(files: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
         elif path.is_file():
             resolved.append(path)
         else:
-            raise DataError(f"data path {path} does not exist")
+            raise DataError(f"data path {path} does not exist; allowed: existing json/jsonl/parquet/text files "
+                            "or folders in data.files")
     return [p.resolve() for p in resolved]
 
 

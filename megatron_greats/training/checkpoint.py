@@ -1,0 +1,163 @@
+"""Checkpoints that resume exactly, and that a kill can never leave half-loaded.
+
+A checkpoint is the folder <checkpoints>/step_N:
+  DeepSpeed's files           model, optimizer (ZeRO shards), LR scheduler, client state
+                              {"step", "seed"}: the data stream, the candidate/validation rotation and
+                              the selector's random picks are functions of (seed, step)
+  shape.json                  the model config and tensor/pipeline sizes: checked before loading
+  rank_state_<rank>.pt        this rank's RNG states (torch, accelerator, numpy, python) and the
+                              pipeline module's micro-batch counter (it seeds dropout per micro-batch)
+<checkpoints>/latest names the last complete one. It is written last, after every rank finished its
+files, through a temporary file and an atomic rename: a kill during a save leaves the previous
+"latest" in place, so a half-written folder is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_greats.errors import ConfigError
+
+LATEST = "latest"
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step}"
+
+
+def read_latest(folder) -> Optional[str]:
+    path = Path(folder) / LATEST
+    if not path.exists():
+        return None
+    tag = path.read_text().strip()
+    return tag or None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a crash
+    finally:
+        os.close(fd)
+
+
+def _rank_state(engine) -> dict:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": _python_state_to_plain(random.getstate()),
+        "micro_offset": int(getattr(engine.module, "micro_offset", 0)),
+    }
+    if acc.device_name() != "cpu":
+        state["accelerator"] = acc.get_rng_state()
+    return state
+
+
+def _python_state_to_plain(state) -> dict:
+    version, internal, gauss = state
+    return {"version": version, "internal": list(internal), "gauss": gauss}
+
+
+def _restore_rank_state(engine, state: dict) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    if hasattr(engine.module, "micro_offset"):
+        engine.module.micro_offset = state["micro_offset"]
+    if "accelerator" in state:
+        get_accelerator().set_rng_state(state["accelerator"])
+
+
+def shape_of(cfg) -> dict:
+    """What a checkpoint's tensors depend on: the model config and the tensor/pipeline split."""
+    model = cfg.model.to_dict()
+    return {**{f"model.{k}": model[k] for k in _SHAPE_KEYS}, "model.ffn_hidden_size": cfg.ffn_hidden_size,
+            "parallel.tensor": cfg.parallel.tensor, "parallel.pipeline": cfg.parallel.pipeline}
+
+
+# model keys that decide tensor shapes (dropout, init, checkpointing may change on resume)
+_SHAPE_KEYS = ("arch", "num_layers", "hidden_size", "num_heads", "seq_len", "tie_embeddings", "vocab_pad_multiple")
+
+
+def save(engine, folder, step: int, seed: int, shape: dict) -> str:
+    """Every rank calls this; returns the tag. 'latest' moves only once every rank's files are written."""
+    folder = Path(folder)
+    tag = tag_of(step)
+    engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step, "seed": seed}, save_latest=False)
+    torch.save(_rank_state(engine), folder / tag / f"rank_state_{dist.get_rank()}.pt")
+    if dist.get_rank() == 0:
+        (folder / tag / "shape.json").write_text(json.dumps(shape, indent=1, sort_keys=True) + "\n")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _write_atomically(folder / LATEST, tag)
+    dist.barrier()
+    return tag
+
+
+def check_shape(folder, tag: str, shape: dict) -> None:
+    """A checkpoint of another model shape or split is refused, naming the first difference."""
+    path = Path(folder) / tag / "shape.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    for key in sorted(set(saved) | set(shape)):
+        if saved.get(key) != shape.get(key):
+            raise ConfigError(f"checkpoint '{Path(folder) / tag}' holds another model shape: it was saved with "
+                              f"{key}={saved.get(key)!r}, this run has {key}={shape.get(key)!r}; allowed: the same "
+                              "model and tensor/pipeline sizes, or another run_dir")
+
+
+def load(engine, folder, seed: int, shape: dict) -> Optional[int]:
+    """Resume from the checkpoint 'latest' names; returns its step, or None when there is none."""
+    folder = Path(folder)
+    tag = read_latest(folder)
+    if tag is None:
+        return None
+    if not (folder / tag).is_dir():
+        raise ConfigError(f"'{folder / LATEST}' names checkpoint '{tag}', which is not there; "
+                          f"allowed: a 'latest' file naming a step_N folder in '{folder}'")
+    check_shape(folder, tag, shape)
+    try:
+        path, client_state = engine.load_checkpoint(str(folder), tag=tag)
+    except RuntimeError as e:  # e.g. size mismatch in a checkpoint written before shape.json existed
+        raise ConfigError(f"checkpoint '{folder / tag}' holds another model shape ({str(e).splitlines()[0][:200]}); "
+                          "allowed: the same model and tensor/pipeline sizes, or another run_dir") from None
+    if path is None:
+        raise ConfigError(f"checkpoint '{folder / tag}' could not be loaded; allowed: a complete step_N folder")
+    saved_seed = client_state.get("seed", seed)
+    if saved_seed != seed:
+        raise ConfigError(f"checkpoint '{folder / tag}' was trained with seed={saved_seed}, this run has seed={seed}; "
+                          "allowed: the same seed (the data stream and the selections follow it), or another run_dir")
+    state_file = folder / tag / f"rank_state_{dist.get_rank()}.pt"
+    if state_file.exists():  # missing when the world size changed: weights and optimizer still resume
+        try:
+            state = torch.load(state_file, weights_only=True)  # tensors and plain values only
+        except Exception as e:
+            raise ConfigError(f"checkpoint file '{state_file}' is not a plain tensor file ({type(e).__name__}); "
+                              "allowed: the rank_state files this project writes") from None
+        _restore_rank_state(engine, state)
+    return int(client_state["step"])
