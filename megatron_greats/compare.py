@@ -183,7 +183,7 @@ def plot(out: Path, runs: dict, summary: dict) -> list:
     figures = [
         (PLOTS[0], "update step", f"{target} val loss", lambda r: (r["eval_steps"], r["val"])),
         (PLOTS[1], "wall time (s)", f"{target} val loss", lambda r: (r["eval_seconds"], r["val"])),
-        (PLOTS[2], "update step", f"{target} share of trained samples (rolling mean, 10 steps)",
+        (PLOTS[2], "update step", f"{target} share of trained samples\n(rolling mean over 10 steps)",
          lambda r: (r["share_steps"], _rolling(r["share"], 10))),
     ]
     for name, xlabel, ylabel, series in figures:

@@ -119,14 +119,21 @@ def _measure(name: str, cfg, data, layout, run_dir: Path, warmup: int, repeats: 
     memory.__exit__(None, None, None)
     if progress is not None:
         progress.close()
-    # the step is as slow as its slowest rank; memory as high as its highest
-    per_step = torch.tensor(seconds, dtype=torch.float64, device=device())
-    peak = torch.tensor([float(memory.peak)], dtype=torch.float64, device=device())
+    # the step is as slow as its slowest rank, memory as high as its highest; the phase split is
+    # that of the slowest rank (per-phase maxima of different ranks would not add up to a step)
+    per_rank = torch.tensor(seconds, dtype=torch.float64, device=device())
     split = torch.tensor([[p.get(name, 0.0) for name in STEP_PHASES] for p in phases], dtype=torch.float64,
                          device=device())
-    for value in (per_step, peak, split):
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    per_step, peak, split = per_step.cpu(), peak.cpu(), split.cpu()
+    peak = torch.tensor([float(memory.peak)], dtype=torch.float64, device=device())
+    world = dist.get_world_size()
+    all_steps = [torch.zeros_like(per_rank) for _ in range(world)]
+    all_splits = [torch.zeros_like(split) for _ in range(world)]
+    dist.all_gather(all_steps, per_rank)
+    dist.all_gather(all_splits, split)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    slowest = int(torch.stack([t.sum() for t in all_steps]).argmax())
+    per_step = torch.stack(all_steps).max(dim=0).values.cpu()
+    split, peak = all_splits[slowest].cpu(), peak.cpu()
     del trainer, engine
     gc.collect()
     acc.empty_cache()
