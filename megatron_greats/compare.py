@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
+from megatron_greats.report import read_jsonl, read_run
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_METHODS = ("regular", "greats", "first_order", "gradnorm", "maxloss")
@@ -31,17 +31,13 @@ QUICK_TRAIN = ["train.steps=4", "train.warmup_steps=0", "train.eval_interval=2",
 PLOTS = ("val_loss_vs_step.png", "val_loss_vs_wall_time.png", "selected_target_share_vs_step.png")
 
 
-def _jsonl(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 # ---- running ------------------------------------------------------------------------------------------
 def run_dir_of(out: Path, method: str, seed: int) -> Path:
     return out / "runs" / method / f"seed{seed}"
 
 
 def is_finished(run_dir: Path, steps: int) -> bool:
-    return any(m.get("step") == steps and "val/loss" in m for m in _jsonl(run_dir / "metrics.jsonl"))
+    return any(m.get("step") == steps and "val/loss" in m for m in read_jsonl(run_dir / "metrics.jsonl"))
 
 
 def train_all(out: Path, config: str, methods: list, seeds: list, overrides: list, steps: int) -> None:
@@ -64,28 +60,7 @@ def train_all(out: Path, config: str, methods: list, seeds: list, overrides: lis
                              f"{proc.stderr[-3000:]}")
 
 
-# ---- reading runs ---------------------------------------------------------------------------------------
-def read_run(run_dir: Path) -> dict:
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    metrics = _jsonl(run_dir / "metrics.jsonl")
-    evals = [m for m in metrics if "val/loss" in m]
-    target = cfg["data"]["target_domain"]
-    share = {}
-    for record in _jsonl(run_dir / "selection.jsonl"):
-        picked = record.get("selected_domains", [])
-        counts = share.setdefault(record["step"], [0, 0])
-        counts[0] += sum(d == target for d in picked)
-        counts[1] += len(picked)
-    return {
-        "target": target,
-        "eval_steps": [m["step"] for m in evals], "val": [m["val/loss"] for m in evals],
-        "test": [m["test/loss"] for m in evals], "eval_seconds": [m.get("train/elapsed_s", math.nan) for m in evals],
-        "share_steps": sorted(share), "share": [share[s][0] / max(share[s][1], 1) for s in sorted(share)],
-        "target_share": (sum(c[0] for c in share.values()) / max(sum(c[1] for c in share.values()), 1)
-                         if share else None),
-    }
-
-
+# ---- summary -------------------------------------------------------------------------------------------
 def _mean_std(values: list) -> tuple:
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
@@ -244,16 +219,15 @@ def main(argv=None) -> int:
         print("megatron_greats: error: --methods includes rholoss but no --reference-checkpoint is given; "
               "allowed: --reference-checkpoint STEP_DIR", file=sys.stderr)
         return 2
+    config = str(REPO / args.config)  # (an absolute args.config stays itself)
     try:  # every run's config is checked before the first one trains
-        cfgs = [load_config(str(REPO / args.config) if not Path(args.config).is_absolute() else args.config,
-                            [*overrides, f"selection.method={m}"]) for m in methods]
+        cfgs = [load_config(config, [*overrides, f"selection.method={m}"]) for m in methods]
     except GreatsError as e:
         print(f"megatron_greats: error: {e}", file=sys.stderr)
         return e.exit_code
     steps = cfgs[0].train.steps
     out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     seeds = list(range(args.first_seed, args.first_seed + seeds_count))
-    config = str((REPO / args.config) if not Path(args.config).is_absolute() else args.config)
     print(f"[compare] {len(methods)} methods x {len(seeds)} seeds, {steps} steps each, into {out}", flush=True)
     train_all(out, config, methods, seeds, overrides, steps)
     summary, runs = summarize(out, methods, seeds)

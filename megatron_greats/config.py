@@ -212,15 +212,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _yaml11_float(value):
+def _yaml11_float(value: str):
     """PyYAML (YAML 1.1) reads 1e-4 or 3e30 as strings; everyone means the number."""
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return value
-        if any(c in value.lower() for c in ".e") and value.strip().lower() not in ("nan", "inf", "-inf", "+inf"):
-            return number
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if any(c in value.lower() for c in ".e") and value.strip().lower() not in ("nan", "inf", "-inf", "+inf"):
+        return number
     return value
 
 

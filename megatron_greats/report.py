@@ -6,30 +6,50 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import yaml
 
 
-def _jsonl(path: Path) -> list:
+def read_jsonl(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def summarize(run_dir) -> dict:
+def read_run(run_dir) -> dict:
+    """A finished run's curves from its run_dir files: evaluations, wall time, target-domain share of
+    the trained samples per step and overall."""
     run_dir = Path(run_dir)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    metrics = _jsonl(run_dir / "metrics.jsonl")
-    evals = {m["step"]: (m["val/loss"], m["test/loss"]) for m in metrics if "val/loss" in m}
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    evals = [m for m in metrics if "val/loss" in m]
     target = cfg["data"]["target_domain"]
-    picked = [d for r in _jsonl(run_dir / "selection.jsonl") for d in r.get("selected_domains", [])]
-    last_step = max(evals) if evals else None
+    share = {}  # step -> [target samples, samples]
+    for record in read_jsonl(run_dir / "selection.jsonl"):
+        picked = record.get("selected_domains", [])
+        counts = share.setdefault(record["step"], [0, 0])
+        counts[0] += sum(d == target for d in picked)
+        counts[1] += len(picked)
+    picked_total = sum(c[1] for c in share.values())
     return {
-        "run_dir": str(run_dir), "method": cfg["selection"]["method"], "target_domain": target,
-        "steps": max((m["step"] for m in metrics), default=0), "evals": evals,
-        "val_loss": evals[last_step][0] if evals else None, "test_loss": evals[last_step][1] if evals else None,
+        "method": cfg["selection"]["method"], "target": target,
+        "steps": max((m["step"] for m in metrics), default=0),
         "seconds": max((m.get("train/elapsed_s", 0.0) for m in metrics), default=0.0),
-        "target_share": (sum(d == target for d in picked) / len(picked)) if picked else None,
+        "eval_steps": [m["step"] for m in evals], "val": [m["val/loss"] for m in evals],
+        "test": [m["test/loss"] for m in evals], "eval_seconds": [m.get("train/elapsed_s", math.nan) for m in evals],
+        "share_steps": sorted(share), "share": [share[s][0] / max(share[s][1], 1) for s in sorted(share)],
+        "target_share": sum(c[0] for c in share.values()) / picked_total if picked_total else None,
+    }
+
+
+def summarize(run_dir) -> dict:
+    r = read_run(run_dir)
+    return {
+        "run_dir": str(run_dir), "method": r["method"], "target_domain": r["target"], "steps": r["steps"],
+        "evals": dict(zip(r["eval_steps"], zip(r["val"], r["test"]))),
+        "val_loss": r["val"][-1] if r["val"] else None, "test_loss": r["test"][-1] if r["test"] else None,
+        "seconds": r["seconds"], "target_share": r["target_share"],
     }
 
 

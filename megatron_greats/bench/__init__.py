@@ -1,1 +1,9 @@
-"""Benchmarks that print ratios: `python -m megatron_greats.bench ghost` (see bench/ghost.py)."""
+"""Benchmarks that print ratios: `python -m megatron_greats.bench ghost|step` (bench/ghost.py, bench/step.py)."""
+
+import os
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (CPU memory measurements)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

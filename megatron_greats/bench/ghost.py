@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from megatron_greats.bench import rss_bytes
 from megatron_greats.ghost import GhostRecorder  # imported before any baseline is taken
 
 DEFAULT_POINTS = ((8, 128, 128), (32, 256, 256), (16, 512, 256))
@@ -80,11 +81,6 @@ def func_gram(model, inputs, labels):
 METHODS = {"ghost": ghost_gram, "torch.func": func_gram}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure(method: str, b: int, t: int, d: int, repeats: int) -> dict:
     """In this process: peak memory of the first call, then the median time of `repeats` calls."""
     from deepspeed.accelerator import get_accelerator
@@ -98,7 +94,7 @@ def measure(method: str, b: int, t: int, d: int, repeats: int) -> dict:
     fn = METHODS[method]
     on_cpu = device.type == "cpu"
     if on_cpu:
-        before = _rss_bytes()
+        before = rss_bytes()
     else:
         acc.synchronize()
         acc.reset_peak_memory_stats()

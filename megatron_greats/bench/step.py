@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_greats.bench import rss_bytes
 from megatron_greats.training.telemetry import STEP_PHASES, PhaseClock
 
 VARIANTS = ("regular_k", "regular_N", "greats")
@@ -37,16 +38,9 @@ class PeakMemory:
         self.acc, self.interval, self.peak = get_accelerator(), interval, 0
         self.on_cpu = self.acc.device_name() == "cpu"
 
-    @staticmethod
-    def _rss() -> int:
-        import os
-
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
     def __enter__(self):
         if self.on_cpu:
-            self.peak, self._stop = self._rss(), threading.Event()
+            self.peak, self._stop = rss_bytes(), threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         else:
@@ -56,13 +50,13 @@ class PeakMemory:
 
     def _sample(self):
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, rss_bytes())
 
     def __exit__(self, *exc):
         if self.on_cpu:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, rss_bytes())
         else:
             self.acc.synchronize()
             self.peak = self.acc.max_memory_allocated()
@@ -87,36 +81,31 @@ def _measure(name: str, cfg, data, layout, run_dir: Path, warmup: int, repeats: 
 
     engine = build_engine(cfg, data.vocab_size, layout)
     trainer = Trainer(cfg, engine, data, layout, run_dir)
-    clock = PhaseClock(sync=True)
-    trainer.selector.use_clock(clock)
+    trainer.selector.use_clock(PhaseClock(sync=True))
     acc = get_accelerator()
     t = cfg.train
-    seconds, phases = [], []
     progress = None
     if show_progress:
         from tqdm import tqdm
 
         progress = tqdm(total=warmup + repeats, desc=f"bench {name}", unit="step", leave=False)
-    memory = PeakMemory()
-    for step in range(warmup + repeats):
-        if step == warmup:
-            memory.__enter__()
+
+    def timed_step(step: int):
         acc.synchronize()
         start = time.perf_counter()
-        choice = trainer.selector.choose(step, lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.steps))
+        choice, _, _ = trainer.take_step(step, lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.steps))
         if choice.skipped:
             raise TrainingError(f"bench: step {step} of {name} had NaN/Inf scores; allowed: a config that trains "
                                 "(lower train.lr)")
-        with clock.phase("training"):
-            trainer.train_step(choice.ids)
-        choice.seconds.update(clock.take())
         acc.synchronize()
-        if step >= warmup:
-            seconds.append(time.perf_counter() - start)
-            phases.append(choice.seconds)
         if progress is not None:
             progress.update(1)
-    memory.__exit__(None, None, None)
+        return time.perf_counter() - start, choice.seconds
+
+    for step in range(warmup):
+        timed_step(step)
+    with PeakMemory() as memory:
+        seconds, phases = zip(*(timed_step(step) for step in range(warmup, warmup + repeats)))
     if progress is not None:
         progress.close()
     # the step is as slow as its slowest rank, memory as high as its highest; the phase split is
@@ -131,22 +120,21 @@ def _measure(name: str, cfg, data, layout, run_dir: Path, warmup: int, repeats: 
     dist.all_gather(all_steps, per_rank)
     dist.all_gather(all_splits, split)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    slowest = int(torch.stack([t.sum() for t in all_steps]).argmax())
+    slowest = int(torch.stack([rank_steps.sum() for rank_steps in all_steps]).argmax())
     per_step = torch.stack(all_steps).max(dim=0).values.cpu()
     split, peak = all_splits[slowest].cpu(), peak.cpu()
-    del trainer, engine
-    gc.collect()
-    acc.empty_cache()
     return {"seconds": per_step.tolist(), "median_s": statistics.median(per_step.tolist()),
             "min_s": float(per_step.min()), "max_s": float(per_step.max()), "peak_bytes": int(peak[0]),
             "phases_median_s": {name: statistics.median(split[:, i].tolist()) for i, name in enumerate(STEP_PHASES)}}
 
 
 def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: str) -> dict:
+    from deepspeed.accelerator import get_accelerator
+
     from megatron_greats.config import load_config
     from megatron_greats.errors import ConfigError
-    from megatron_greats.parallel.state import init_distributed, init_model_parallel, launcher_world_size
-    from megatron_greats.training.trainer import load_data
+    from megatron_greats.parallel.state import launcher_world_size
+    from megatron_greats.training.trainer import start_up
 
     if warmup < 0 or repeats < 1:
         raise ConfigError(f"--warmup {warmup} / --repeats {repeats}; allowed: warmup >= 0, repeats >= 1")
@@ -155,21 +143,17 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
     configs = {name: load_config(config_path, [*overrides, *extra], world_size=world)
                for name, extra in variant_overrides(base, world).items()}  # every variant checked before work
     out = Path(out_dir)
-    init_distributed(base.parallel.distributed_timeout_minutes)
+    data, layout = start_up(base)
     rank0 = dist.get_rank() == 0
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
-    data = load_data(base, show_progress=rank0)
-    layout = init_model_parallel(base.parallel.tensor, base.parallel.pipeline,
-                                 base.parallel.distributed_timeout_minutes)
     results = {}
     for name, cfg in configs.items():
         results[name] = _measure(name, cfg, data, layout, out, warmup, repeats, show_progress=rank0 and base.train.progress)
-    from deepspeed.accelerator import get_accelerator
-
-    acc_name = get_accelerator().device_name()
+        gc.collect()  # the variant's engine is gone with _measure's frame: free it before the next
+        get_accelerator().empty_cache()
     report = {
-        "config": config_path, "overrides": list(overrides), "device": acc_name, "world_size": layout.world_size,
+        "config": config_path, "overrides": list(overrides), "device": get_accelerator().device_name(), "world_size": layout.world_size,
         "layout": f"dp={layout.data} tp={layout.tensor} pp={layout.pipeline}",
         "k": base.num_selected(world), "N": base.num_candidates(world), "m": base.selection.val_batch,
         "warmup": warmup, "repeats": repeats, "variants": results,

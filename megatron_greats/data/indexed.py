@@ -83,11 +83,11 @@ def _check_files(prefix: Path) -> tuple[Path, Path]:
         raw = f.read(_HEADER.size)
     if len(raw) < _HEADER.size:
         raise _bad_index(f"index file {idx} is truncated ({len(raw)} bytes, header needs "
-                        f"{_HEADER.size})")
+                         f"{_HEADER.size})")
     magic, version, code, n_seq, n_doc = _HEADER.unpack(raw)
     if magic != _MAGIC:
         raise _bad_index(f"index file {idx} is not a Megatron indexed dataset index: magic "
-                        f"{magic!r}, expected {_MAGIC!r}")
+                         f"{magic!r}, expected {_MAGIC!r}")
     if version != 1:
         raise _bad_index(f"index file {idx} has format version {version}; only version 1 is read")
     if code not in {d.value for d in DType}:
@@ -95,7 +95,7 @@ def _check_files(prefix: Path) -> tuple[Path, Path]:
     expected = _HEADER.size + n_seq * (4 + 8) + n_doc * 8
     if idx.stat().st_size != expected:
         raise _bad_index(f"index file {idx} has {idx.stat().st_size} bytes but its header "
-                        f"({n_seq} sequences, {n_doc} document indices) needs {expected}")
+                         f"({n_seq} sequences, {n_doc} document indices) needs {expected}")
     return idx, bin_
 
 
@@ -123,7 +123,7 @@ def open_indexed(prefix: str | Path) -> IndexedDocuments:
         dataset = IndexedDataset(str(prefix), mmap=True)
     except Exception as e:  # megatron-core reports corruption through asserts and numpy errors
         raise _bad_index(f"index file {idx} cannot be read by megatron-core: "
-                        f"{one_line(e)}") from None
+                         f"{one_line(e)}") from None
     index = dataset.index
     lengths = index.sequence_lengths.astype(np.int64)
     itemsize = np.dtype(index.dtype).itemsize
@@ -132,7 +132,7 @@ def open_indexed(prefix: str | Path) -> IndexedDocuments:
         raise _bad_index(f"index file {idx} has sequence pointers that are not contiguous")
     if bin_.stat().st_size != token_offsets[-1] * itemsize:
         raise _bad_index(f"data file {bin_} has {bin_.stat().st_size} bytes but index {idx} "
-                        f"describes {token_offsets[-1] * itemsize}")
+                         f"describes {token_offsets[-1] * itemsize}")
     docs = index.document_indices
     if docs[0] != 0 or np.any(np.diff(docs) < 0):
         raise _bad_index(f"index file {idx} has document indices that are not increasing from 0")

@@ -188,7 +188,6 @@ def _megatron_rules():
         return [module.register_forward_hook(hook)]
 
 
-
 def _project_rules():
     from megatron_greats.model.gpt import Norm
 

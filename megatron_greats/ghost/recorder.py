@@ -76,6 +76,7 @@ class GhostRecorder:
         self.modules = [m for m in model.modules() if rule_for(m) is not None]
         self.tensor_group, self.model_parallel_group = self._default_groups(tensor_group, model_parallel_group)
         self.tied = self._pipeline_ties(model)
+        self._tied_ids = {id(p) for p, _, _ in self.tied}  # computed once: _stream runs in every backward hook
         self.clock = None  # optional: an object with .phase(name) (training/telemetry.py's PhaseClock)
         self._reset()
 
@@ -191,10 +192,9 @@ class GhostRecorder:
         With one micro-batch nothing else can add to them, so the activations and output gradients
         they hold are freed during backward instead of piling up until gram().
         """
-        tied = {id(p) for p, _, _ in self.tied}
         for param in sorted(params, key=self._order_key):
             uses = self._uses.get(param)
-            if id(param) in tied or not uses or any(u.grads is None for u in uses):
+            if id(param) in self._tied_ids or not uses or any(u.grads is None for u in uses):
                 continue
             with self._phase("ghost_products"):
                 part = self._param_gram_if_counted(param, uses, uses[0].n)

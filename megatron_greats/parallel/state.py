@@ -139,6 +139,14 @@ class MegatronMpu:
         return dist.get_world_size(group=self._ps.get_model_parallel_group())
 
 
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when it is True on any rank (one MAX all-reduce over the world)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def device() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 

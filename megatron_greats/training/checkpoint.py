@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_greats.data.cache import atomic_path
 from megatron_greats.errors import ConfigError
 
 LATEST = "latest"
@@ -41,13 +42,12 @@ def read_latest(folder) -> Optional[str]:
     return tag or None
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
+def _write_durably(path: Path, text: str) -> None:
+    """Atomic (a temporary file renamed onto path) and on disk before returning."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)  # the rename itself survives a crash
@@ -113,7 +113,7 @@ def save(engine, folder, step: int, seed: int, shape: dict) -> str:
         (folder / tag / "shape.json").write_text(json.dumps(shape, indent=1, sort_keys=True) + "\n")
     dist.barrier()
     if dist.get_rank() == 0:
-        _write_atomically(folder / LATEST, tag)
+        _write_durably(folder / LATEST, tag)
     dist.barrier()
     return tag
 

@@ -11,15 +11,8 @@ The trainer reads engine.was_step_applied() after each step.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank when it is True on any rank."""
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+from megatron_greats.parallel.state import any_rank
 
 
 def guard_optimizer(engine, device) -> None:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
+from megatron_greats.parallel.state import any_rank
 
 
 class StopOnSigterm:
@@ -31,7 +30,4 @@ class StopOnSigterm:
 
     def agreed(self) -> bool:
         """True on every rank when any rank got SIGTERM (every rank must call this after each step)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.requested, self.device)

@@ -20,7 +20,7 @@ from megatron_greats.ghost import GhostRecorder
 from megatron_greats.model import per_sample_losses
 from megatron_greats.parallel.state import Layout, device
 from megatron_greats.training.scoring_schedule import ScoringRun, run_schedule
-from megatron_greats.training.telemetry import phase
+from megatron_greats.training.telemetry import PhaseClock
 
 
 class ScoringPass:
@@ -29,9 +29,9 @@ class ScoringPass:
         whose pipeline runs the scoring schedules (needed when layout.pipeline > 1)."""
         self.module, self.layout, self.engine, self.micro_batch = module, layout, engine, micro_batch
         self.recorder = GhostRecorder(module, exclude=list(exclude), batch_dim=1)
-        self.clock = None  # a PhaseClock: seconds of score_forward / score_backward / ... per run
+        self.use_clock(PhaseClock())  # seconds of score_forward / score_backward / ... per run
 
-    def use_clock(self, clock) -> None:
+    def use_clock(self, clock: PhaseClock) -> None:
         self.clock = self.recorder.clock = clock
 
     def run(self, tokens: torch.Tensor, with_gram: bool = True):
@@ -68,7 +68,7 @@ class ScoringPass:
     # ---- one stage per process, or a pipeline of stages ----------------------------------------------
     def _forward_only(self, inputs, labels):
         if self.layout.pipeline == 1:
-            with phase(self.clock, "score_forward"):
+            with self.clock.phase("score_forward"):
                 return per_sample_losses(self.module(inputs), labels)
         return self._pipeline([inputs], [labels], recorder=None)
 
@@ -81,9 +81,9 @@ class ScoringPass:
         for index, part in enumerate(parts):
             if len(parts) > 1:
                 self.recorder.begin_micro_batch(index, size)  # the Gram spans all micro-batches
-            with phase(self.clock, "score_forward"):
+            with self.clock.phase("score_forward"):
                 part_losses = per_sample_losses(self.module(inputs[part]), labels[part])
-            with phase(self.clock, "score_backward"):
+            with self.clock.phase("score_backward"):
                 self.recorder.backward(part_losses)
             losses.append(part_losses.detach())
         return torch.cat(losses)

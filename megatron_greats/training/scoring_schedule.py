@@ -28,7 +28,7 @@ import torch
 from deepspeed.runtime.pipe import schedule as ds_schedule
 
 from megatron_greats.model import per_sample_losses
-from megatron_greats.training.telemetry import phase
+from megatron_greats.training.telemetry import PhaseClock
 
 
 class ScoreLoad(ds_schedule.BufferOpInstruction):
@@ -88,7 +88,7 @@ class ScoringRun:
     labels: list                                  # per micro-batch labels (last stage)
     recorder: Optional[object] = None             # GhostRecorder; None: forward only
     losses: dict = field(default_factory=dict)    # micro-batch id -> per-sample losses (last stage)
-    clock: Optional[object] = None                # PhaseClock, or None
+    clock: PhaseClock = field(default_factory=PhaseClock)
 
     @property
     def backward(self) -> bool:
@@ -135,7 +135,7 @@ def _exec_score_backward(engine, buffer_id: int, micro_batch_id: int):
 
 def _in_phase(name: str, execute):
     def timed(engine, **kwargs):
-        with phase(engine.greats_scoring_run.clock, name):
+        with engine.greats_scoring_run.clock.phase(name):
             execute(engine, **kwargs)
     return timed
 

@@ -13,10 +13,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_greats.parallel.state import Layout, device
+from megatron_greats.parallel.state import Layout, any_rank, device
 from megatron_greats.selection import METHODS, select
 from megatron_greats.training.candidates import CandidateStream
-from megatron_greats.training.nonfinite import any_rank
 from megatron_greats.training.scoring import ScoringPass
 from megatron_greats.training.telemetry import PhaseClock
 
@@ -72,13 +71,13 @@ class StepSelector:
         scoring = self.clock.take()
         with self.clock.phase("selection"):
             picked, gains = self._select_and_broadcast(step, lr, inputs)
-            if any_rank(bool(picked[0] < 0), device()):  # every replica skips the step together
-                return StepChoice(ids=np.zeros(0, dtype=np.int64), candidates=candidates, skipped=True,
-                                  seconds={"scoring": sum(scoring.values()), **scoring, **self.clock.take()})
-            scores = self._reported_score(inputs)
-        choice = StepChoice(ids=candidates[picked], candidates=candidates, gains=gains, picked=picked, scores=scores)
-        choice.seconds = {"scoring": sum(scoring.values()), **scoring, **self.clock.take()}
-        return choice
+            skipped = any_rank(bool(picked[0] < 0), device())  # every replica skips the step together
+            scores = None if skipped else self._reported_score(inputs)
+        seconds = {"scoring": sum(scoring.values()), **scoring, **self.clock.take()}
+        if skipped:
+            return StepChoice(ids=np.zeros(0, dtype=np.int64), candidates=candidates, skipped=True, seconds=seconds)
+        return StepChoice(ids=candidates[picked], candidates=candidates, gains=gains, picked=picked, scores=scores,
+                          seconds=seconds)
 
     def _score(self, step: int, candidates: np.ndarray) -> dict:
         if self.scoring is None:
@@ -101,9 +100,10 @@ class StepSelector:
 
         picked = torch.zeros(self.k, dtype=torch.int64, device=device())
         gains = torch.zeros(self.k, dtype=torch.float64, device=device())
-        if dist.get_rank() == ps.get_model_parallel_src_rank() and not _all_finite(inputs):
+        selecting = dist.get_rank() == ps.get_model_parallel_src_rank()
+        if selecting and not _all_finite(inputs):
             picked.fill_(-1)  # NaN/Inf scores: no selection this step
-        elif dist.get_rank() == ps.get_model_parallel_src_rank():
+        elif selecting:
             seed = np.random.SeedSequence([self.cfg.seed, step, self.layout.data_rank]).generate_state(1)[0]
             generator = torch.Generator().manual_seed(int(seed))
             eta = self.cfg.selection.eta if self.cfg.selection.eta is not None else lr

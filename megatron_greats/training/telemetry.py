@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
+
+from megatron_greats.data.cache import atomic_path
 
 
 def _truncate_jsonl(path: Path, resume_step: int) -> None:
@@ -19,9 +20,8 @@ def _truncate_jsonl(path: Path, resume_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
 
 
 # The phases of a step, in the order they happen (seconds per step in selection.jsonl and TensorBoard).
@@ -66,11 +66,6 @@ class PhaseClock:
         """The seconds so far, and start afresh."""
         out, self.seconds = dict(self.seconds), defaultdict(float)
         return out
-
-
-def phase(clock, name: str):
-    """clock.phase(name), or nothing when there is no clock."""
-    return clock.phase(name) if clock is not None else contextlib.nullcontext()
 
 
 class Telemetry:

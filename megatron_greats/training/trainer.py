@@ -129,6 +129,17 @@ class Trainer:
         self.tokens_per_sample = cfg.model.seq_len
 
     # ---- one optimizer step -----------------------------------------------------------------------
+    def take_step(self, step: int, lr: float):
+        """Select, then train on the selection: (choice, loss, skipped). skipped: NaN/Inf in the scores
+        or the gradients, so no update happened. choice.seconds holds the step's phases."""
+        choice = self.selector.choose(step, lr)
+        loss = float("nan")
+        if not choice.skipped:
+            with self.selector.clock.phase("training"):
+                loss = self.train_step(choice.ids)
+            choice.seconds.update(self.selector.clock.take())
+        return choice, loss, choice.skipped or not self.engine.was_step_applied()
+
     def train_step(self, ids: np.ndarray) -> float:
         """An ordinary DeepSpeed step on this replica's samples `ids` (the selected ones)."""
         micro = self.batches.micro_batches(self.data.train, ids)
@@ -228,30 +239,23 @@ class Trainer:
 
             progress = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         summary = {"start_step": start_step, "train_loss": None, "val_loss": None, "test_loss": None}
-        stop = StopOnSigterm(device())
-        with stop:
-            self._loop(summary, telemetry, progress, stop)
+        started = time.time()
+        with StopOnSigterm(device()) as stop:
+            self._loop(summary, telemetry, progress, stop, started)
         if progress is not None:
             progress.close()
         if summary["val_loss"] is None and not summary.get("preempted"):  # resumed a finished run
             summary["val_loss"], summary["test_loss"] = self.evaluate(self.data.val), self.evaluate(self.data.test)
         telemetry.close()
-        summary.update(steps=self.step, seconds=time.time() - summary.pop("_started"))
+        summary.update(steps=self.step, seconds=time.time() - started)
         return summary
 
-    def _loop(self, summary: dict, telemetry, progress, stop) -> None:
+    def _loop(self, summary: dict, telemetry, progress, stop, started: float) -> None:
         t = self.cfg.train
-        started = summary["_started"] = time.time()
-        window_start, window_samples = time.time(), 0
+        window_start, window_samples = started, 0
         while self.step < t.steps:
             lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
-            choice = self.selector.choose(self.step, lr)
-            loss = float("nan")
-            if not choice.skipped:
-                with self.selector.clock.phase("training"):
-                    loss = self.train_step(choice.ids)
-                choice.seconds.update(self.selector.clock.take())
-            skipped = choice.skipped or not self.engine.was_step_applied()
+            choice, loss, skipped = self.take_step(self.step, lr)
             self.step += 1
             scalars = self._count_skips(skipped, choice)
             if not skipped:
@@ -285,14 +289,19 @@ class Trainer:
                 return
 
 
+def start_up(cfg):
+    """torch.distributed, the data, megatron-core's groups: (data, layout). Data comes before the
+    model-parallel groups so that bad data fails before heavy work."""
+    timeout = cfg.parallel.distributed_timeout_minutes
+    init_distributed(timeout)
+    data = load_data(cfg, show_progress=dist.get_rank() == 0)
+    return data, init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, timeout)
+
+
 def pretrain(cfg) -> dict:
     """Start-up in the order that lets bad input fail before heavy work, then train."""
     run_dir = prepare_run_dir(cfg)
-    init_distributed(cfg.parallel.distributed_timeout_minutes)
-    is_rank0 = dist.get_rank() == 0
-    data = load_data(cfg, show_progress=is_rank0)
-    layout = init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline,
-                                 cfg.parallel.distributed_timeout_minutes)
+    data, layout = start_up(cfg)
     reference = load_reference_model(cfg, data.vocab_size, layout) if cfg.selection.method == "rholoss" else None
     engine = build_engine(cfg, data.vocab_size, layout)
     summary = Trainer(cfg, engine, data, layout, run_dir, reference_module=reference).train()
