@@ -20,6 +20,27 @@ def test_ghost_benchmark_prints_ratios(tmp_path):
     assert row["traces_agree"]  # both sides computed the same Gram
     assert row["speedup"] > 0 and row["memory_ratio"] > 0
     assert row["ghost"]["seconds"] > 0 and row["torch.func"]["peak_bytes"] > 0
+    assert row["floor"]["seconds"] > 0 and row["speedup_ceiling"] > 0 and row["memory_ratio_ceiling"] > 0
+    assert "func/floor" in proc.stdout
+
+
+def test_floor_is_the_activation_backward_and_touches_no_parameter():
+    """The floor pass returns d(sum of losses)/d(token embedding output), as an ordinary backward does."""
+    import torch
+
+    from megatron_greats.bench.ghost import BenchTransformer, activation_pass, losses_of
+
+    torch.manual_seed(0)
+    model = BenchTransformer(16, 8, vocab=64).double()
+    tokens = torch.randint(0, 64, (3, 9))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    got = activation_pass(model, inputs, labels)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    kept = []
+    handle = model.embed.register_forward_hook(lambda m, a, out: kept.append(out) or out.retain_grad())
+    losses_of(model(inputs), labels).sum().backward()
+    handle.remove()
+    torch.testing.assert_close(got, kept[0].grad, rtol=1e-10, atol=1e-12)
 
 
 def test_bad_point_is_one_line():

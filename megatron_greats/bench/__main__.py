@@ -49,6 +49,8 @@ def main(argv=None) -> int:
         return 0
     print("GhostRecorder vs torch.func per-sample gradients + Gram "
           "(2-layer transformer, tied embeddings, vocab 1024; median of repeats, peak memory above the model)")
+    print("floor: forward + backward w.r.t. activations only, which every exact method needs; "
+          "func/floor = the most any exact method can gain")
     print(bench_ghost.HEADER)
     bench_ghost.run(args.points or bench_ghost.DEFAULT_POINTS, args.repeats, args.json)
     return 0
