@@ -29,6 +29,7 @@ from torch.func import functional_call, grad, vmap
 
 from megatron_greats.bench import rss_bytes
 from megatron_greats.ghost import GhostRecorder  # imported before any baseline is taken
+from megatron_greats.ghost.recorder import frozen_parameters
 
 DEFAULT_POINTS = ((8, 128, 128), (32, 256, 256), (16, 512, 256))
 
@@ -85,9 +86,6 @@ def func_gram(model, inputs, labels):
 
 def activation_pass(model, inputs, labels):
     """The floor: forward, then backward w.r.t. activations only (parameters frozen, nothing formed)."""
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     roots = []
 
     def root(module, args, out):  # the token embedding's output: backward runs through every layer to it
@@ -96,12 +94,11 @@ def activation_pass(model, inputs, labels):
 
     handle = model.embed.register_forward_hook(root)
     try:
-        losses = losses_of(model(inputs), labels)
-        (grad,) = torch.autograd.grad(losses.sum(), roots)
+        with frozen_parameters(model):
+            losses = losses_of(model(inputs), labels)
+            (grad,) = torch.autograd.grad(losses.sum(), roots)
     finally:
         handle.remove()
-        for p in frozen:
-            p.requires_grad_(True)
     return grad
 
 
@@ -126,7 +123,7 @@ def measure(method: str, b: int, t: int, d: int, repeats: int) -> dict:
         acc.synchronize()
         acc.reset_peak_memory_stats()
         before = acc.memory_allocated()
-    gram = fn(model, inputs, labels)
+    result = fn(model, inputs, labels)
     if on_cpu:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     else:
@@ -141,7 +138,7 @@ def measure(method: str, b: int, t: int, d: int, repeats: int) -> dict:
         times.append(time.perf_counter() - start)
     return {"method": method, "B": b, "T": t, "d": d, "seconds": statistics.median(times),
             "seconds_spread": [min(times), max(times)], "peak_bytes": max(int(peak), 1),
-            "gram_trace": float(torch.diagonal(gram).sum()) if method != "floor" else None, "device": str(device)}
+            "gram_trace": float(torch.diagonal(result).sum()) if method != "floor" else None, "device": str(device)}
 
 
 def run(points=DEFAULT_POINTS, repeats: int = 3, json_path=None) -> list:

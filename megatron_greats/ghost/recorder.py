@@ -43,6 +43,19 @@ def _matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module):
+    """requires_grad=False on the model's trainable parameters for the duration: the graph covers activations only."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def _in_backward() -> bool:
     # Non-reentrant activation recomputation reruns forward inside backward: do not record it twice.
     return torch._C._current_graph_task_id() != -1
@@ -135,19 +148,15 @@ class GhostRecorder:
     def capture(self):
         """Record supported layers' operands; parameters are frozen for the duration (see module doc)."""
         self._reset()
-        frozen = [p for p in self.model.parameters() if p.requires_grad]
         handles = []
         try:
-            for p in frozen:
-                p.requires_grad_(False)
-            for module in self.modules:
-                handles += rule_for(module)(module, self._report, self.batch_dim)
-            yield self
+            with frozen_parameters(self.model):
+                for module in self.modules:
+                    handles += rule_for(module)(module, self._report, self.batch_dim)
+                yield self
         finally:
             for h in handles:
                 h.remove()
-            for p in frozen:
-                p.requires_grad_(True)
 
     def begin_micro_batch(self, index: int, size: int) -> None:
         """Following layer calls belong to micro-batch `index` (samples index*size ... of the Gram)."""
