@@ -194,3 +194,110 @@ def test_bad_arguments():
         GhostRecorder(MLP(), path="fast")
     with pytest.raises(ValueError, match="batch_dim=2"):
         GhostRecorder(MLP(), batch_dim=2)
+
+
+# ---- coverage: parameters no rule records are named, never silently left out ----------------------
+class WithUnsupportedLayers(nn.Module):
+    """A supported Linear, an unsupported Conv1d, and a bare parameter used in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.conv = nn.Conv1d(6, 6, 3, padding=1)
+        self.scale = nn.Parameter(torch.ones(6))
+
+    def forward(self, x):  # [B, T, 6]
+        return self.fc(self.conv(x.transpose(1, 2)).transpose(1, 2)) * self.scale
+
+
+def _layout():
+    from megatron_greats.parallel.state import Layout
+
+    return Layout(rank=0, world_size=1, local_rank=0, tensor=1, pipeline=1, data=1, tensor_rank=0, pipeline_rank=0,
+                  data_rank=0)
+
+
+def test_uncovered_parameters_are_named_and_refused_by_the_scoring_pass():
+    from megatron_greats.errors import ConfigError
+    from megatron_greats.training.scoring import ScoringPass
+
+    model = WithUnsupportedLayers()
+    assert GhostRecorder(model).uncovered() == ["scale", "conv.weight", "conv.bias"]
+    with pytest.raises(ConfigError) as error:
+        ScoringPass(model, _layout())
+    message = str(error.value)
+    assert "\n" not in message
+    assert "parameter 'scale', 'conv.weight', 'conv.bias' is in no supported layer" in message
+    assert "torch.nn.Linear" in message and "selection.score_exclude" in message
+    # excluded, or not trainable: nothing is missing from the score
+    ScoringPass(model, _layout(), exclude=["conv.*", "scale"])
+    assert GhostRecorder(model, include=["fc.*"]).uncovered() == []
+    model.conv.requires_grad_(False)
+    model.scale.requires_grad_(False)
+    ScoringPass(model, _layout())
+
+
+@pytest.fixture(scope="module")
+def layout():
+    from megatron_greats.parallel.state import init_distributed, init_model_parallel
+
+    init_distributed()
+    return init_model_parallel(1, 1)
+
+
+@pytest.mark.parametrize("arch, tied", [("gpt2", True), ("gpt2", False), ("llama", True), ("llama", False)])
+def test_project_gpt_has_nothing_uncovered(layout, arch, tied):
+    from megatron_greats.config import load_config
+    from megatron_greats.model import build_model
+    from megatron_greats.training.scoring import ScoringPass
+
+    cfg = load_config(None, [f"model.arch={arch}", f"model.tie_embeddings={str(tied).lower()}", "model.num_layers=2",
+                             "model.hidden_size=16", "model.num_heads=2", "model.seq_len=8"])
+    model = build_model(cfg, vocab_size=64, layout=layout)
+    rec = ScoringPass(model, layout).recorder  # would raise ConfigError otherwise
+    assert rec.uncovered() == []
+    assert sum(p.numel() for p in rec.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+# ---- norm kinds come from the layer type, not from whether it has a bias ---------------------------
+class NormBetweenLinears(nn.Module):
+    """x [B, T, d] -> Linear -> norm -> Linear, run in the Megatron layout [T, B, d] (batch_dim=1)."""
+
+    def __init__(self, norm, d=8):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(d, d), norm, nn.Linear(d, 5)
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.fc1(x.transpose(0, 1)))).transpose(0, 1)
+
+
+def _project_norm(kind: str, bias: bool):
+    from megatron_greats.model.gpt import LayerNorm, ModelSpec, RMSNorm
+
+    spec = ModelSpec(arch="gpt2" if kind == "layer" else "llama", num_layers=1, hidden_size=8, num_heads=1,
+                     ffn_hidden_size=8, seq_len=6, vocab_size=8, tie_embeddings=False, dropout=0.0, init_std=0.02,
+                     norm_eps=1e-5, rope_base=10000.0, tensor_parallel=1, sequence_parallel=False)
+    norm = (LayerNorm if kind == "layer" else RMSNorm)(spec)
+    if not bias:
+        norm.bias = None  # a LayerNorm without shift is still a LayerNorm
+    return norm
+
+
+@pytest.mark.parametrize("norm", ["torch LayerNorm(bias=False)", "torch LayerNorm", "torch RMSNorm",
+                                  "project LayerNorm without bias", "project LayerNorm", "project RMSNorm"])
+def test_norm_kind_comes_from_the_type(norm):
+    torch.manual_seed(6)
+    layer = {"torch LayerNorm(bias=False)": lambda: nn.LayerNorm(8, bias=False),
+             "torch LayerNorm": lambda: nn.LayerNorm(8), "torch RMSNorm": lambda: nn.RMSNorm(8, eps=1e-5),
+             "project LayerNorm without bias": lambda: _project_norm("layer", bias=False),
+             "project LayerNorm": lambda: _project_norm("layer", bias=True),
+             "project RMSNorm": lambda: _project_norm("rms", bias=False)}[norm]()
+    model = NormBetweenLinears(layer).double()
+    with torch.no_grad():  # not the identity: a wrong normalisation shows in every entry
+        model.norm.weight.normal_(1.0, 0.5)
+        if getattr(model.norm, "bias", None) is not None:
+            model.norm.bias.normal_(0.0, 0.5)
+    x, y = torch.randn(4, 6, 8, dtype=torch.float64), torch.randint(0, 5, (4, 6))
+    gram, params = recorded_gram(model, token_losses, x, y, batch_dim=1)
+    assert {id(p) for p in params} == {id(p) for p in model.parameters()}
+    assert relative_error(gram, reference_gram(model, token_losses, x, y, params)) < 1e-9

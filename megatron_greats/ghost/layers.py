@@ -6,6 +6,10 @@ output tensor whose gradient is the B operand of those uses. Where the capture p
 megatron-core's linear layers are tapped at `_forward_impl(input, weight, ...)`, which receives exactly
 the operands of the weight-gradient GEMM (and the weight actually used: a tied output layer passes the
 embedding's weight).
+
+Each rule also says which parameters it records (`covers`; the recorder reports the others as
+uncovered) and which submodules it records itself (`claims`: their own rules stay off, e.g. the
+position embedding inside megatron-core's LanguageModelEmbedding).
 """
 
 from __future__ import annotations
@@ -50,13 +54,24 @@ def _ones_like_tokens(a: torch.Tensor) -> torch.Tensor:
 
 # Rule signature: install(module, report, batch_dim) -> list of removable handles, where
 # report(operands, output, batch_dim) is called on every forward call to be recorded.
+@dataclass(frozen=True)
+class Rule:
+    install: Callable
+    covers: Callable   # covers(module) -> the parameters the rule records
+    claims: Callable   # claims(module) -> submodules the rule records itself (their own rules stay off)
+
+
 RULES: dict = {}
 
 
-def register(*types):
+def _own_parameters(module: nn.Module) -> list:
+    return list(module.parameters(recurse=False))
+
+
+def register(*types, covers: Callable = _own_parameters, claims: Callable = lambda module: []):
     def wrap(fn: Callable):
         for t in types:
-            RULES[t] = fn
+            RULES[t] = Rule(fn, covers, claims)
         return fn
     return wrap
 
@@ -66,6 +81,18 @@ def rule_for(module: nn.Module):
         if cls in RULES:
             return RULES[cls]
     return None
+
+
+def recorded_modules(model: nn.Module) -> list:
+    """The modules whose rules a capture installs: every module with a rule, less those another rule claims."""
+    claimed = {id(sub) for m in model.modules() if rule_for(m) is not None for sub in rule_for(m).claims(m)}
+    return [m for m in model.modules() if rule_for(m) is not None and id(m) not in claimed]
+
+
+def supported_layer_names() -> list:
+    """e.g. 'torch.nn.Linear', 'megatron.core.ColumnParallelLinear', 'megatron_greats.RMSNorm'."""
+    home = {"torch": "torch.nn", "megatron": "megatron.core"}
+    return sorted(f"{home.get(t.__module__.split('.')[0], t.__module__.split('.')[0])}.{t.__name__}" for t in RULES)
 
 
 class _Restore:
@@ -112,20 +139,32 @@ def _norm_operands(mod, x: torch.Tensor, eps: float, rms: bool, batch_dim: int, 
     return ops
 
 
-@register(nn.LayerNorm, nn.RMSNorm)
-def _torch_norm(module, report, batch_dim: int):
-    if module.weight is None or len(module.normalized_shape) != 1:
-        return []
-    rms = isinstance(module, nn.RMSNorm)
-    eps = module.eps if module.eps is not None else torch.finfo(module.weight.dtype).eps
-
-    def hook(mod, args, output):
-        return report(_norm_operands(mod, args[0], eps, rms, batch_dim, "once"), output, batch_dim)
-    return [module.register_forward_hook(hook)]
+def _torch_norm_covers(module) -> list:
+    return _own_parameters(module) if len(module.normalized_shape) == 1 else []  # one normalised dim only
 
 
-# ---- megatron-core tensor-parallel layers ([seq, batch, hidden]: samples on dim 1) ----------------
+def _torch_norm(rms: bool):
+    """The rule of torch's LayerNorm (rms=False, with or without bias) or RMSNorm (rms=True)."""
+    def install(module, report, batch_dim: int):
+        if module.weight is None or len(module.normalized_shape) != 1:
+            return []
+        eps = module.eps if module.eps is not None else torch.finfo(module.weight.dtype).eps
+
+        def hook(mod, args, output):
+            return report(_norm_operands(mod, args[0], eps, rms, batch_dim, "once"), output, batch_dim)
+        return [module.register_forward_hook(hook)]
+    return install
+
+
+register(nn.LayerNorm, covers=_torch_norm_covers)(_torch_norm(rms=False))
+register(nn.RMSNorm, covers=_torch_norm_covers)(_torch_norm(rms=True))
+
+
+# ---- megatron-core layers -------------------------------------------------------------------------
+# Activations are [seq, batch, hidden] (samples on dim 1); token and position ids are [batch, seq]
+# (samples on dim 0), as megatron-core's LanguageModelEmbedding passes them.
 def _megatron_rules():
+    from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
     from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
@@ -179,28 +218,54 @@ def _megatron_rules():
             raise NotImplementedError("GhostRecorder: VocabParallelEmbedding with reduce_scatter_embeddings=True "
                                       "is not supported (its output gradient is a sequence shard)")
 
-        def hook(mod, args, output):
-            ids = samples_first(args[0], 1).long() - mod.vocab_start_index
+        def hook(mod, args, output):  # ids [batch, seq] -> output [batch, seq, hidden]
+            ids = samples_first(args[0], 0).long() - mod.vocab_start_index
             ids[(ids < 0) | (ids >= mod.num_embeddings_per_partition)] = -1  # rows on other ranks
             ops = [Operand(mod.weight, "sparse", mod.num_embeddings_per_partition, mod.embedding_dim, ids,
                            _sharded(mod.weight))]
-            return report(ops, output, 1)
+            return report(ops, output, 0)
         return [module.register_forward_hook(hook)]
+
+    def _id_embeddings(module) -> list:
+        """LanguageModelEmbedding's torch embeddings, which it calls with [batch, seq] ids."""
+        return [m for m in (getattr(module, "position_embeddings", None), module.tokentype_embeddings)
+                if m is not None]
+
+    @register(LanguageModelEmbedding, covers=lambda m: [p for e in _id_embeddings(m) for p in e.parameters()],
+              claims=_id_embeddings)
+    def _language_model_embedding(module, report, batch_dim: int):
+        # Its word embedding is a VocabParallelEmbedding with its own rule. Its position and token-type
+        # embeddings see [batch, seq] ids whatever batch_dim the rest of the model uses.
+        handles = [h for e in _id_embeddings(module) for h in _embedding(e, report, 0)]
+        if getattr(module, "position_embeddings", None) is None:
+            return handles
+        original = module.forward
+
+        def forward(input_ids, position_ids, *args, **kwargs):
+            # Shared position ids ([1, seq]) would add one broadcast lookup whose gradient is the batch
+            # sum; one row per sample gives the same values and keeps each sample's gradient its own.
+            return original(input_ids, position_ids.expand_as(input_ids), *args, **kwargs)
+
+        module.forward = forward
+        return handles + [_Restore(module, "forward")]
 
 
 def _project_rules():
-    from megatron_greats.model.gpt import Norm
+    from megatron_greats.model.gpt import LayerNorm, RMSNorm
 
-    @register(Norm)
-    def _gpt_norm(module, report, batch_dim: int):
-        rms = module.bias is None
-        # Under sequence parallelism each rank normalises its own sequence shard: its per-sample
-        # vectors are partial sums over tokens, to be summed over tensor-parallel ranks.
-        reduction = "sum_vectors" if module.spec.sequence_parallel else "once"
+    def gpt_norm(rms: bool):
+        def install(module, report, batch_dim: int):
+            # Under sequence parallelism each rank normalises its own sequence shard: its per-sample
+            # vectors are partial sums over tokens, to be summed over tensor-parallel ranks.
+            reduction = "sum_vectors" if module.spec.sequence_parallel else "once"
 
-        def hook(mod, args, output):
-            return report(_norm_operands(mod, args[0], mod.spec.norm_eps, rms, 1, reduction), output, 1)
-        return [module.register_forward_hook(hook)]
+            def hook(mod, args, output):
+                return report(_norm_operands(mod, args[0], mod.spec.norm_eps, rms, 1, reduction), output, 1)
+            return [module.register_forward_hook(hook)]
+        return install
+
+    register(LayerNorm)(gpt_norm(rms=False))
+    register(RMSNorm)(gpt_norm(rms=True))
 
 
 _megatron_rules()

@@ -6,6 +6,7 @@
         rec.backward(losses)                         # d(losses.sum()) w.r.t. activations only
     gram = rec.gram()                                # [B, B]
     rec.parameters()                                 # the parameters the Gram covers
+    rec.uncovered()                                  # names of trainable parameters it leaves out
 
 During a capture every parameter is frozen (requires_grad=False) so the forward builds a graph over
 activations only: rec.backward never computes a weight gradient nor touches .grad, and DeepSpeed's
@@ -33,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_greats.ghost import products
-from megatron_greats.ghost.layers import rule_for, samples_first
+from megatron_greats.ghost.layers import recorded_modules, rule_for, samples_first
 from megatron_greats.ghost.products import Use
 
 PATHS = ("auto", "ghost", "materialise")
@@ -86,7 +87,8 @@ class GhostRecorder:
         self._order = {p: i for i, p in enumerate(self.names)}
         self.selected = {p for p, name in self.names.items()
                          if (include is None or _matches(name, include)) and not _matches(name, exclude)}
-        self.modules = [m for m in model.modules() if rule_for(m) is not None]
+        self.trainable = {p for p in self.names if p.requires_grad}  # read now: a capture freezes them
+        self.modules = recorded_modules(model)
         self.tensor_group, self.model_parallel_group = self._default_groups(tensor_group, model_parallel_group)
         self.tied = self._pipeline_ties(model)
         self._tied_ids = {id(p) for p, _, _ in self.tied}  # computed once: _stream runs in every backward hook
@@ -136,12 +138,21 @@ class GhostRecorder:
         """Exactly the parameters the Gram covers (those of supported layers that pass include/exclude)."""
         covered, seen = [], set()
         for module in self.modules:
-            for p in module.parameters(recurse=False):
+            for p in rule_for(module).covers(module):
                 if p in self.selected and p not in seen:
                     covered.append(p)
                     seen.add(p)
         # a tied output layer owns no weight but uses the embedding's; it is covered where it lives
         return covered
+
+    def uncovered(self) -> list:
+        """Names of trainable parameters that include/exclude select but no supported layer records.
+
+        The Gram would silently leave them out; a caller that needs every parameter refuses these.
+        """
+        covered = set(self.parameters())
+        return [name for p, name in self.names.items()
+                if p in self.selected and p in self.trainable and p not in covered]
 
     # ---- capture ----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -152,7 +163,7 @@ class GhostRecorder:
         try:
             with frozen_parameters(self.model):
                 for module in self.modules:
-                    handles += rule_for(module)(module, self._report, self.batch_dim)
+                    handles += rule_for(module).install(module, self._report, self.batch_dim)
                 yield self
         finally:
             for h in handles:
@@ -174,6 +185,9 @@ class GhostRecorder:
         size = n if size is None else size
         if size != n:
             raise ValueError(f"GhostRecorder: a layer saw {n} samples in micro-batch {index} of size {size}")
+        if self._sizes.get(index, n) != n:  # e.g. a wrong batch_dim: samples and tokens swapped
+            raise ValueError(f"GhostRecorder: a layer saw {n} samples, an earlier one {self._sizes[index]}; "
+                             f"allowed: one sample count per micro-batch (check batch_dim={self.batch_dim})")
         self._sizes[index] = n
         samples = slice(index * n, (index + 1) * n)
         uses = []

@@ -83,18 +83,34 @@ def _replicated(param: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     return copy_to_tensor_model_parallel_region(param) if spec.sequence_parallel else param
 
 
-class Norm(nn.Module):
-    def __init__(self, spec: ModelSpec):
+class _Norm(nn.Module):
+    """Per-feature scale (and shift): parameter names `weight`/`bias` as in torch, so checkpoints keep their keys."""
+
+    def __init__(self, spec: ModelSpec, bias: bool):
         super().__init__()
         self.spec = spec
         self.weight = nn.Parameter(torch.ones(spec.hidden_size))
-        self.bias = nn.Parameter(torch.zeros(spec.hidden_size)) if spec.arch == "gpt2" else None
+        self.bias = nn.Parameter(torch.zeros(spec.hidden_size)) if bias else None
+
+
+class LayerNorm(_Norm):
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec, bias=True)
 
     def forward(self, x):
-        weight = _replicated(self.weight, self.spec)
-        if self.bias is not None:
-            return F.layer_norm(x, (x.shape[-1],), weight, _replicated(self.bias, self.spec), self.spec.norm_eps)
-        return F.rms_norm(x, (x.shape[-1],), weight, self.spec.norm_eps)
+        bias = None if self.bias is None else _replicated(self.bias, self.spec)
+        return F.layer_norm(x, (x.shape[-1],), _replicated(self.weight, self.spec), bias, self.spec.norm_eps)
+
+
+class RMSNorm(_Norm):
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec, bias=False)
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), _replicated(self.weight, self.spec), self.spec.norm_eps)
+
+
+NORMS = {"gpt2": LayerNorm, "llama": RMSNorm}
 
 
 def rotary(x: torch.Tensor, base: float) -> torch.Tensor:
@@ -165,9 +181,9 @@ class TransformerLayer(nn.Module):
         super().__init__()
         config = spec.parallel_config()
         self.spec = spec
-        self.attn_norm = Norm(spec)
+        self.attn_norm = NORMS[spec.arch](spec)
         self.attention = SelfAttention(spec, config)
-        self.mlp_norm = Norm(spec)
+        self.mlp_norm = NORMS[spec.arch](spec)
         self.mlp = MLP(spec, config)
 
     def forward(self, h):
@@ -191,7 +207,8 @@ class TokenEmbedding(nn.Module):
                                                skip_weight_param_allocation=True)
 
     def forward(self, tokens):  # [batch, seq] -> [seq, batch, hidden]
-        return self.word(tokens.t())
+        # [batch, seq] ids, as megatron-core's own LanguageModelEmbedding calls it
+        return self.word(tokens).transpose(0, 1).contiguous()
 
     def logits(self, h):  # [seq, batch, hidden] -> [seq, batch, vocab / tp]
         out, _ = self.output(h, weight=self.word.weight)
@@ -247,7 +264,7 @@ def layer_specs(spec: ModelSpec) -> list:
         first, last = LayerSpec(TokenEmbedding, spec), LayerSpec(OutputLayer, spec)
     return ([first, LayerSpec(EmbeddingOutput, spec)]
             + [LayerSpec(TransformerLayer, spec) for _ in range(spec.num_layers)]
-            + [LayerSpec(Norm, spec), last])
+            + [LayerSpec(NORMS[spec.arch], spec), last])
 
 
 def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,9 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from megatron_greats.errors import ConfigError
 from megatron_greats.ghost import GhostRecorder
+from megatron_greats.ghost.layers import supported_layer_names
 from megatron_greats.model import per_sample_losses
 from megatron_greats.parallel.state import Layout, device
 from megatron_greats.training.scoring_schedule import ScoringRun, run_schedule
@@ -24,11 +26,20 @@ from megatron_greats.training.telemetry import PhaseClock
 
 
 class ScoringPass:
-    def __init__(self, module: torch.nn.Module, layout: Layout, engine=None, exclude=(), micro_batch=None):
+    def __init__(self, module: torch.nn.Module, layout: Layout, engine=None, exclude=(), micro_batch=None,
+                 gram: bool = True):
         """module: the model (or this stage of it) to score with; engine: the DeepSpeed PipelineEngine
-        whose pipeline runs the scoring schedules (needed when layout.pipeline > 1)."""
+        whose pipeline runs the scoring schedules (needed when layout.pipeline > 1); gram: whether the
+        Gram will be asked for (then every trainable parameter must be covered or excluded)."""
         self.module, self.layout, self.engine, self.micro_batch = module, layout, engine, micro_batch
         self.recorder = GhostRecorder(module, exclude=list(exclude), batch_dim=1)
+        uncovered = self.recorder.uncovered() if gram else []
+        if uncovered:  # the Gram would silently leave them out of every score
+            names = ", ".join(f"'{name}'" for name in uncovered[:5])
+            more = f" and {len(uncovered) - 5} more" if len(uncovered) > 5 else ""
+            raise ConfigError(f"selection scoring: parameter {names}{more} is in no supported layer "
+                              f"(supported: {', '.join(supported_layer_names())}); allowed: a supported "
+                              "layer type, or a selection.score_exclude pattern that names it")
         self.use_clock(PhaseClock())  # seconds of score_forward / score_backward / ... per run
 
     def use_clock(self, clock: PhaseClock) -> None:

@@ -22,6 +22,7 @@ from torch.func import grad, vmap  # noqa: E402
 
 from megatron_greats.ghost import GhostRecorder  # noqa: E402
 from megatron_greats.parallel.state import init_distributed, init_model_parallel  # noqa: E402
+from shards import gather  # noqa: E402  (tests/workers/shards.py, next to this script)
 
 V, H, FFN, T, B = 32, 8, 16, 4, 5
 
@@ -53,7 +54,7 @@ def forward(layers, tokens, sp, tied):
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
     from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 
-    h = layers["emb"](tokens.t())                                # [T, B, H]
+    h = layers["emb"](tokens).transpose(0, 1).contiguous()      # ids [B, T] -> [T, B, H]
     if sp:
         h = scatter_to_sequence_parallel_region(h)
     y, b = layers["col"](h)
@@ -63,14 +64,6 @@ def forward(layers, tokens, sp, tied):
     logits, _ = layers["out"](h, weight=layers["emb"].weight if tied else None)
     logits = gather_from_tensor_model_parallel_region(logits)   # full vocab, float64 loss
     return F.cross_entropy(logits.permute(1, 2, 0), tokens.roll(-1, 1), reduction="none").mean(1)
-
-
-def gather(shard, dim, tp):
-    if tp == 1:
-        return shard.detach().clone()
-    parts = [torch.empty_like(shard) for _ in range(tp)]
-    dist.all_gather(parts, shard.detach().contiguous())
-    return torch.cat(parts, dim=dim)
 
 
 def reference(layers, tokens, tp, bias, tied):
