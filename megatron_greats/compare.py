@@ -62,10 +62,19 @@ def train_all(out: Path, config: str, methods: list, seeds: list, overrides: lis
 
 # ---- summary -------------------------------------------------------------------------------------------
 def _mean_std(values: list) -> tuple:
-    values = [v for v in values if v is not None and not math.isnan(v)]
+    """Mean and standard deviation over seeds. None (a run that never reaches the target) is left out
+    (those are counted apart); a NaN (a seed that diverged) makes both NaN, so it is never hidden."""
+    values = [v for v in values if v is not None]
     if not values:
         return None, None
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _nan_seeds(per_seed: dict, value) -> list:
+    """The seeds whose value(run) is NaN."""
+    return [seed for seed, r in per_seed.items() if value(r) is not None and math.isnan(value(r))]
 
 
 def summarize(out: Path, methods: list, seeds: list) -> tuple:
@@ -95,6 +104,12 @@ def summarize(out: Path, methods: list, seeds: list) -> tuple:
             "reach_steps_mean": steps_mean, "reach_steps_std": steps_std,
             "reach_seconds_mean": seconds_mean, "reach_seconds_std": seconds_std,
             "per_seed_final_val": [r["val"][-1] for r in per_seed.values()],
+            "nan_seeds": {"final_val": _nan_seeds(per_seed, lambda r: r["val"][-1]),
+                          "final_test": _nan_seeds(per_seed, lambda r: r["test"][-1]),
+                          "wall_s": _nan_seeds(per_seed, lambda r: r["eval_seconds"][-1]),
+                          "target_share": _nan_seeds(per_seed, lambda r: r["target_share"]),
+                          "reach_seconds": [s for s, v in zip(per_seed, reach_seconds)
+                                            if v is not None and math.isnan(v)]},
         }
     return summary, runs
 
@@ -103,7 +118,10 @@ def markdown(summary: dict, command: str) -> str:
     target, base = summary["target_domain"], summary["baseline"]
     n = len(summary["seeds"])
 
-    def pm(mean, std, spec):
+    def pm(mean, std, spec, nan_seeds=()):
+        if mean is not None and math.isnan(mean):  # which seeds are NaN, not a mean of the others
+            seeds = f" (NaN in seed{'s' if len(nan_seeds) > 1 else ''} {', '.join(map(str, nan_seeds))})"
+            return "nan" + (seeds if nan_seeds else "")
         return "n/a" if mean is None else f"{mean:{spec}} ± {std:{spec}}"
 
     lines = [f"# Selection methods compared ({n} seeds: {', '.join(map(str, summary['seeds']))})", "",
@@ -111,17 +129,24 @@ def markdown(summary: dict, command: str) -> str:
              f"Target domain: `{target}`. Mean ± standard deviation over seeds. \"Reach\": the first evaluation "
              f"at which a run's {target} val loss is at or below {base}'s final val loss "
              f"({summary['baseline_final_val']:.4f}, mean over seeds); runs that never reach it are left out "
-             "of the mean and counted.", "",
+             "of the mean and counted. A seed whose value is NaN (a diverged run) makes its cell nan, naming "
+             "the seed, instead of being left out of the mean.", "",
              f"| method | final {target} val loss | final {target} test loss | steps | wall time (s) | "
              f"steps to reach {base}'s final val | wall time to reach (s) | runs that reach | "
              f"{target} share of trained samples |",
              "|---|---|---|---|---|---|---|---|---|"]
     for method, m in summary["methods"].items():
-        share = "n/a" if m["target_share"] is None else f"{100 * m['target_share']:.1f}% ± {100 * m['target_share_std']:.1f}%"
-        lines.append(f"| {method} | {pm(m['final_val'], m['final_val_std'], '.4f')} | "
-                     f"{pm(m['final_test'], m['final_test_std'], '.4f')} | {m['steps']} | "
-                     f"{pm(m['wall_s'], m['wall_s_std'], '.0f')} | {pm(m['reach_steps_mean'], m['reach_steps_std'], '.0f')} | "
-                     f"{pm(m['reach_seconds_mean'], m['reach_seconds_std'], '.0f')} | {m['reached']}/{n} | {share} |")
+        nan = m["nan_seeds"]
+        if m["target_share"] is None or math.isnan(m["target_share"]):
+            share = pm(m["target_share"], m["target_share_std"], ".1f", nan["target_share"])
+        else:
+            share = f"{100 * m['target_share']:.1f}% ± {100 * m['target_share_std']:.1f}%"
+        lines.append(f"| {method} | {pm(m['final_val'], m['final_val_std'], '.4f', nan['final_val'])} | "
+                     f"{pm(m['final_test'], m['final_test_std'], '.4f', nan['final_test'])} | {m['steps']} | "
+                     f"{pm(m['wall_s'], m['wall_s_std'], '.0f', nan['wall_s'])} | "
+                     f"{pm(m['reach_steps_mean'], m['reach_steps_std'], '.0f')} | "
+                     f"{pm(m['reach_seconds_mean'], m['reach_seconds_std'], '.0f', nan['reach_seconds'])} | "
+                     f"{m['reached']}/{n} | {share} |")
     lines += ["", "Plots: " + ", ".join(f"`plots/{p}`" for p in PLOTS), ""]
     return "\n".join(lines)
 

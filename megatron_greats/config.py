@@ -122,6 +122,9 @@ SCHEMA: dict = {
         "global_batch": Key(INT, 8, _at_least(1), help="samples per optimizer step, over all replicas"),
         "micro_batch": Key(INT, 4, _at_least(1), help="samples per forward pass per replica"),
         "precision": Key(STR, "fp32", _one_of("fp32", "bf16")),
+        "optimizer": Key(STR, "adamw", _one_of("adamw", "sgd"),
+                         help="adamw, or sgd: plain SGD without momentum (its step is lr x gradient, so "
+                              "checks can see the gradient's scale, which AdamW divides out)"),
         "lr": Key(FLOAT, 1e-3, lambda v: None if v > 0 else "allowed: > 0"),
         "min_lr": Key(FLOAT, 1e-4, _non_negative),
         "warmup_steps": Key(INT, 10, _non_negative),
@@ -344,9 +347,6 @@ class Config:
         if sel.method == "rholoss" and sel.reference_checkpoint is None:
             raise ConfigError("selection.method=rholoss needs selection.reference_checkpoint; allowed: a step_N checkpoint "
                               "folder of a reference run of the same model")
-        if sel.method == "rholoss" and p.pipeline > 1:
-            raise ConfigError("selection.method=rholoss with parallel.pipeline > 1 is not supported yet; "
-                              "allowed: parallel.pipeline=1")
         if not all(isinstance(x, str) for x in sel.score_exclude):
             raise ConfigError(f"selection.score_exclude={sel.score_exclude!r}; allowed: a list of name patterns")
         if world_size is None:

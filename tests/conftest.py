@@ -64,6 +64,24 @@ def train_losses(run_dir: Path) -> list:
     return [m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m]
 
 
+def read_selections(run_dir: Path) -> list:
+    lines = (Path(run_dir) / "selection.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def run_reference(spec: dict, overrides: list, work_dir: Path) -> dict:
+    """tests/workers/reference.py: plain-autograd SGD steps and GREATS selections outside the trainer."""
+    import torch
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    spec_file, out = work_dir / "reference_spec.json", work_dir / "reference_out.pt"
+    spec_file.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "reference.py"), str(spec_file), str(out),
+                           *overrides], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
 def run_pretrain(overrides: list, nproc: int = 1, launcher: str = "torchrun", timeout: int = 600,
                  config: str = "configs/tiny-cpu.yaml") -> subprocess.CompletedProcess:
     """launch/pretrain.py as a user runs it: plain python (nproc=1) or torchrun with nproc processes."""

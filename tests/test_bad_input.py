@@ -1,8 +1,10 @@
 """The bad-input catalogue: each kind of bad config or data ends with one error line that names the
-problem and what is allowed, a non-zero exit before training starts, and no half-written outputs."""
+problem and what is allowed, exit status 2 before training starts, and no half-written outputs."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PRETRAIN, REPO, child_env, error_lines, run_pretrain, tiny_overrides
+from conftest import PRETRAIN, REPO, child_env, error_lines, free_port, run_pretrain, tiny_overrides
 
 CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 GREATS = ["selection.method=greats", "selection.candidates=16", "selection.val_batch=3"]
@@ -51,6 +53,27 @@ def _checkpoint_of_another_shape(data_cache, tmp):
     return ["model.hidden_size=64", "train.steps=2"]
 
 
+def _finished_run_without(name):
+    """A finished 1-step run (1 process) in run_dir, with file `name` of its checkpoint deleted (None: none);
+    the bad call resumes it for 2 steps."""
+    def setup(data_cache, tmp):
+        proc = run_pretrain(tiny_overrides(data_cache, tmp / "run", "train.steps=1", "train.save_interval=1"),
+                            launcher="python")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        if name is not None:
+            (tmp / "run" / "checkpoints" / "step_1" / name).unlink()
+        return ["train.steps=2"]
+    return setup
+
+
+def _reference_of_another_shape(data_cache, tmp):
+    """A finished 1-step reference run with 2 layers (outside run_dir); the bad call scores with it at 3."""
+    proc = run_pretrain(tiny_overrides(data_cache, tmp / "reference", "train.steps=1"), launcher="python")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return ["selection.method=rholoss", "selection.candidates=16", "model.num_layers=3",
+            f"selection.reference_checkpoint={tmp / 'reference' / 'checkpoints' / 'step_1'}"]
+
+
 # id: (setup(data_cache, tmp) -> extra args, or a list of overrides; words the one error line must hold;
 #      processes)
 CASES = {
@@ -82,11 +105,31 @@ CASES = {
     "seq_len longer than the data": (["model.seq_len=60000"], ["seq_len 60000 is too long"], 1),
     "vocabulary too large for the text": (["tokenizer.vocab_size=60000"], ["60000"], 1),
     "checkpoint of another model shape": (_checkpoint_of_another_shape, ["another model shape", "hidden_size"], 1),
+    "rholoss reference of another model shape": (_reference_of_another_shape,
+                                                 ["selection.reference_checkpoint", "model.num_layers=2",
+                                                  "this run has model.num_layers=3", "any parallel.pipeline"], 1),
+    "checkpoint without shape.json": (_finished_run_without("shape.json"), ["step_1'", "has no shape.json"], 1),
+    "checkpoint without a rank's state": (_finished_run_without("rank_state_0.pt"),
+                                          ["step_1'", "has no rank_state_0.pt"], 1),
+    "checkpoint of another world size": (_finished_run_without(None),
+                                         ["step_1'", "rank states of 1 rank (rank_state_0.pt)", "this run has 2",
+                                          "allowed: resuming with 1 process"], 2),
 }
 
 
 def _snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under folder with its content's digest (config.yaml included)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _deepspeed_launch(args: list, nproc: int) -> subprocess.CompletedProcess:
+    """nproc ranks under the deepspeed launcher, which exits with its ranks' status (torchrun always
+    exits 1 when a rank fails, whatever the rank's own status)."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port()), str(PRETRAIN), *args]
+    env = child_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -103,19 +146,18 @@ def test_bad_input_catalogue(case, data_cache, tmp_path):
         proc = subprocess.run([sys.executable, str(PRETRAIN), *args], cwd=REPO, env=child_env(), capture_output=True,
                               text=True, timeout=300)
     else:
-        proc = run_pretrain(args[2:], nproc=nproc)
+        proc = _deepspeed_launch(args, nproc)
     lines = error_lines(proc)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     assert len(set(lines)) == 1, proc.stderr[-3000:]
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert any(w in lines[0] for w in ("allowed", "did you mean", "domains present")), lines[0]  # what is allowed
-    # no traceback of ours (torchrun prints its own when a child exits non-zero)
+    # no traceback of ours (a launcher may print its own when a rank exits non-zero)
     assert "megatron_greats/" not in proc.stderr and 'pretrain.py", line' not in proc.stderr
-    # nothing half-written: the shared data cache and an earlier run's files are as they were
+    # nothing half-written: the shared data cache and an earlier run's files (config.yaml too) are as they were
     assert _snapshot(data_cache) == cache_before
     after = _snapshot(run_dir) if run_dir.exists() else {}
-    assert {k: v for k, v in after.items() if not k.startswith("config.yaml")} == \
-        {k: v for k, v in run_before.items() if not k.startswith("config.yaml")}
+    assert after == run_before
     leftovers = [p for p in tmp_path.rglob("*.tmp")]
     assert not leftovers, leftovers

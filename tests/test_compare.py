@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from conftest import REPO, TINY_DATA, TINY_MODEL, child_env
 
 METHODS = ["regular", "greats", "first_order", "gradnorm", "maxloss"]
@@ -50,3 +52,34 @@ def test_compare_unknown_method_is_one_line(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "unknown greedy" in proc.stderr and not (tmp_path / "c").exists()
+
+
+def _finished_run(run_dir: Path, method: str, final_val: float) -> None:
+    """A finished run's files as the trainer writes them (config.yaml, metrics.jsonl, selection.jsonl):
+    evaluations at steps 2 and 4, the last one `final_val` (NaN: the run diverged)."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"data": {"target_domain": "python_docs"},
+                                                         "selection": {"method": method}}))
+    evals = [{"step": 2, "val/loss": 6.0, "test/loss": 6.1, "train/elapsed_s": 2.0},
+             {"step": 4, "val/loss": final_val, "test/loss": final_val + 0.1, "train/elapsed_s": 4.0}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in evals))
+    picks = [{"step": s, "selected_domains": ["python_docs", "bible"]} for s in (1, 2, 3, 4)]
+    (run_dir / "selection.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picks))
+
+
+def test_a_diverged_seed_is_not_left_out_of_the_mean(tmp_path):
+    """One seed of greats ends with a NaN val loss: its mean ± std is NaN and the Markdown names the seed,
+    instead of the mean of the seeds that did not diverge."""
+    from megatron_greats.compare import markdown, run_dir_of, summarize
+
+    finals = {("regular", 1234): 5.0, ("regular", 1235): 5.2, ("greats", 1234): 4.0, ("greats", 1235): math.nan}
+    for (method, seed), final in finals.items():
+        _finished_run(run_dir_of(tmp_path, method, seed), method, final)
+    summary, _ = summarize(tmp_path, ["regular", "greats"], [1234, 1235])
+    greats, regular = summary["methods"]["greats"], summary["methods"]["regular"]
+    for key in ("final_val", "final_val_std", "final_test", "final_test_std"):
+        assert math.isnan(greats[key]), (key, greats[key])
+    assert greats["nan_seeds"]["final_val"] == [1235] and greats["nan_seeds"]["final_test"] == [1235]
+    assert math.isclose(regular["final_val"], 5.1) and regular["nan_seeds"]["final_val"] == []
+    row = next(line for line in markdown(summary, "cmd").splitlines() if line.startswith("| greats |"))
+    assert row.count("nan (NaN in seed 1235)") == 2 and "4.0000" not in row and "4.1000" not in row, row

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import read_metrics, run_pretrain, tiny_overrides, train_losses
+from conftest import read_metrics, read_selections, run_pretrain, run_reference, tiny_overrides, train_losses
+from full_weights import full_weights, relative_gap
 
-# Clipping must be active (a wrong global norm under TP/PP changes the update) and the learning rate
-# large enough that a wrong update shows in the next losses.
-STRICT = ["train.grad_clip=0.05", "train.lr=0.01", "train.warmup_steps=0", "model.dropout=0.0"]
+# Plain SGD: its step is lr x gradient, so an error in the gradient's scale (a 1/k slip, a data-parallel
+# sum instead of a mean, a tied weight counted twice) shows in the weights; AdamW would divide it out.
+# Clipping at 0.7 is active in step 1 only (the norms are about 0.86, 0.63, 0.59; checked below): a
+# wrong global norm changes step 1's coefficient, a wrong scale shows unclipped in steps 2 and 3.
+CLIP = 0.7
+STRICT = ["train.optimizer=sgd", "train.lr=0.5", "train.weight_decay=0", f"train.grad_clip={CLIP}",
+          "train.warmup_steps=0", "model.dropout=0.0", "train.steps=3", "train.save_interval=1"]
+# bf16 keeps AdamW (its fp32 master weights are what that test is about).
+ADAMW_STRICT = ["train.grad_clip=0.05", "train.lr=0.01", "train.warmup_steps=0", "model.dropout=0.0"]
+RTOL = 1e-5
 
 LAYOUTS = {
     "dp2-zero1": (2, ["zero.stage=1"]),
@@ -23,24 +33,65 @@ LAYOUTS = {
 }
 
 
+def step_weights(run_dir: Path, steps: int) -> list:
+    return [full_weights(run_dir / "checkpoints" / f"step_{s}") for s in range(1, steps + 1)]
+
+
+def grad_norms(run_dir: Path) -> list:
+    return [m["train/grad_norm"] for m in read_metrics(run_dir) if "train/loss" in m]
+
+
+def assert_same_steps(run_dir: Path, reference: dict, name: str) -> None:
+    """Per step: the global gradient norm and the weights after the step (relative to that step's
+    update) agree with the reference to RTOL."""
+    np.testing.assert_allclose(grad_norms(run_dir), reference["grad_norms"], rtol=RTOL, err_msg=name)
+    previous = [reference["initial"], *reference["weights"][:-1]]
+    for step, (mine, theirs, before) in enumerate(zip(step_weights(run_dir, 3), reference["weights"], previous), 1):
+        update = {k: theirs[k] - before[k] for k in theirs}
+        gap = relative_gap(mine, theirs, update)
+        assert gap < RTOL, f"{name}: weights after step {step} differ by {gap:.2e} of the step's update"
+
+
 @pytest.fixture(scope="module")
-def reference_losses(data_cache, tmp_path_factory):
+def single_process(data_cache, tmp_path_factory):
+    """The 1-process run, checked against plain autograd + SGD outside the trainer (tests/workers/reference.py)."""
     run_dir = tmp_path_factory.mktemp("single")
     proc = run_pretrain(tiny_overrides(data_cache, run_dir, *STRICT), launcher="python")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = train_losses(run_dir)
-    assert len(losses) == 5
-    assert np.std(losses) > 1e-3  # the model trains: a layout that skipped updates would show
-    return losses
+    weights, metrics = step_weights(run_dir, 3), [m for m in read_metrics(run_dir) if "train/loss" in m]
+    ids = [r["selected"] for r in read_selections(run_dir)]  # regular: the stream's samples of each step
+    saved = []
+    for step, state in enumerate(weights[:-1], 1):
+        saved.append(run_dir / f"weights_{step}.pt")
+        torch.save(state, saved[-1])
+    spec = {"steps": [{"weights": None if s == 0 else str(saved[s - 1]), "ids": ids[s], "lr": metrics[s]["train/lr"],
+                       "clip": CLIP} for s in range(3)]}
+    reference = run_reference(spec, tiny_overrides(data_cache, run_dir / "reference", *STRICT), run_dir)
+    norms = [r["grad_norm"] for r in reference["steps"]]
+    assert norms[0] > CLIP > max(norms[1:]), norms  # clipping active in step 1 only
+    result = {"initial": {k: v.float() for k, v in reference["initial"].items()}, "weights": weights,
+              "grad_norms": grad_norms(run_dir), "losses": [m["train/loss"] for m in metrics]}
+    # The run itself against the independent reference: each step from the run's own previous weights.
+    np.testing.assert_allclose(result["grad_norms"], norms, rtol=RTOL)
+    previous = [result["initial"], *weights[:-1]]
+    for step, (mine, ref, before) in enumerate(zip(weights, reference["steps"], previous), 1):
+        ref_weights = {k: v.float() for k, v in ref["weights"].items()}
+        gap = relative_gap(mine, ref_weights, {k: ref_weights[k] - before[k] for k in ref_weights})
+        assert gap < RTOL, f"1 process: weights after step {step} differ from plain SGD by {gap:.2e} of the update"
+    return result
+
+
+def test_single_process_step_is_plain_sgd_on_the_mean_gradient(single_process):
+    assert np.std(single_process["losses"]) > 1e-3  # it trains: a layout that skipped updates would show
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_gives_the_same_losses(name, reference_losses, data_cache, tmp_path):
+def test_layout_gives_the_same_norms_and_weights(name, single_process, data_cache, tmp_path):
     nproc, layout = LAYOUTS[name]
     proc = run_pretrain(tiny_overrides(data_cache, tmp_path, *STRICT, *layout), nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = train_losses(tmp_path)
-    np.testing.assert_allclose(losses, reference_losses, rtol=1e-4, err_msg=name)
+    np.testing.assert_allclose(train_losses(tmp_path), single_process["losses"], rtol=RTOL, err_msg=name)
+    assert_same_steps(tmp_path, single_process, name)
 
 
 def test_llama_untied_pipeline_matches_single_process(data_cache, tmp_path):
@@ -51,7 +102,12 @@ def test_llama_untied_pipeline_matches_single_process(data_cache, tmp_path):
     proc = run_pretrain(tiny_overrides(data_cache, piped, *llama, "parallel.tensor=2", "parallel.pipeline=2",
                                        "parallel.sequence_parallel=true"), nproc=4)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    np.testing.assert_allclose(train_losses(piped), train_losses(single), rtol=1e-4)
+    np.testing.assert_allclose(train_losses(piped), train_losses(single), rtol=RTOL)
+    np.testing.assert_allclose(grad_norms(piped), grad_norms(single), rtol=RTOL)
+    ours, theirs = step_weights(piped, 3), step_weights(single, 3)
+    for step in (2, 3):
+        update = {k: theirs[step - 1][k] - theirs[step - 2][k] for k in theirs[step - 1]}
+        assert relative_gap(ours[step - 1], theirs[step - 1], update) < RTOL, step
 
 
 def test_outputs_tensorboard_and_resume(data_cache, tmp_path):
@@ -103,7 +159,7 @@ def test_finished_run_is_not_overwritten(data_cache, tmp_path):
 
 def test_bf16_trains_with_fp32_master_weights(data_cache, tmp_path):
     """bf16 (ZeRO-1 in one process, and PP=2) keeps fp32 master weights: both layouts agree to bf16 noise."""
-    bf16 = ["train.precision=bf16", *STRICT]
+    bf16 = ["train.precision=bf16", *ADAMW_STRICT]
     proc = run_pretrain(tiny_overrides(data_cache, tmp_path / "z1", *bf16, "zero.stage=1"), launcher="python")
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run_pretrain(tiny_overrides(data_cache, tmp_path / "pp2", *bf16, "parallel.pipeline=2"), nproc=2)
@@ -111,3 +167,26 @@ def test_bf16_trains_with_fp32_master_weights(data_cache, tmp_path):
     single, piped = train_losses(tmp_path / "z1"), train_losses(tmp_path / "pp2")
     assert np.std(single) > 1e-3
     np.testing.assert_allclose(piped, single, rtol=1e-3)
+
+
+def test_evaluate_restores_the_training_mode_when_the_forward_fails():
+    """Trainer.evaluate switches the module to eval mode; an error inside must not leave it there
+    (dropout would silently stay off for the rest of training)."""
+    from types import SimpleNamespace
+
+    from megatron_greats.training.trainer import Trainer
+
+    class Failing(torch.nn.Module):
+        def forward(self, inputs):
+            assert not self.training  # evaluation runs in eval mode
+            raise RuntimeError("forward failed")
+
+    module = Failing().train()
+    batch = (torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    trainer = SimpleNamespace(pipelined=False, engine=SimpleNamespace(module=module),
+                              evaluation_ids=lambda samples: [np.arange(1)],
+                              batches=SimpleNamespace(replica_ids=lambda ids: ids,
+                                                      micro_batches=lambda samples, ids: [batch]))
+    with pytest.raises(RuntimeError, match="forward failed"):
+        Trainer.evaluate(trainer, samples=None)
+    assert module.training

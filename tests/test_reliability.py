@@ -173,6 +173,10 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(data_
     assert errors and all("3 steps in a row (up to step 4)" in e and "step_4" in e for e in errors)
     metrics = {m["step"]: m for m in read_metrics(run_dir)}
     assert "train/step_skipped" not in metrics[1] and metrics[3]["train/skipped_steps"] == 2
+    # DeepSpeed does not advance the LR schedule on a skipped step: train/lr (and GREATS' eta, the same
+    # value) must stay at the optimizer's rate instead of following the step count
+    rates = [metrics[s]["train/lr"] for s in (1, 2, 3)]
+    assert rates[0] > rates[1] == rates[2], rates
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_4"
     if "selection.method=greats" in extra:
         assert [json.loads(line)["step"] for line in (run_dir / "selection.jsonl").read_text().splitlines()] == [1]

@@ -9,19 +9,43 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from conftest import REPO, child_env, error_lines, read_metrics, run_pretrain, tiny_overrides
+from conftest import (REPO, child_env, error_lines, read_metrics, read_selections, run_pretrain, run_reference,
+                      tiny_overrides)
+from full_weights import full_weights
 
-STEPS = ["train.steps=3", "train.lr=0.01", "train.warmup_steps=0", "selection.val_batch=3"]
-
-
-def selections(run_dir):
-    lines = (run_dir / "selection.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
+STEPS = ["train.steps=3", "train.lr=0.01", "train.warmup_steps=0", "selection.val_batch=3", "train.save_interval=1"]
 
 def greats(data_cache, run_dir, *extra):
     return tiny_overrides(data_cache, run_dir, *STEPS, "selection.method=greats", "selection.candidates=16", *extra)
+
+
+def assert_selections_match_reference(run_dir, data_cache):
+    """Each step's picks and gains against tests/workers/reference.py: per-sample gradients by ordinary
+    backward passes of a 1-process copy of the model at the weights the step started from (the
+    previous step's checkpoint, merged over tensor/pipeline shards), their Gram, and a plain greedy.
+    The candidates, validation samples and eta are those the run logged; eta must be the scheduled LR."""
+    from megatron_greats.training.schedule import lr_at
+
+    records = read_selections(run_dir)
+    t = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
+    spec = []
+    for r in records:
+        step = r["step"]
+        assert r["eta"] == pytest.approx(lr_at(step - 1, t["lr"], t["min_lr"], t["warmup_steps"], t["steps"]), rel=1e-12)
+        weights = None
+        if step > 1:
+            weights = run_dir / f"weights_{step - 1}.pt"
+            torch.save(full_weights(run_dir / "checkpoints" / f"step_{step - 1}"), weights)
+        spec.append({"weights": None if weights is None else str(weights), "candidates": r["candidates"],
+                     "validation": r["validation"], "eta": r["eta"], "k": len(r["selected"])})
+    reference = run_reference({"select": spec}, tiny_overrides(data_cache, run_dir / "reference"), run_dir)
+    for r, ref in zip(records, reference["select"]):
+        assert [r["candidates"][i] for i in ref["picked"]] == r["selected"], f"step {r['step']}"
+        gains, ref_gains = np.asarray(r["gains"]), np.asarray(ref["gains"])
+        error = np.abs(gains - ref_gains).max() / np.abs(ref_gains).max()
+        assert error < 1e-4, f"step {r['step']}: gains differ by {error:.2e} (relative)"
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +53,17 @@ def single_process_selection(data_cache, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("greats-single")
     proc = run_pretrain(greats(data_cache, run_dir), launcher="python")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = selections(run_dir)
+    records = read_selections(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
         assert len(r["candidates"]) == 16 and len(r["selected"]) == 8 and len(r["gains"]) == 8
-        assert set(r["selected"]) <= set(r["candidates"])
+        assert set(r["selected"]) <= set(r["candidates"]) and len(r["validation"]) == 3
+    assert_selections_match_reference(run_dir, data_cache)
     return [r["selected"] for r in records]
+
+
+def test_selection_in_one_process_matches_an_independent_reference(single_process_selection):
+    assert len(single_process_selection) == 3  # the fixture compared every step with the reference
 
 
 @pytest.mark.parametrize("nproc, layout", [
@@ -43,10 +72,12 @@ def single_process_selection(data_cache, tmp_path_factory):
     (2, ["parallel.pipeline=2"]),
     (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
 ], ids=["tp2", "tp2-sp", "pp2", "tp2-pp2"])
-def test_selected_ids_do_not_depend_on_the_layout(single_process_selection, data_cache, tmp_path, nproc, layout):
+def test_selection_at_a_layout_matches_the_reference(single_process_selection, data_cache, tmp_path, nproc, layout):
+    """PP=2 runs the production scoring path: DeepSpeed's 1F1B schedule with the scoring instructions."""
     proc = run_pretrain(greats(data_cache, tmp_path, *layout), nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [r["selected"] for r in selections(tmp_path)] == single_process_selection
+    assert [r["selected"] for r in read_selections(tmp_path)] == single_process_selection
+    assert_selections_match_reference(tmp_path, data_cache)
 
 
 @pytest.mark.parametrize("nproc, extra", [(1, []), (2, ["zero.stage=1"]), (2, ["zero.stage=2"])],
@@ -58,7 +89,7 @@ def test_update_equals_an_ordinary_step_on_the_selected_samples(data_cache, tmp_
     overrides = greats(data_cache, run_dir, "train.steps=2", *extra)
     proc = run_pretrain(overrides, nproc=nproc, launcher="python" if nproc == 1 else "torchrun")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = selections(run_dir)
+    records = read_selections(run_dir)
     steps = [[i for r in sorted(records, key=lambda r: r["replica"]) if r["step"] == s for i in r["selected"]]
              for s in (1, 2)]
     assert all(len(ids) == 8 for ids in steps)
@@ -92,7 +123,7 @@ def test_every_method_trains(data_cache, tmp_path, method):
                         launcher="python")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len([m for m in read_metrics(tmp_path) if "train/loss" in m]) == 2
-    records = selections(tmp_path)
+    records = read_selections(tmp_path)
     assert len(records) == 2 and all(len(r["selected"]) == 8 for r in records)
     assert all(len(r["selected_domains"]) == 8 for r in records)
     if method == "regular":  # the stream itself: no candidates beyond the k trained on
@@ -108,7 +139,35 @@ def test_rholoss_with_a_reference_checkpoint(data_cache, tmp_path):
                                        f"selection.reference_checkpoint={reference_run / 'checkpoints' / 'step_2'}"),
                         launcher="python")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(selections(run_dir)) == 2
+    assert len(read_selections(run_dir)) == 2
+
+
+@pytest.mark.parametrize("reference_layout", [[], ["parallel.pipeline=2"]], ids=["reference-pp1", "reference-pp2"])
+def test_rholoss_selects_the_same_at_pp2_as_in_one_process(data_cache, tmp_path, reference_layout):
+    """One reference checkpoint (without a pipeline: one file for the whole model; with one: a file per
+    layer) scores the same in a 1-process run and in a PP=2 run, where each stage loads its layers and
+    runs them in the pipeline scoring schedule: the same picks and excess losses."""
+    reference_run = tmp_path / "reference"
+    proc = run_pretrain(tiny_overrides(data_cache, reference_run, "train.steps=2", *reference_layout),
+                        nproc=2 if reference_layout else 1, launcher="torchrun" if reference_layout else "python")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step_dir = reference_run / "checkpoints" / "step_2"
+    assert bool(list(step_dir.glob("layer_*-model_00-model_states.pt"))) == bool(reference_layout)
+    runs = {}
+    for name, nproc, layout in (("single", 1, []), ("pp2", 2, ["parallel.pipeline=2"])):
+        run_dir = tmp_path / name
+        proc = run_pretrain(tiny_overrides(data_cache, run_dir, "train.steps=2", "selection.method=rholoss",
+                                           f"selection.reference_checkpoint={step_dir}", *layout),
+                            nproc=nproc, launcher="python" if nproc == 1 else "torchrun")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = read_selections(run_dir)
+        assert [r["step"] for r in runs[name]] == [1, 2]
+    assert [r["selected"] for r in runs["pp2"]] == [r["selected"] for r in runs["single"]]
+    single, pp2 = (np.array([r["gains"] for r in runs[name]]) for name in ("single", "pp2"))
+    np.testing.assert_allclose(pp2, single, rtol=1e-4, atol=1e-6)
+    # at step 1 the run's model is its initial one, which the reference run started from too: without the
+    # reference's trained weights every excess loss would be exactly 0
+    assert np.abs(single[0]).min() > 1e-3, single[0]
 
 
 def test_unknown_method_is_an_error(data_cache, tmp_path):
@@ -149,7 +208,7 @@ def test_scoring_in_micro_batches_selects_the_same(data_cache, tmp_path, nproc, 
         proc = run_pretrain(greats(data_cache, run_dir, "selection.val_batch=4", f"selection.score_micro_batch={micro}",
                                    *layout), nproc=nproc, launcher="python" if nproc == 1 else "torchrun")
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = selections(run_dir)
+        runs[name] = read_selections(run_dir)
     assert [r["selected"] for r in runs["micro"]] == [r["selected"] for r in runs["whole"]]
     np.testing.assert_allclose([g for r in runs["micro"] for g in r["gains"]],
                                [g for r in runs["whole"] for g in r["gains"]], rtol=1e-4)

@@ -76,14 +76,12 @@ def _measure(name: str, cfg, data, layout, run_dir: Path, warmup: int, repeats: 
 
     from megatron_greats.errors import TrainingError
     from megatron_greats.parallel.state import device
-    from megatron_greats.training.schedule import lr_at
     from megatron_greats.training.trainer import Trainer, build_engine
 
     engine = build_engine(cfg, data.vocab_size, layout)
     trainer = Trainer(cfg, engine, data, layout, run_dir)
     trainer.selector.use_clock(PhaseClock(sync=True))
     acc = get_accelerator()
-    t = cfg.train
     progress = None
     if show_progress:
         from tqdm import tqdm
@@ -93,7 +91,7 @@ def _measure(name: str, cfg, data, layout, run_dir: Path, warmup: int, repeats: 
     def timed_step(step: int):
         acc.synchronize()
         start = time.perf_counter()
-        choice, _, _ = trainer.take_step(step, lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.steps))
+        choice, _, _ = trainer.take_step(step, engine.get_lr()[0])
         if choice.skipped:
             raise TrainingError(f"bench: step {step} of {name} had NaN/Inf scores; allowed: a config that trains "
                                 "(lower train.lr)")

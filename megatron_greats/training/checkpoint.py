@@ -4,7 +4,8 @@ A checkpoint is the folder <checkpoints>/step_N:
   DeepSpeed's files           model, optimizer (ZeRO shards), LR scheduler, client state
                               {"step", "seed"}: the data stream, the candidate/validation rotation and
                               the selector's random picks are functions of (seed, step)
-  shape.json                  the model config and tensor/pipeline sizes: checked before loading
+  shape.json                  the model config and tensor/pipeline sizes: checked before loading; and
+                              the world size (how many rank_state files there must be)
   rank_state_<rank>.pt        this rank's RNG states (torch, accelerator, numpy, python) and the
                               pipeline module's micro-batch counter (it seeds dropout per micro-batch)
 <checkpoints>/latest names the last complete one. It is written last, after every rank finished its
@@ -28,6 +29,7 @@ from megatron_greats.data.cache import atomic_path
 from megatron_greats.errors import ConfigError
 
 LATEST = "latest"
+WORLD_SIZE = "world_size"  # in shape.json: the number of ranks that saved (and of rank_state files)
 
 
 def tag_of(step: int) -> str:
@@ -110,7 +112,8 @@ def save(engine, folder, step: int, seed: int, shape: dict) -> str:
     engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step, "seed": seed}, save_latest=False)
     torch.save(_rank_state(engine), folder / tag / f"rank_state_{dist.get_rank()}.pt")
     if dist.get_rank() == 0:
-        (folder / tag / "shape.json").write_text(json.dumps(shape, indent=1, sort_keys=True) + "\n")
+        saved = {**shape, WORLD_SIZE: dist.get_world_size()}
+        (folder / tag / "shape.json").write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
     dist.barrier()
     if dist.get_rank() == 0:
         _write_durably(folder / LATEST, tag)
@@ -118,17 +121,33 @@ def save(engine, folder, step: int, seed: int, shape: dict) -> str:
     return tag
 
 
-def check_shape(folder, tag: str, shape: dict) -> None:
-    """A checkpoint of another model shape or split is refused, naming the first difference."""
-    path = Path(folder) / tag / "shape.json"
-    if not path.exists():
-        return
-    saved = json.loads(path.read_text())
-    for key in sorted(set(saved) | set(shape)):
+def read_shape(checkpoint_dir, allowed: str, what: str = "checkpoint") -> dict:
+    """shape.json of a step_N folder; a folder without one is refused (`allowed` ends the error line)."""
+    path = Path(checkpoint_dir) / "shape.json"
+    if not path.is_file():
+        raise ConfigError(f"{what} '{checkpoint_dir}' has no shape.json (the model shape and tensor/pipeline "
+                          f"sizes it was saved with, checked before loading); allowed: {allowed}")
+    return json.loads(path.read_text())
+
+
+def shape_difference(saved: dict, shape: dict, ignore=()) -> Optional[str]:
+    """The first key (sorted) whose value differs, leaving out the world size and `ignore`."""
+    for key in sorted((set(saved) | set(shape)) - {WORLD_SIZE, *ignore}):
         if saved.get(key) != shape.get(key):
-            raise ConfigError(f"checkpoint '{Path(folder) / tag}' holds another model shape: it was saved with "
-                              f"{key}={saved.get(key)!r}, this run has {key}={shape.get(key)!r}; allowed: the same "
-                              "model and tensor/pipeline sizes, or another run_dir")
+            return key
+    return None
+
+
+def check_shape(folder, tag: str, shape: dict) -> dict:
+    """A checkpoint of another model shape or split is refused, naming the first difference; returns
+    the saved shape.json."""
+    saved = read_shape(Path(folder) / tag, "a complete step_N folder as this project writes it, or another run_dir")
+    key = shape_difference(saved, shape)
+    if key is not None:
+        raise ConfigError(f"checkpoint '{Path(folder) / tag}' holds another model shape: it was saved with "
+                          f"{key}={saved.get(key)!r}, this run has {key}={shape.get(key)!r}; allowed: the same "
+                          "model and tensor/pipeline sizes, or another run_dir")
+    return saved
 
 
 def load(engine, folder, seed: int, shape: dict) -> Optional[int]:
@@ -140,7 +159,8 @@ def load(engine, folder, seed: int, shape: dict) -> Optional[int]:
     if not (folder / tag).is_dir():
         raise ConfigError(f"'{folder / LATEST}' names checkpoint '{tag}', which is not there; "
                           f"allowed: a 'latest' file naming a step_N folder in '{folder}'")
-    check_shape(folder, tag, shape)
+    saved_shape = check_shape(folder, tag, shape)
+    state_file = check_rank_states(folder / tag, dist.get_rank(), dist.get_world_size(), saved_shape.get(WORLD_SIZE))
     try:
         path, client_state = engine.load_checkpoint(str(folder), tag=tag)
     except RuntimeError as e:  # e.g. size mismatch in a checkpoint written before shape.json existed
@@ -152,12 +172,40 @@ def load(engine, folder, seed: int, shape: dict) -> Optional[int]:
     if saved_seed != seed:
         raise ConfigError(f"checkpoint '{folder / tag}' was trained with seed={saved_seed}, this run has seed={seed}; "
                           "allowed: the same seed (the data stream and the selections follow it), or another run_dir")
-    state_file = folder / tag / f"rank_state_{dist.get_rank()}.pt"
-    if state_file.exists():  # missing when the world size changed: weights and optimizer still resume
-        try:
-            state = torch.load(state_file, weights_only=True)  # tensors and plain values only
-        except Exception as e:
-            raise ConfigError(f"checkpoint file '{state_file}' is not a plain tensor file ({type(e).__name__}); "
-                              "allowed: the rank_state files this project writes") from None
-        _restore_rank_state(engine, state)
+    try:
+        state = torch.load(state_file, weights_only=True)  # tensors and plain values only
+    except Exception as e:
+        raise ConfigError(f"checkpoint file '{state_file}' is not a plain tensor file ({type(e).__name__}); "
+                          "allowed: the rank_state files this project writes") from None
+    _restore_rank_state(engine, state)
     return int(client_state["step"])
+
+
+def check_rank_states(checkpoint_dir: Path, rank: int, world_size: int, saved_world_size: Optional[int]) -> Path:
+    """This rank's rank_state file. Without every rank's file the run cannot resume exactly (RNG
+    streams, dropout seeds), so it is refused. Every rank looks at all the files, so all ranks refuse
+    alike, before any collective of the load. saved_world_size: from shape.json (None in checkpoints
+    written before it was recorded: then the rank_state files present tell)."""
+    saved = sorted(int(p.name[len("rank_state_"):-len(".pt")]) for p in checkpoint_dir.glob("rank_state_*.pt")
+                   if p.name[len("rank_state_"):-len(".pt")].isdigit())
+    if saved_world_size is None and saved == list(range(len(saved))):
+        saved_world_size = len(saved) or None
+    if saved_world_size is not None and saved_world_size != world_size:
+        raise ConfigError(f"checkpoint '{checkpoint_dir}' holds the rank states of {_ranks(saved_world_size)} "
+                          f"({_rank_files(saved_world_size)}), this run has {world_size}; allowed: resuming with "
+                          f"{saved_world_size} process{'es' if saved_world_size > 1 else ''} (the world size it was "
+                          "saved with; RNG streams and dropout seeds are per rank), or another run_dir")
+    missing = [r for r in range(world_size) if r not in saved]
+    if missing:
+        raise ConfigError(f"checkpoint '{checkpoint_dir}' has no rank_state_{missing[0]}.pt (rank {missing[0]}'s RNG "
+                          f"states and micro-batch counter); allowed: a complete step_N folder with "
+                          f"{_rank_files(world_size)} for this run's {_ranks(world_size)}, or another run_dir")
+    return checkpoint_dir / f"rank_state_{rank}.pt"
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank{'s' if n > 1 else ''}"
+
+
+def _rank_files(n: int) -> str:
+    return "rank_state_0.pt" if n == 1 else f"rank_state_0.pt ... rank_state_{n - 1}.pt"

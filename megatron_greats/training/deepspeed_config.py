@@ -12,9 +12,9 @@ def deepspeed_config(cfg, data_parallel: int) -> dict:
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": grad_accum,
-        # torch_adam: DeepSpeed would otherwise build its fused CPU Adam op (minutes of compiling)
-        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.adam_eps,
-                                                  "weight_decay": t.weight_decay, "torch_adam": True}},
+        "optimizer": _optimizer(t),
+        # ZeRO lists only its own optimizers as tested; plain SGD keeps no state to partition
+        "zero_allow_untested_optimizer": t.optimizer == "sgd",
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": cfg.zero.stage},
         "bf16": {"enabled": t.precision == "bf16"},
@@ -26,6 +26,14 @@ def deepspeed_config(cfg, data_parallel: int) -> dict:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+
+
+def _optimizer(t) -> dict:
+    if t.optimizer == "sgd":  # DeepSpeed builds any torch.optim class by name
+        return {"type": "SGD", "params": {"lr": t.lr, "momentum": 0.0, "weight_decay": t.weight_decay}}
+    # torch_adam: DeepSpeed would otherwise build its fused CPU Adam op (minutes of compiling)
+    return {"type": "AdamW", "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.adam_eps,
+                                        "weight_decay": t.weight_decay, "torch_adam": True}}
 
 
 def _decays(name: str, param: torch.nn.Parameter) -> bool:

@@ -1,6 +1,7 @@
 """Learning-rate schedule: linear warmup, then cosine decay to min_lr at the last step.
 
-lr_at(step) is the rate used by update number `step` (0-based); GREATS' eta reads the same function.
+lr_at(n) is the rate of the n-th applied update (0-based): the LambdaLR factor. DeepSpeed advances the
+schedule only on applied steps, so the trainer (and GREATS' eta) read the optimizer's current rate.
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ class StepChoice:
     gains: Optional[np.ndarray] = None
     scores: Optional[np.ndarray] = None   # per candidate (see REPORTED_SCORE), or None
     picked: Optional[np.ndarray] = None   # positions of the picks among the candidates
+    validation: Optional[np.ndarray] = None  # the val sample ids scored against (methods that use the Gram)
+    eta: Optional[float] = None           # the greedy's step size (greats)
     seconds: dict = field(default_factory=dict)
     skipped: bool = False                 # the scores held NaN/Inf on some replica: no selection, no update
 
@@ -47,10 +49,11 @@ class StepSelector:
         self.scoring = None
         if needs:
             self.scoring = ScoringPass(engine.module, layout, engine=engine, exclude=sel.score_exclude,
-                                       micro_batch=sel.score_micro_batch if self.with_gram else None)
+                                       micro_batch=sel.score_micro_batch if self.with_gram else None,
+                                       gram=self.with_gram)
         self.reference = None
         if reference_module is not None:
-            self.reference = ScoringPass(reference_module, layout, engine=engine)
+            self.reference = ScoringPass(reference_module, layout, engine=engine, gram=False)
         self.greats_options = {"self_term": sel.self_term, "batch_mean": sel.batch_mean}
         self.use_clock(PhaseClock())
 
@@ -66,25 +69,27 @@ class StepSelector:
             ids = self.stream.candidates(step)
             return StepChoice(ids=ids, candidates=ids, gains=np.zeros(0), picked=np.arange(len(ids)))
         candidates = self.stream.candidates(step)
+        validation = self.stream.validation(step) if self.with_gram else None
         self.clock.take()
-        inputs = self._score(step, candidates)
+        inputs = self._score(candidates, validation)
         scoring = self.clock.take()
         with self.clock.phase("selection"):
-            picked, gains = self._select_and_broadcast(step, lr, inputs)
+            eta = self.cfg.selection.eta if self.cfg.selection.eta is not None else lr
+            picked, gains = self._select_and_broadcast(step, eta, inputs)
             skipped = any_rank(bool(picked[0] < 0), device())  # every replica skips the step together
             scores = None if skipped else self._reported_score(inputs)
         seconds = {"scoring": sum(scoring.values()), **scoring, **self.clock.take()}
         if skipped:
             return StepChoice(ids=np.zeros(0, dtype=np.int64), candidates=candidates, skipped=True, seconds=seconds)
         return StepChoice(ids=candidates[picked], candidates=candidates, gains=gains, picked=picked, scores=scores,
-                          seconds=seconds)
+                          seconds=seconds, validation=validation, eta=eta if self.method == "greats" else None)
 
-    def _score(self, step: int, candidates: np.ndarray) -> dict:
+    def _score(self, candidates: np.ndarray, validation: Optional[np.ndarray]) -> dict:
         if self.scoring is None:
             return {}
         tokens = self.data.train.get(candidates)
-        if self.with_gram:
-            tokens = torch.cat([tokens, self.data.val.get(self.stream.validation(step))])
+        if validation is not None:
+            tokens = torch.cat([tokens, self.data.val.get(validation)])
         losses, gram = self.scoring.run(tokens, with_gram=self.with_gram)
         n = self.n
         inputs = {"losses": losses[:n]}
@@ -95,7 +100,7 @@ class StepSelector:
             inputs["reference_losses"], _ = self.reference.run(self.data.train.get(candidates), with_gram=False)
         return inputs
 
-    def _select_and_broadcast(self, step: int, lr: float, inputs: dict):
+    def _select_and_broadcast(self, step: int, eta: float, inputs: dict):
         from megatron.core import parallel_state as ps
 
         picked = torch.zeros(self.k, dtype=torch.int64, device=device())
@@ -106,7 +111,6 @@ class StepSelector:
         elif selecting:
             seed = np.random.SeedSequence([self.cfg.seed, step, self.layout.data_rank]).generate_state(1)[0]
             generator = torch.Generator().manual_seed(int(seed))
-            eta = self.cfg.selection.eta if self.cfg.selection.eta is not None else lr
             choice = select(self.method, self.k, self.n, eta=eta, generator=generator,
                             greats_options=self.greats_options, **inputs)
             picked.copy_(choice.picked)

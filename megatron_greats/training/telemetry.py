@@ -118,8 +118,9 @@ class Telemetry:
 
 
 class SelectionLog:
-    """selection.jsonl (per step and replica: candidates, selected ids in pick order, gains) and the
-    TensorBoard selection/* scalars and histograms, gathered from every replica to the logging rank."""
+    """selection.jsonl (per step and replica: candidates, validation ids, selected ids in pick order, gains,
+    eta) and the TensorBoard selection/* scalars and histograms, gathered from every replica to the
+    logging rank."""
 
     def __init__(self, telemetry: Telemetry, train_samples, layout):
         self.telemetry, self.samples, self.layout = telemetry, train_samples, layout
@@ -132,7 +133,8 @@ class SelectionLog:
                 "candidates": choice.candidates.tolist(), "selected": choice.ids.tolist(),
                 "gains": [float(g) for g in choice.gains], "picked": choice.picked.tolist(),
                 "scores": None if choice.scores is None else [float(x) for x in choice.scores],
-                "seconds": choice.seconds}
+                "validation": None if choice.validation is None else choice.validation.tolist(),
+                "eta": choice.eta, "seconds": choice.seconds}
         records = [mine]
         if self.layout.data > 1:
             from megatron.core import parallel_state as ps
@@ -143,7 +145,8 @@ class SelectionLog:
         if not self.layout.is_logging_rank:
             return
         self.telemetry.append_jsonl(self.telemetry.selection_path, [
-            {**{k: r[k] for k in ("step", "replica", "candidates", "selected", "gains", "seconds")},
+            {**{k: r[k] for k in ("step", "replica", "candidates", "validation", "selected", "gains", "eta",
+                                  "seconds")},
              "selected_domains": [self.domain_names[d] for d in self.samples.domains(np.asarray(r["selected"]))]}
             for r in records])
         self._summaries(step, records)

@@ -20,12 +20,11 @@ import torch.distributed as dist
 from megatron_greats.errors import ConfigError, TrainingError
 from megatron_greats.model import build_model, mean_loss, per_sample_losses
 from megatron_greats.parallel.state import Layout, MegatronMpu, device, init_distributed, init_model_parallel
-from megatron_greats.training.grad_clip import install_pipeline_clipping
 from megatron_greats.training.deepspeed_config import deepspeed_config, parameter_groups
 from megatron_greats.training import checkpoint
-from megatron_greats.training.nonfinite import guard_optimizer
+from megatron_greats.training.optimizer_step import grad_norm, install_plain_step
 from megatron_greats.training.preemption import StopOnSigterm
-from megatron_greats.training.schedule import ScheduleFactor, lr_at
+from megatron_greats.training.schedule import ScheduleFactor
 from megatron_greats.training.selecting import StepSelector
 from megatron_greats.training.telemetry import SelectionLog, Telemetry
 
@@ -73,28 +72,79 @@ def build_engine(cfg, vocab_size: int, layout: Layout):
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
         mpu=None if layout.pipeline > 1 else MegatronMpu(),  # PipelineModule brings its own grid
     )
-    if layout.pipeline > 1:
-        install_pipeline_clipping(engine)
-    guard_optimizer(engine, device())
+    install_plain_step(engine, device())
     return engine
 
 
 def load_reference_model(cfg, vocab_size: int, layout: Layout) -> torch.nn.Module:
-    """RHO-Loss' reference model: same shape, weights from a DeepSpeed checkpoint folder (step_N) of
-    a run at the same tensor-parallel size."""
+    """RHO-Loss' reference model, built for this run's layout (with a pipeline: this stage's
+    PipelineModule, which the scoring schedule runs), weights from a step_N checkpoint folder of a run
+    of the same model and tensor-parallel size, at any pipeline size.
+
+    DeepSpeed writes a model without a pipeline whole, as mp_rank_<tp>_model_states.pt (keys
+    `layers.<i>.<name>`), and a pipeline one per layer, as layer_<i>-model_<tp>-model_states.pt (keys
+    `<name>`; a tied layer only where it is first used). Either way layer i of the layer specs gets
+    its weights, so the pipeline sizes of the two runs need not agree. Every rank checks every file
+    that any rank reads before anything is loaded, so all ranks refuse alike."""
+    from deepspeed.pipe import TiedLayerSpec
+
+    from megatron_greats.model import ModelSpec, layer_specs
+
     folder = Path(cfg.selection.reference_checkpoint)
-    path = folder / f"mp_rank_{layout.tensor_rank:02d}_model_states.pt"
-    if not path.is_file():
-        raise ConfigError(f"selection.reference_checkpoint '{folder}' has no {path.name}; allowed: a step_N "
-                          "folder of a run with the same parallel.tensor")
+    what = f"selection.reference_checkpoint '{folder}'"
+    allowed = "a step_N checkpoint folder of a run of the same model and parallel.tensor (any parallel.pipeline)"
+    if not folder.is_dir():
+        raise ConfigError(f"{what} is not a folder; allowed: {allowed}")
+    saved = checkpoint.read_shape(folder, allowed, what="selection.reference_checkpoint")
+    shape = checkpoint.shape_of(cfg)
+    key = checkpoint.shape_difference(saved, shape, ignore=("parallel.pipeline",))
+    if key is not None:
+        raise ConfigError(f"{what} holds another model: it was saved with {key}={saved.get(key)!r}, this run has "
+                          f"{key}={shape.get(key)!r}; allowed: {allowed}")
+    specs = layer_specs(ModelSpec.from_config(cfg, vocab_size))
+    owner = _layer_owners(specs)  # layer index -> index of the layer whose weights it uses
+    pipelined = saved.get("parallel.pipeline", 1) > 1
+
+    def files(tensor_rank: int) -> dict:  # layer index -> the file holding its weights
+        if not pipelined:
+            return {i: folder / f"mp_rank_{tensor_rank:02d}_model_states.pt" for i in set(owner)}
+        return {i: folder / f"layer_{i:02d}-model_{tensor_rank:02d}-model_states.pt" for i in set(owner)}
+
+    for tensor_rank in range(layout.tensor):
+        missing = sorted({p.name for p in files(tensor_rank).values() if not p.is_file()})
+        if missing:
+            raise ConfigError(f"{what} has no {missing[0]}; allowed: {allowed}")
+    mine = files(layout.tensor_rank)
     model = build_model(cfg, vocab_size, layout)
-    state = torch.load(path, map_location="cpu", weights_only=True)["module"]  # tensors and plain values only
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ConfigError(f"selection.reference_checkpoint '{folder}' holds another model shape: "
-                          f"{str(e).splitlines()[0]}") from None
+    if layout.pipeline > 1:  # this stage's layers; a tied layer's module also where only its forward_fn is used
+        model.seed_layers = False  # eval only: its forward must not reseed the training's random streams
+        local = {i: model.tied_modules[specs[i].key] if isinstance(specs[i], TiedLayerSpec) else
+                 model.forward_funcs[i - model._local_start] for i in range(model._local_start, model._local_stop)}
+    else:  # SequentialGPT holds each module once, in the order of first use
+        local = dict(zip(sorted(set(owner)), model.layers, strict=True))
+    loaded = {}  # file -> its state (the whole model's file is read once)
+    for i, layer in local.items():
+        path = mine[owner[i]]
+        if path not in loaded:  # tensors and plain values only
+            loaded[path] = torch.load(path, map_location="cpu", weights_only=True)
+        state = loaded[path]
+        if not pipelined:
+            prefix = f"layers.{owner[i]}."
+            state = {k[len(prefix):]: v for k, v in state["module"].items() if k.startswith(prefix)}
+        try:
+            layer.load_state_dict(state)
+        except RuntimeError as e:
+            raise ConfigError(f"{what} holds another model shape in {path.name} ({str(e).splitlines()[0][:200]}); "
+                              f"allowed: {allowed}") from None
     return model.to(device()).eval()
+
+
+def _layer_owners(specs: list) -> list:
+    """Per layer spec: the index of the spec whose module it is (itself, or the first use of a tied layer)."""
+    from deepspeed.pipe import TiedLayerSpec
+
+    first = {}
+    return [first.setdefault(spec.key, i) if isinstance(spec, TiedLayerSpec) else i for i, spec in enumerate(specs)]
 
 
 @dataclass
@@ -178,11 +228,14 @@ class Trainer:
                 micro = self.batches.micro_batches(samples, self.batches.replica_ids(global_ids))
                 losses.append(float(self.engine.eval_batch(iter(micro), num_micro_batches=len(micro))))
             return float(np.mean(losses))
+        was_training = self.engine.module.training
         self.engine.module.eval()
-        for global_ids in self.evaluation_ids(samples):
-            for inputs, labels in self.batches.micro_batches(samples, self.batches.replica_ids(global_ids)):
-                losses.append(per_sample_losses(self.engine.module(inputs), labels).mean())
-        self.engine.module.train()
+        try:
+            for global_ids in self.evaluation_ids(samples):
+                for inputs, labels in self.batches.micro_batches(samples, self.batches.replica_ids(global_ids)):
+                    losses.append(per_sample_losses(self.engine.module(inputs), labels).mean())
+        finally:
+            self.engine.module.train(was_training)
         return self._data_parallel_mean(torch.stack(losses).mean())
 
     # ---- checkpoints ------------------------------------------------------------------------------
@@ -254,8 +307,11 @@ class Trainer:
         t = self.cfg.train
         window_start, window_samples = started, 0
         while self.step < t.steps:
-            lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
+            # The optimizer's own rate: DeepSpeed does not advance the schedule on a skipped step, so
+            # lr_at(self.step) would run ahead of it from then on.
+            lr = self.engine.get_lr()[0]
             choice, loss, skipped = self.take_step(self.step, lr)
+            norm = grad_norm(self.engine)
             self.step += 1
             scalars = self._count_skips(skipped, choice)
             if not skipped:
@@ -270,6 +326,8 @@ class Trainer:
                     "train/samples_seen": self.step * t.global_batch,
                     "train/elapsed_s": time.time() - started,
                 })
+                if norm is not None:  # before clipping; of the data-parallel mean gradient
+                    scalars["train/grad_norm"] = norm
                 window_start, window_samples = time.time(), 0
             if (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.steps:
                 summary["val_loss"], summary["test_loss"] = self.evaluate(self.data.val), self.evaluate(self.data.test)

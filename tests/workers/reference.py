@@ -1,0 +1,109 @@
+"""Worker (one process): what a run should have done, computed outside the trainer.
+
+    python reference.py SPEC_JSON OUT [dotted.key=value ...]
+
+Builds the model at tensor/pipeline size 1 (its initial weights depend only on the seed) and uses
+plain autograd with torch's own cross entropy: no DeepSpeed engine, no GhostRecorder, no selector.
+SPEC_JSON:
+  {"steps":  [{"weights": PT or null, "ids": [...], "lr": x, "clip": c}, ...],
+   "select": [{"weights": PT or null, "candidates": [...], "validation": [...], "eta": x, "k": k}, ...]}
+"weights" is a state dict saved with torch.save (null: the initial weights).
+  steps:  the gradient of the mean per-sample loss over `ids`, its 2-norm, and the weights after one
+          plain SGD step (no momentum, no weight decay) with clipping to `clip` (0: none);
+  select: per-sample gradients of candidates and validation samples (one backward per sample), their
+          Gram, and the GREATS greedy in a plain loop.
+Writes {"initial": state, "steps": [{"grad_norm", "weights"}], "select": [{"picked", "gains"}]} to OUT.
+"""
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from megatron_greats.config import load_config  # noqa: E402
+from megatron_greats.model import build_model  # noqa: E402
+from megatron_greats.parallel.state import init_distributed, init_model_parallel  # noqa: E402
+from megatron_greats.training.trainer import load_data  # noqa: E402
+
+
+def per_sample_losses(model, tokens):
+    logits = model(tokens[:, :-1]).float()                      # [seq, batch, vocab]
+    return F.cross_entropy(logits.permute(1, 2, 0), tokens[:, 1:], reduction="none").mean(dim=1)
+
+
+def load(model, initial, weights):
+    state = initial if weights is None else torch.load(weights, weights_only=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+
+
+def sgd_step(model, tokens, lr, clip):
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    per_sample_losses(model, tokens).mean().backward()
+    norm = sum(float(p.grad.double().pow(2).sum()) for p in params) ** 0.5
+    scale = clip / (norm + 1e-6) if clip > 0 and norm + 1e-6 > clip else 1.0
+    with torch.no_grad():
+        for p in params:
+            p -= lr * scale * p.grad
+    return norm
+
+
+def greedy(alignment, gram, k, eta):
+    phi = [eta * a for a in alignment]
+    available = set(range(len(phi)))
+    picked, gains = [], []
+    for _ in range(k):
+        j = min(available, key=lambda i: (-phi[i], i))  # the largest gain, ties to the lowest index
+        picked.append(j)
+        gains.append(phi[j])
+        available.discard(j)
+        phi = [p - eta * eta * gram[i][j] for i, p in enumerate(phi)]
+    return picked, gains
+
+
+def select(model, data, candidates, validation, eta, k):
+    tokens = torch.cat([data.train.get(np.asarray(candidates)), data.val.get(np.asarray(validation))])
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(tokens.shape[0]):
+        model.zero_grad(set_to_none=True)
+        per_sample_losses(model, tokens[i:i + 1]).sum().backward()
+        rows.append(torch.cat([p.grad.reshape(-1).double() for p in params]))
+    g = torch.stack(rows)
+    gram = (g @ g.T).tolist()
+    n = len(candidates)
+    alignment = [sum(gram[i][n:]) / len(validation) for i in range(n)]
+    return greedy(alignment, gram, k, eta)
+
+
+def main():
+    spec, out = json.loads(Path(sys.argv[1]).read_text()), sys.argv[2]
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"), sys.argv[3:],
+                      world_size=1)
+    init_distributed()
+    data = load_data(cfg, show_progress=False)
+    model = build_model(cfg, data.vocab_size, init_model_parallel(1, 1)).eval()  # dropout off, as scoring
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    result = {"initial": initial, "steps": [], "select": []}
+    for s in spec.get("steps", []):
+        load(model, initial, s["weights"])
+        norm = sgd_step(model, data.train.get(np.asarray(s["ids"])), s["lr"], s["clip"])
+        result["steps"].append({"grad_norm": norm, "weights": {k: v.detach().clone() for k, v in
+                                                                 model.state_dict().items() if torch.is_tensor(v)}})
+    for s in spec.get("select", []):
+        load(model, initial, s["weights"])
+        picked, gains = select(model, data, s["candidates"], s["validation"], s["eta"], s["k"])
+        result["select"].append({"picked": picked, "gains": gains})
+    torch.save(result, out)
+
+
+if __name__ == "__main__":
+    main()
