@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
+from megatron_greats.data.splits import HELD_OUT, fractions_problem, prefixes_problem
 from megatron_greats.errors import ConfigError
 
 
@@ -60,10 +61,13 @@ SCHEMA: dict = {
         "text_field": Key(STR, "text"),
         "domain_field": Key(OPT_STR, None),
         "megatron_prefixes": Key((dict, type(None)), None,
-                                 help="source=megatron: {train: prefix, val: prefix, test: prefix}"),
-        "target_domain": Key(STR, "python_docs", help="val/test are held-out documents of this domain"),
-        "val_fraction": Key(FLOAT, 0.1, _fraction),
-        "test_fraction": Key(FLOAT, 0.1, _fraction),
+                                 help="source=megatron: {train: prefix, val: prefix, test: prefix, "
+                                      "selection: prefix}"),
+        "target_domain": Key(STR, "python_docs",
+                             help=f"{', '.join(HELD_OUT)} are held-out documents of this domain"),
+        # One key per held-out split (data/splits.py HELD_OUT): its fraction of the target domain's documents
+        **{split.key: Key(FLOAT, split.default, _fraction, help=f"{name}: {split.use}")
+           for name, split in HELD_OUT.items()},
         "split_seed": Key(INT, 1234),
         "max_docs_per_domain": Key(OPT_INT, None, lambda v: None if v is None or v > 0 else "allowed: > 0 or null"),
     },
@@ -107,7 +111,8 @@ SCHEMA: dict = {
                           help="N candidates per data-parallel replica and step (null: 2k)"),
         "select": Key(OPT_INT, None, lambda v: None if v > 0 else "allowed: > 0 or null",
                       help="k samples trained on per replica (null: train.global_batch / data-parallel size)"),
-        "val_batch": Key(INT, 4, _at_least(1), help="m validation samples per step (target domain, rotating)"),
+        "val_batch": Key(INT, 4, _at_least(1),
+                         help="m validation samples per step, from the selection split (target domain, rotating)"),
         "score_micro_batch": Key(OPT_INT, None, lambda v: None if v > 0 else "allowed: > 0 or null",
                                  help="samples per scoring forward/backward (null: all N + m at once)"),
         "eta": Key(OPT_FLOAT, None, lambda v: None if v > 0 else "allowed: > 0 or null",
@@ -331,16 +336,16 @@ class Config:
             raise ConfigError(f"parallel.pipeline={p.pipeline} exceeds model.num_layers={m.num_layers}")
         if t.min_lr > t.lr:
             raise ConfigError(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}")
-        if self.data.val_fraction + self.data.test_fraction >= 1.0:
-            raise ConfigError("data.val_fraction + data.test_fraction must be < 1")
+        problem = fractions_problem({name: getattr(self.data, split.key) for name, split in HELD_OUT.items()},
+                                    prefix="data.")
+        if problem:
+            raise ConfigError(problem)
         if self.data.source == "files" and not self.data.files:
             raise ConfigError("data.source=files needs data.files (a list of local files)")
         if self.data.source == "megatron":
-            prefixes = self.data.megatron_prefixes or {}
-            missing = [s for s in ("train", "val", "test") if s not in prefixes]
-            if missing:
-                raise ConfigError(f"data.source=megatron needs data.megatron_prefixes with keys train, val, test; "
-                                  f"missing: {', '.join(missing)}")
+            problem = prefixes_problem(self.data.megatron_prefixes, prefix="data.")
+            if problem:
+                raise ConfigError(f"data.source=megatron: {problem}")
             if self.tokenizer.model is None:
                 raise ConfigError("data.source=megatron needs tokenizer.model (the tokenizer the data was built with)")
         sel = self.selection

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_greats.data.splits import SPLITS
 from conftest import PRETRAIN, REPO, child_env, error_lines, free_port, run_pretrain, tiny_overrides
 
 CONFIG = REPO / "configs" / "tiny-cpu.yaml"
@@ -19,16 +20,22 @@ GREATS = ["selection.method=greats", "selection.candidates=16", "selection.val_b
 
 
 def _megatron_copy(data_cache: Path, tmp: Path, cut: str) -> list:
-    """The indexed data given by prefix (Megatron style), with one file of train cut in half."""
+    """The indexed data given by prefix (Megatron style), with one file of train cut in half (cut=None: none
+    cut, and no selection prefix given)."""
     indexed = next(p for p in data_cache.iterdir() if p.name.startswith("indexed-"))
     tokenizer = next(p for p in data_cache.iterdir() if p.name.startswith("tokenizer-"))
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         for suffix in (".bin", ".idx"):
             shutil.copy(indexed / f"{split}{suffix}", tmp / f"{split}{suffix}")
-    victim = tmp / f"train{cut}"
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    given = SPLITS
+    if cut is None:
+        given = [s for s in SPLITS if s != "selection"]
+    else:
+        victim = tmp / f"train{cut}"
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    prefixes = ", ".join(f"{s}: {tmp / s}" for s in given)
     return ["data.source=megatron", f"tokenizer.model={next(tokenizer.glob('*.model'))}", "data.target_domain=default",
-            "data.megatron_prefixes={train: %s, val: %s, test: %s}" % tuple(tmp / s for s in ("train", "val", "test"))]
+            f"data.megatron_prefixes={{{prefixes}}}"]
 
 
 def _corrupt_tokenizer(data_cache, tmp):
@@ -95,8 +102,14 @@ CASES = {
     "data path missing": (lambda d, t: ["data.source=files", f"data.files=[{t / 'no_such.jsonl'}]",
                                         "data.target_domain=default"], ["no_such.jsonl"], 1),
     "target domain absent from the data": (["data.target_domain=klingon"], ["'klingon'", "domains present"], 1),
-    "empty val set": (lambda d, t: [f"data.cache_dir={t / 'cache'}", "data.max_docs_per_domain=1"],
-                      ["val/test would be empty"], 1),
+    "empty held-out splits": (lambda d, t: [f"data.cache_dir={t / 'cache'}", "data.max_docs_per_domain=1"],
+                              ["val/test/selection would be empty"], 1),
+    "held-out fractions summing to 1": (["data.val_fraction=0.3", "data.selection_fraction=0.6"],
+                                        ["data.val_fraction + data.test_fraction + data.selection_fraction = "
+                                         "0.3 + 0.1 + 0.6 = 1", "allowed: fractions whose sum is < 1"], 1),
+    "megatron prefixes without selection": (lambda d, t: _megatron_copy(d, t, None),
+                                            ["data.megatron_prefixes", "missing: selection",
+                                             "allowed: exactly the keys train, val, test, selection"], 1),
     "tokenizer file missing": (lambda d, t: [f"tokenizer.model={t / 'missing.model'}"],
                                ["missing.model", "does not exist"], 1),
     "tokenizer file corrupt": (_corrupt_tokenizer, ["broken.model", "not a readable sentencepiece model"], 1),

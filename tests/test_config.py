@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from megatron_greats.config import SCHEMA, load_config
+from megatron_greats.data.splits import HELD_OUT
 from megatron_greats.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
@@ -26,6 +27,9 @@ def test_defaults_and_overrides():
     assert cfg.to_dict()["train"]["steps"] == 7
 
 
+MEGATRON = ["data.source=megatron", "tokenizer.model=t.model"]
+
+
 @pytest.mark.parametrize("overrides, needle", [
     (["train.stepz=3"], "unknown config key 'train.stepz' (did you mean 'steps'?)"),
     (["modle.arch=gpt2"], "unknown config key 'modle' (did you mean 'model'?)"),
@@ -38,6 +42,18 @@ def test_defaults_and_overrides():
     (["parallel.sequence_parallel=true"], "needs parallel.tensor > 1"),
     (["train"], "not of the form dotted.key=value"),
     (["train.precision=bf16"], "allowed: zero.stage >= 1 (also at data-parallel size 1), or fp32"),
+    (["data.selection_fraction=0"], "config key 'data.selection_fraction' has value 0; allowed: a number in (0, 1)"),
+    (["data.selection_fraction=1.0"], "'data.selection_fraction' has value 1.0; allowed: a number in (0, 1)"),
+    (["data.val_fraction=0.5", "data.test_fraction=0.3", "data.selection_fraction=0.2"],
+     "data.val_fraction + data.test_fraction + data.selection_fraction = 0.5 + 0.3 + 0.2 = 1 holds out every "
+     "target-domain document; allowed: fractions whose sum is < 1"),
+    (MEGATRON + ["data.megatron_prefixes={train: t, val: v, test: s}"],
+     "data.megatron_prefixes has keys ['test', 'train', 'val'] (missing: selection); allowed: exactly the keys "
+     "train, val, test, selection"),
+    (MEGATRON + ["data.megatron_prefixes={train: t, val: v, test: s, selection: ./v}"],
+     "data.megatron_prefixes.selection is './v', the same data as data.megatron_prefixes.val; allowed:"),
+    (MEGATRON + ["data.megatron_prefixes={train: t, val: v, test: s, selection: x, tset: s}"], "unknown: tset"),
+    (MEGATRON, "data.megatron_prefixes is None; source 'megatron' needs a mapping"),
 ])
 def test_bad_config_is_one_line(overrides, needle):
     with pytest.raises(ConfigError) as err:
@@ -64,6 +80,14 @@ def test_yaml_file_errors(tmp_path):
     nested.write_text("train: 5\n")
     with pytest.raises(ConfigError, match="section 'train' must be a mapping"):
         load_config(str(nested))
+
+
+def test_held_out_fractions_follow_the_split_table():
+    cfg = load_config(None)
+    assert [key for key in SCHEMA["data"] if key.endswith("_fraction")] == [s.key for s in HELD_OUT.values()]
+    assert cfg.data.selection_fraction == HELD_OUT["selection"].default == 0.1
+    assert cfg.data.val_fraction == cfg.data.test_fraction == 0.1
+    load_config(None, [*MEGATRON, "data.megatron_prefixes={train: t, val: v, test: s, selection: x}"])
 
 
 def test_schema_has_required_keys():

@@ -22,7 +22,7 @@ from megatron_greats.data.documents import read_jsonl
 from megatron_greats.data.indexed import open_indexed
 from megatron_greats.data.prepare import _build_once_per_node
 from megatron_greats.data.sources.shakespeare import strip_gutenberg
-from megatron_greats.data.splits import split_documents
+from megatron_greats.data.splits import HELD_OUT, SPLITS, default_fractions, split_documents
 from megatron_greats.errors import ConfigError, DataError
 
 SEQ_LEN = 32
@@ -54,7 +54,7 @@ def split_docs(bundle, corpus):
     by_id = {doc.id: doc for doc in corpus}
     rank = {name: i for i, name in enumerate(record["domain_names"])}
     return {split: sorted((by_id[i] for i in record[split]), key=lambda d: rank[d.domain])
-            for split in ("train", "val", "test")}
+            for split in SPLITS}
 
 
 def assert_one_line(error: pytest.ExceptionInfo, *needles: str) -> None:
@@ -110,21 +110,65 @@ def test_shakespeare_plays_are_split_into_scenes(corpus):
 # ---------------------------------------------------------------- splits
 
 def test_split_is_by_document_and_disjoint(split_docs, corpus):
+    assert set(split_docs) == {"train", "val", "test", "selection"} == set(SPLITS)
     ids = {split: {doc.id for doc in docs} for split, docs in split_docs.items()}
-    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"]
-    assert not ids["val"] & ids["test"]
-    assert all(doc.domain == "python_docs" for doc in split_docs["val"] + split_docs["test"])
+    for a in SPLITS:
+        for b in SPLITS:
+            assert a == b or not ids[a] & ids[b], (a, b)
+    held_out = [doc for split in HELD_OUT for doc in split_docs[split]]
+    assert {doc.domain for doc in held_out} == {"python_docs"}
     assert {doc.domain for doc in split_docs["train"]} == set(DOMAINS)
-    assert len(ids["val"]) == len(ids["test"]) == round(MAX_DOCS * 0.1)
-    assert len(ids["train"]) == 3 * MAX_DOCS - 2 * round(MAX_DOCS * 0.1)
+    assert len(ids["val"]) == len(ids["test"]) == len(ids["selection"]) == round(MAX_DOCS * 0.1)
+    assert len(ids["train"]) == 3 * MAX_DOCS - 3 * round(MAX_DOCS * 0.1)
+
+
+def test_split_sizes_follow_the_fractions(corpus):
+    target = sum(doc.domain == "python_docs" for doc in corpus)
+    fractions = {"val": 0.05, "test": 0.2, "selection": 0.15}
+    splits = split_documents(corpus, target_domain="python_docs", fractions=fractions, seed=3,
+                             max_docs_per_domain=None)
+    for split, fraction in fractions.items():
+        assert len(splits[split]) == round(target * fraction), split
+    assert len(splits["train"]) == len(corpus) - sum(round(target * f) for f in fractions.values())
+    # The selection split is dealt after val and test: its size leaves them as they were.
+    more = split_documents(corpus, target_domain="python_docs", seed=3, max_docs_per_domain=None,
+                           fractions={**fractions, "selection": 0.3})
+    assert more["val"] == splits["val"] and more["test"] == splits["test"]
+    assert set(d.id for d in splits["selection"]) < set(d.id for d in more["selection"])
+
+
+@pytest.mark.parametrize("max_docs,fractions,needles", [
+    (10, {"selection": 0.04},
+     ["selection would be empty", "10 documents", "selection_fraction=0.04"]),
+    (4, {}, ["val/test/selection would be empty", "allowed"]),
+    (5, {"val": 0.3, "test": 0.3, "selection": 0.3}, ["need 6 documents", "has 5", "allowed"]),
+])
+def test_held_out_splits_that_cannot_be_made(corpus, max_docs, fractions, needles):
+    with pytest.raises(DataError) as e:
+        split_documents(corpus, target_domain="python_docs", seed=1, max_docs_per_domain=max_docs,
+                        fractions={**default_fractions(), **fractions})
+    assert_one_line(e, *needles)
 
 
 def test_split_is_deterministic_and_seeded(corpus):
-    args = dict(target_domain="python_docs", val_fraction=0.1, test_fraction=0.1,
+    args = dict(target_domain="python_docs", fractions=default_fractions(),
                 max_docs_per_domain=None)
     first = split_documents(corpus, seed=1, **args)
     assert first == split_documents(corpus, seed=1, **args)
-    assert first["val"] != split_documents(corpus, seed=2, **args)["val"]
+    second = split_documents(corpus, seed=2, **args)
+    assert first["val"] != second["val"] and first["selection"] != second["selection"]
+
+
+def test_bundle_has_a_selection_split_of_target_samples(bundle):
+    assert list(bundle.splits) == list(SPLITS)
+    assert bundle.selection is bundle.splits["selection"] and bundle.val is bundle.splits["val"]
+    assert isinstance(bundle.selection, SampleSet) and len(bundle.selection) > 0
+    assert bundle.paths["selection"].name == "selection"
+    assert len({bundle.paths[split] for split in SPLITS}) == len(SPLITS)
+    target = bundle.selection.domain_names.index("python_docs")
+    assert set(bundle.selection.domains(np.arange(len(bundle.selection)))) == {target}
+    with pytest.raises(AttributeError, match="selection"):
+        bundle.selectoin
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -183,8 +227,10 @@ def test_windows_overlap_by_one_and_stay_inside_a_domain(bundle):
             position += 1
     assert position == len(samples)
     assert samples.domain_names == sorted(DOMAINS)
-    assert set(bundle.val.domains(np.arange(len(bundle.val)))) == {
-        bundle.val.domain_names.index("python_docs")}
+    for split in HELD_OUT:
+        held_out = bundle.splits[split]
+        assert set(held_out.domains(np.arange(len(held_out)))) == {
+            held_out.domain_names.index("python_docs")}
 
 
 def test_sample_ids_depend_only_on_data_and_seq_len(bundle):
@@ -242,6 +288,46 @@ def test_changed_vocab_rebuilds_only_tokenizer_and_indexed_data(cache, bundle):
     assert other.paths["corpus"] == bundle.paths["corpus"]
     assert other.paths["splits"] == bundle.paths["splits"]
     assert other.vocab_size == 400
+
+
+def _copy_folders(source: Path, target: Path, *kinds: str) -> None:
+    for folder in source.iterdir():
+        if folder.name.split("-")[0] in kinds:
+            shutil.copytree(folder, target / folder.name)
+
+
+def test_cache_from_before_the_selection_split_is_rebuilt(tmp_path, cache, bundle, corpus):
+    """A cache that the train/val/test version left (its splits folder keyed and laid out as that
+    version did it) is left alone; a new splits folder with the selection split is built."""
+    _copy_folders(cache, tmp_path, "corpus")
+    record = json.loads(bundle.paths["splits"].read_text())
+    old_train = set(record["train"]) | set(record["selection"])  # it kept those in train
+    old = Artifact.at(tmp_path, "splits", {
+        "corpus": bundle.paths["corpus"].parent.name, "target_domain": "python_docs",
+        "val_fraction": 0.1, "test_fraction": 0.1, "split_seed": 1234,
+        "max_docs_per_domain": MAX_DOCS})
+    old.build(lambda folder: (folder / "splits.json").write_text(json.dumps({
+        "domain_names": record["domain_names"], "val": record["val"], "test": record["test"],
+        "train": [doc.id for doc in corpus if doc.id in old_train]}) + "\n"))
+    before = snapshot(old.dir)
+
+    data = prepare_data(cache_dir=tmp_path, **SMALL)
+    assert data.paths["splits"].parent != old.dir
+    assert json.loads(data.paths["splits"].read_text()) == record
+    assert len(data.selection) == len(bundle.selection)
+    assert snapshot(old.dir) == before
+
+
+def test_splits_file_without_a_split_is_refused(tmp_path, cache, bundle):
+    _copy_folders(cache, tmp_path, "corpus", "splits")
+    path = tmp_path / bundle.paths["splits"].parent.name / "splits.json"
+    record = json.loads(path.read_text())
+    del record["selection"]
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError) as e:
+        prepare_data(cache_dir=tmp_path, **SMALL)
+    assert_one_line(e, str(path), "'selection'", "allowed")
+    assert {p.name.split("-")[0] for p in tmp_path.iterdir()} == {"corpus", "splits"}
 
 
 def test_killed_build_is_redone_and_never_reused(tmp_path):
@@ -314,24 +400,52 @@ def test_user_files(tmp_path, corpus, fmt, with_domain, file_format):
     expected_domains = ["bible", "shakespeare"] if with_domain else ["default"]
     assert data.train.domain_names == expected_domains
     target_index = expected_domains.index(target)
-    for split in (data.val, data.test):
-        assert set(split.domains(np.arange(len(split)))) == {target_index}
+    for split in HELD_OUT:
+        held_out = data.splits[split]
+        assert set(held_out.domains(np.arange(len(held_out)))) == {target_index}
     text = "Let there be light"
     assert data.tokenizer.decode(data.tokenizer.encode(text)) == text
 
 
 def test_megatron_prefixes(tmp_path, bundle):
-    prefixes = {split: bundle.paths[split] for split in ("train", "val", "test")}
+    prefixes = {split: bundle.paths[split] for split in SPLITS}
     data = prepare_data(cache_dir=tmp_path, source="megatron", megatron_prefixes=prefixes,
                         tokenizer_model=bundle.paths["tokenizer"], seq_len=SEQ_LEN)
     assert len(data.train) == len(bundle.train) and data.train.domain_names == sorted(DOMAINS)
-    plain = tmp_path / "plain"  # data from Megatron's own tools: no domain side file
-    for ext in (".bin", ".idx"):
-        shutil.copy(f"{bundle.paths['val']}{ext}", f"{plain}{ext}")
+    assert torch.equal(data.selection.get(np.arange(len(data.selection))),
+                       bundle.selection.get(np.arange(len(bundle.selection))))
+    plain, plain_selection = tmp_path / "plain", tmp_path / "plain_selection"
+    for prefix, split in ((plain, "val"), (plain_selection, "selection")):
+        for ext in (".bin", ".idx"):  # data from Megatron's own tools: no domain side file
+            shutil.copy(f"{bundle.paths[split]}{ext}", f"{prefix}{ext}")
     data = prepare_data(cache_dir=tmp_path, source="megatron", target_domain="default",
-                        megatron_prefixes={"train": plain, "val": plain, "test": plain},
+                        megatron_prefixes={"train": plain, "val": plain, "test": plain,
+                                           "selection": plain_selection},
                         tokenizer_model=bundle.paths["tokenizer"], seq_len=SEQ_LEN)
     assert data.train.domain_names == ["default"] and len(data.train) == len(bundle.val)
+    assert len(data.selection) == len(bundle.selection)
+
+
+@pytest.mark.parametrize("change,needles", [
+    ({"selection": None}, ["missing: selection", "allowed: exactly the keys train, val, test, "
+                                                 "selection"]),
+    ({"extra": "x"}, ["unknown: extra", "allowed"]),
+    ({"selection": "VAL"}, ["megatron_prefixes.selection", "the same data as megatron_prefixes.val",
+                            "allowed"]),
+    ({"selection": ""}, ["megatron_prefixes.selection is ''", "allowed"]),
+])
+def test_bad_megatron_prefixes(tmp_path, bundle, change, needles):
+    prefixes = {split: str(bundle.paths[split]) for split in SPLITS}
+    for key, value in change.items():
+        if value is None:
+            del prefixes[key]
+        else:
+            prefixes[key] = str(bundle.paths["val"]) if value == "VAL" else value
+    with pytest.raises(ConfigError) as e:
+        prepare_data(cache_dir=tmp_path / "cache", source="megatron", megatron_prefixes=prefixes,
+                     tokenizer_model=bundle.paths["tokenizer"], seq_len=SEQ_LEN)
+    assert_one_line(e, *needles)
+    assert not os.listdir(tmp_path)
 
 
 def test_cli_prints_summary(cache, bundle, capsys):
@@ -340,6 +454,8 @@ def test_cli_prints_summary(cache, bundle, capsys):
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     assert "python_docs" in out and "shakespeare" in out and str(len(bundle.val)) in out
+    assert f"selection: {bundle.paths['selection']}" in out
+    assert any(line.split()[:2] == ["selection", "python_docs"] for line in out.splitlines())
     assert cli_main(["--cache-dir", str(cache), "--vocab-size", "10"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "vocab_size 10" in err
@@ -405,7 +521,7 @@ def test_corrupted_index(tmp_path, bundle, damage):
 
 
 def test_missing_or_corrupt_tokenizer_model(tmp_path, bundle):
-    prefixes = {split: bundle.paths[split] for split in ("train", "val", "test")}
+    prefixes = {split: bundle.paths[split] for split in SPLITS}
     missing = tmp_path / "missing.model"
     with pytest.raises(DataError) as e:
         prepare_data(cache_dir=tmp_path, source="megatron", megatron_prefixes=prefixes,
@@ -434,8 +550,13 @@ def test_missing_corpus_package(tmp_path, monkeypatch):
 @pytest.mark.parametrize("bad,needle", [
     ({"vocab_size": 10}, "vocab_size 10"),
     ({"seq_len": 4}, "seq_len 4"),
-    ({"val_fraction": 0.6, "test_fraction": 0.5}, "1.1"),
+    ({"val_fraction": 0.6, "test_fraction": 0.5},
+     "val_fraction + test_fraction + selection_fraction = 0.6 + 0.5 + 0.1 = 1.2"),
     ({"val_fraction": 0}, "val_fraction 0"),
+    ({"selection_fraction": 0}, "selection_fraction 0 is not allowed; use a number in (0, 1)"),
+    ({"selection_fraction": 1.5}, "selection_fraction 1.5"),
+    ({"selection_fraction": True}, "selection_fraction True"),
+    ({"selction_fraction": 0.1}, "'selction_fraction'"),
     ({"max_docs_per_domain": 0}, "max_docs_per_domain 0"),
     ({"source": "web"}, "'web'"),
     ({"files": ["a.jsonl"]}, "'embedded'"),

@@ -8,15 +8,16 @@ import sys
 from pathlib import Path
 
 from ..errors import GreatsError
-from .prepare import SPLITS, DataBundle, prepare_data
+from .prepare import DataBundle, prepare_data
+from .splits import SPLITS
 
 
 def summary(bundle: DataBundle) -> str:
-    rows = [f"{'split':<6} {'domain':<14} {'documents':>10} {'tokens':>12} {'samples':>9}"]
+    rows = [f"{'split':<9} {'domain':<14} {'documents':>10} {'tokens':>12} {'samples':>9}"]
     for split in SPLITS:
-        for domain, counts in getattr(bundle, split).stats().items():
+        for domain, counts in bundle.splits[split].stats().items():
             if counts["documents"]:
-                rows.append(f"{split:<6} {domain:<14} {counts['documents']:>10} "
+                rows.append(f"{split:<9} {domain:<14} {counts['documents']:>10} "
                             f"{counts['tokens']:>12} {counts['samples']:>9}")
     rows.append(f"vocab_size {bundle.vocab_size}, seq_len {bundle.train.seq_len}, "
                 f"target domain {bundle.target_domain}")

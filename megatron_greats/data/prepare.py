@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -24,7 +24,8 @@ from .documents import Document, read_jsonl, write_jsonl
 from .indexed import write_split
 from .samples import SampleSet
 from .sources import user_files
-from .splits import SPLITS, split_documents
+from .splits import (HELD_OUT, SPLITS, fractions_from_args, fractions_problem, prefixes_problem,
+                     split_documents)
 from .tokenizer import MIN_VOCAB_SIZE, TRAINER_SETTINGS, Tokenizer, train_tokenizer
 
 SOURCES = ("embedded", "files", "megatron")
@@ -37,13 +38,21 @@ INDEXED_FORMAT_VERSION = 1  # bump when write_split's output changes
 
 @dataclass
 class DataBundle:
-    train: SampleSet
-    val: SampleSet
-    test: SampleSet
+    """The samples of every split in SPLITS: `bundle.splits["selection"]`, or as an attribute,
+    `bundle.train`, `bundle.val`, `bundle.test`, `bundle.selection`."""
+
+    splits: dict[str, SampleSet]
     tokenizer: Tokenizer
     vocab_size: int
     target_domain: str
-    paths: dict[str, Path]  # corpus/splits files, tokenizer model, train/val/test prefixes
+    paths: dict[str, Path]  # corpus/splits files, tokenizer model, and one prefix per split
+
+    def __getattr__(self, name: str) -> SampleSet:
+        # Only called for names that are not fields; .get: during unpickling there is no field yet
+        splits = self.__dict__.get("splits") or {}
+        if name in splits:
+            return splits[name]
+        raise AttributeError(f"DataBundle has no attribute {name!r}; splits: {', '.join(splits)}")
 
 
 @dataclass
@@ -64,20 +73,21 @@ def prepare_data(*, cache_dir: str | os.PathLike, seq_len: int, source: str = "e
                  file_format: str = "auto", text_field: str = "text",
                  domain_field: str | None = None,
                  megatron_prefixes: Mapping[str, str | os.PathLike] | None = None,
-                 target_domain: str = "python_docs", val_fraction: float = 0.1,
-                 test_fraction: float = 0.1, split_seed: int = 1234,
+                 target_domain: str = "python_docs", split_seed: int = 1234,
                  max_docs_per_domain: int | None = None, vocab_size: int = 4096,
                  tokenizer_model: str | os.PathLike | None = None,
-                 show_progress: bool = True) -> DataBundle:
-    """Build (or reuse) and load the train/val/test samples of one data source.
+                 show_progress: bool = True, **fractions: float) -> DataBundle:
+    """Build (or reuse) and load the samples of every split (SPLITS) of one data source.
 
     source="embedded": the bible/shakespeare/python_docs corpus; "files": local json/jsonl/parquet/
     text files (domain from `domain_field`, else "default"); "megatron": existing Megatron
-    prefixes {"train","val","test"} tokenized with `tokenizer_model` (required then).
+    prefixes, one per split in SPLITS, tokenized with `tokenizer_model` (required then).
+    `fractions`: val_fraction=, test_fraction=, selection_fraction= (splits.HELD_OUT, named like
+    the config keys): each held-out split's share of the target domain's documents.
     """
+    fractions = fractions_from_args(fractions)
     _check_args(seq_len=seq_len, source=source, files=files, megatron_prefixes=megatron_prefixes,
-                tokenizer_model=tokenizer_model, val_fraction=val_fraction,
-                test_fraction=test_fraction, split_seed=split_seed,
+                tokenizer_model=tokenizer_model, fractions=fractions, split_seed=split_seed,
                 max_docs_per_domain=max_docs_per_domain, vocab_size=vocab_size,
                 text_field=text_field, domain_field=domain_field)
     if source == "megatron":
@@ -88,7 +98,7 @@ def prepare_data(*, cache_dir: str | os.PathLike, seq_len: int, source: str = "e
     cache_dir = Path(cache_dir)
     plan = _plan(cache_dir, source=source, files=files, file_format=file_format,
                  text_field=text_field, domain_field=domain_field, target_domain=target_domain,
-                 val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
+                 fractions=fractions, split_seed=split_seed,
                  max_docs_per_domain=max_docs_per_domain, vocab_size=vocab_size,
                  tokenizer_model=tokenizer_model, show_progress=show_progress)
     try:
@@ -105,9 +115,8 @@ def prepare_data(*, cache_dir: str | os.PathLike, seq_len: int, source: str = "e
     return _load(paths, seq_len, target_domain)
 
 
-def _check_args(*, seq_len, source, files, megatron_prefixes, tokenizer_model, val_fraction,
-                test_fraction, split_seed, max_docs_per_domain, vocab_size, text_field,
-                domain_field) -> None:
+def _check_args(*, seq_len, source, files, megatron_prefixes, tokenizer_model, fractions,
+                split_seed, max_docs_per_domain, vocab_size, text_field, domain_field) -> None:
     """Reject bad arguments before any work starts."""
     if source not in SOURCES:
         raise ConfigError(f"source {source!r} is not supported; use one of {', '.join(SOURCES)}")
@@ -116,12 +125,9 @@ def _check_args(*, seq_len, source, files, megatron_prefixes, tokenizer_model, v
     if not isinstance(vocab_size, Integral) or vocab_size < MIN_VOCAB_SIZE:
         raise ConfigError(f"vocab_size {vocab_size!r} is not allowed; use an integer >= "
                           f"{MIN_VOCAB_SIZE} (256 byte-fallback pieces + specials + characters)")
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not isinstance(value, Real) or not 0 < value < 1:
-            raise ConfigError(f"{name} {value!r} is not allowed; use a number in (0, 1)")
-    if val_fraction + test_fraction >= 1:
-        raise ConfigError(f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves "
-                          "no training documents; their sum must be < 1")
+    problem = fractions_problem(fractions)
+    if problem:
+        raise ConfigError(problem)
     if not isinstance(split_seed, Integral) or split_seed < 0:
         raise ConfigError(f"split_seed {split_seed!r} is not allowed; use an integer >= 0")
     if max_docs_per_domain is not None and (not isinstance(max_docs_per_domain, Integral)
@@ -135,10 +141,9 @@ def _check_args(*, seq_len, source, files, megatron_prefixes, tokenizer_model, v
         raise ConfigError(f"files={files!r} with source {source!r}: give files exactly when "
                           "source is 'files'")
     if source == "megatron":
-        keys = sorted(megatron_prefixes or {})
-        if keys != sorted(SPLITS):
-            raise ConfigError(f"megatron_prefixes has keys {keys}; source 'megatron' needs "
-                              f"exactly {', '.join(SPLITS)}")
+        problem = prefixes_problem(megatron_prefixes)
+        if problem:
+            raise ConfigError(problem)
         if tokenizer_model is None:
             raise ConfigError("tokenizer_model is None; source 'megatron' needs the tokenizer "
                               "model the prefixes were tokenized with")
@@ -148,8 +153,8 @@ def _check_args(*, seq_len, source, files, megatron_prefixes, tokenizer_model, v
 
 
 def _plan(cache_dir: Path, *, source, files, file_format, text_field, domain_field,
-          target_domain, val_fraction, test_fraction, split_seed, max_docs_per_domain,
-          vocab_size, tokenizer_model, show_progress) -> _Plan:
+          target_domain, fractions, split_seed, max_docs_per_domain, vocab_size,
+          tokenizer_model, show_progress) -> _Plan:
     if source == "embedded":
         corpus_params = {"source": source, **sources.embedded_fingerprint()}
 
@@ -167,10 +172,11 @@ def _plan(cache_dir: Path, *, source, files, file_format, text_field, domain_fie
                                         show_progress)
 
     corpus = Artifact.at(cache_dir, "corpus", corpus_params)
+    # The held-out split names are part of the key: a cache built before a split existed is
+    # never taken for one that has it (and the tokenizer and indexed data, keyed by it, follow).
     splits = Artifact.at(cache_dir, "splits", {
-        "corpus": corpus.dir.name, "target_domain": target_domain, "val_fraction": val_fraction,
-        "test_fraction": test_fraction, "split_seed": split_seed,
-        "max_docs_per_domain": max_docs_per_domain})
+        "corpus": corpus.dir.name, "target_domain": target_domain, "held_out": dict(fractions),
+        "split_seed": split_seed, "max_docs_per_domain": max_docs_per_domain})
     if tokenizer_model is None:
         tokenizer = Artifact.at(cache_dir, "tokenizer", {
             "splits": splits.dir.name, "vocab_size": vocab_size, "trainer": TRAINER_SETTINGS,
@@ -182,8 +188,7 @@ def _plan(cache_dir: Path, *, source, files, file_format, text_field, domain_fie
         tokenizer, tokenizer_id = None, file_digest(tokenizer_path)
     indexed = Artifact.at(cache_dir, "indexed", {
         "splits": splits.dir.name, "tokenizer": tokenizer_id, "format": INDEXED_FORMAT_VERSION})
-    split_args = dict(target_domain=target_domain, val_fraction=val_fraction,
-                      test_fraction=test_fraction, seed=split_seed,
+    split_args = dict(target_domain=target_domain, fractions=fractions, seed=split_seed,
                       max_docs_per_domain=max_docs_per_domain)
     return _Plan(corpus, splits, tokenizer, tokenizer_path, indexed, read_corpus, split_args)
 
@@ -235,6 +240,11 @@ def _write_splits(path: Path, documents: list[Document], split_args: dict) -> No
 
 def _read_splits(path: Path, documents: list[Document]) -> tuple[list[str], dict[str, list]]:
     record = json.loads(path.read_text())
+    missing = [split for split in SPLITS if split not in record]
+    if missing:  # never fall back to another split (e.g. val) in place of a missing one
+        raise DataError(f"splits file {path} has no {missing[0]!r} split (written before it "
+                        f"existed); allowed: delete {path.parent} so it is rebuilt, or another "
+                        "data.cache_dir")
     by_id = {doc.id: doc for doc in documents}
     return record["domain_names"], {split: [by_id[i] for i in record[split]] for split in SPLITS}
 
@@ -242,8 +252,9 @@ def _read_splits(path: Path, documents: list[Document]) -> tuple[list[str], dict
 def _load(paths: dict[str, Path], seq_len: int, target_domain: str) -> DataBundle:
     tokenizer = Tokenizer(paths["tokenizer"])
     sets = {split: SampleSet(paths[split], seq_len) for split in SPLITS}
-    if target_domain not in sets["val"].domain_names:
-        raise DataError(f"target domain {target_domain!r} is not a domain of the val data "
-                        f"{paths['val']}; domains there: {', '.join(sets['val'].domain_names)}")
-    return DataBundle(sets["train"], sets["val"], sets["test"], tokenizer, tokenizer.vocab_size,
-                      target_domain, paths)
+    for split in HELD_OUT:
+        names = sets[split].domain_names
+        if target_domain not in names:
+            raise DataError(f"target domain {target_domain!r} is not a domain of the {split} data "
+                            f"{paths[split]}; domains there: {', '.join(names)}")
+    return DataBundle(sets, tokenizer, tokenizer.vocab_size, target_domain, paths)
