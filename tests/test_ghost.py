@@ -128,6 +128,28 @@ def test_transformer_with_attention_norms_and_tied_embeddings(dtype, path, batch
     assert relative_error(gram, ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("batch_dim", [0, 1])
+def test_weighted_gradients_equal_a_backward_of_the_weighted_loss(batch_dim):
+    """From the captured operands alone: sum_i w_i g_i for every parameter (dense, biases, norms, token
+    and position embeddings, the tied output layer through both uses), against an ordinary backward of
+    sum_i w_i loss_i; an excluded parameter is still captured with keep_operands=True."""
+    torch.manual_seed(2)
+    model = TinyTransformer(batch_dim=batch_dim).double()
+    tokens = torch.randint(0, 40, (6, 7))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    weights = torch.tensor([0.5, 0.0, 0.0, 0.25, 0.25, 0.0], dtype=torch.float64)  # 3 selected samples
+    rec = GhostRecorder(model, exclude=["pos.*"], batch_dim=batch_dim, keep_operands=True)
+    with rec.capture():
+        rec.backward(token_losses(model(inputs), labels))
+    rec.gram()  # the Gram does not use the operands up
+    grads = rec.weighted_gradients(weights)
+    model.zero_grad()
+    (token_losses(model(inputs), labels) * weights).sum().backward()
+    assert set(grads) == set(model.parameters())
+    for name, p in model.named_parameters():
+        assert relative_error(grads[p], p.grad) < 1e-12, name
+
+
 def test_include_exclude_patterns_cover_exactly_the_named_parameters():
     torch.manual_seed(2)
     model = TinyTransformer().double()

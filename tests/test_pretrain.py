@@ -170,11 +170,11 @@ def test_bf16_trains_with_fp32_master_weights(data_cache, tmp_path):
 
 
 def test_evaluate_restores_the_training_mode_when_the_forward_fails():
-    """Trainer.evaluate switches the module to eval mode; an error inside must not leave it there
-    (dropout would silently stay off for the rest of training)."""
+    """Evaluation switches the module to eval mode; an error inside must not leave it there (dropout
+    would silently stay off for the rest of training)."""
     from types import SimpleNamespace
 
-    from megatron_greats.training.trainer import Trainer
+    from megatron_greats.training.executors import PlainExecutor
 
     class Failing(torch.nn.Module):
         def forward(self, inputs):
@@ -183,10 +183,7 @@ def test_evaluate_restores_the_training_mode_when_the_forward_fails():
 
     module = Failing().train()
     batch = (torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
-    trainer = SimpleNamespace(pipelined=False, engine=SimpleNamespace(module=module),
-                              evaluation_ids=lambda samples: [np.arange(1)],
-                              batches=SimpleNamespace(replica_ids=lambda ids: ids,
-                                                      micro_batches=lambda samples, ids: [batch]))
+    executor = PlainExecutor(SimpleNamespace(module=module), layout=None)
     with pytest.raises(RuntimeError, match="forward failed"):
-        Trainer.evaluate(trainer, samples=None)
+        executor.evaluate([batch])
     assert module.training

@@ -226,7 +226,7 @@ def test_scoring_schedule_is_deepspeeds_1f1b_without_an_optimizer_step(stages):
     gradients as TrainSchedule, scoring compute in place of ForwardPass/BackwardPass, no reduction or step."""
     from deepspeed.runtime.pipe import schedule as ds
 
-    from megatron_greats.training.scoring_schedule import (ScoreBackward, ScoreForward, ScoreLoad,
+    from megatron_greats.training.pipeline_schedules import (ScoreBackward, ScoreForward, ScoreLoad,
                                                            ScoringForwardSchedule, ScoringSchedule)
 
     def names(steps, keep):

@@ -29,7 +29,7 @@ from torch.func import functional_call, grad, vmap
 
 from megatron_greats.bench import rss_bytes
 from megatron_greats.ghost import GhostRecorder  # imported before any baseline is taken
-from megatron_greats.ghost.recorder import frozen_parameters
+from megatron_greats.ghost.capture import frozen_parameters
 
 DEFAULT_POINTS = ((8, 128, 128), (32, 256, 256), (16, 512, 256))
 

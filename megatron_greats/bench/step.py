@@ -80,7 +80,7 @@ def _measure(name: str, cfg, data, layout, run_dir: Path, warmup: int, repeats: 
 
     engine = build_engine(cfg, data.vocab_size, layout)
     trainer = Trainer(cfg, engine, data, layout, run_dir)
-    trainer.selector.use_clock(PhaseClock(sync=True))
+    trainer.strategy.use_clock(PhaseClock(sync=True))
     acc = get_accelerator()
     progress = None
     if show_progress:
@@ -91,7 +91,7 @@ def _measure(name: str, cfg, data, layout, run_dir: Path, warmup: int, repeats: 
     def timed_step(step: int):
         acc.synchronize()
         start = time.perf_counter()
-        choice, _, _ = trainer.take_step(step, engine.get_lr()[0])
+        choice = trainer.strategy.take(step, engine.get_lr()[0]).choice
         if choice.skipped:
             raise TrainingError(f"bench: step {step} of {name} had NaN/Inf scores; allowed: a config that trains "
                                 "(lower train.lr)")

@@ -21,17 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_greats.ghost.products import Kind
+from megatron_greats.ghost.reduction import Reduction, reduction_of
+
 
 @dataclass
 class Operand:
     """One parameter's share of a layer call, before the output gradient is known."""
 
     param: torch.Tensor
-    kind: str                 # "dense" | "sparse" | "diag"
+    kind: Kind
     rows: int
     cols: int
     inputs: torch.Tensor      # already in [n, T, ...] sample-major layout
-    reduction: str            # "sum" (tensor-sharded), "once" (replicated), "sum_vectors" (sequence-sharded)
+    reduction: Reduction      # how ranks combine its Gram (see reduction.py)
 
 
 def samples_first(x: torch.Tensor, batch_dim: int) -> torch.Tensor:
@@ -42,10 +45,6 @@ def samples_first(x: torch.Tensor, batch_dim: int) -> torch.Tensor:
     if not x.is_floating_point():
         return x.reshape(x.shape[0], -1)
     return x.reshape(x.shape[0], -1, x.shape[-1])
-
-
-def _sharded(param) -> str:
-    return "sum" if getattr(param, "tensor_model_parallel", False) else "once"
 
 
 def _ones_like_tokens(a: torch.Tensor) -> torch.Tensor:
@@ -110,9 +109,9 @@ class _Restore:
 def _linear(module: nn.Linear, report, batch_dim: int):
     def hook(mod, args, output):
         a = samples_first(args[0].detach(), batch_dim)
-        ops = [Operand(mod.weight, "dense", mod.out_features, mod.in_features, a, "once")]
+        ops = [Operand(mod.weight, Kind.DENSE, mod.out_features, mod.in_features, a, Reduction.ONCE)]
         if mod.bias is not None:
-            ops.append(Operand(mod.bias, "dense", mod.out_features, 1, _ones_like_tokens(a), "once"))
+            ops.append(Operand(mod.bias, Kind.DENSE, mod.out_features, 1, _ones_like_tokens(a), Reduction.ONCE))
         return report(ops, output, batch_dim)
     return [module.register_forward_hook(hook)]
 
@@ -123,19 +122,19 @@ def _embedding(module: nn.Embedding, report, batch_dim: int):
         ids = samples_first(args[0], batch_dim).long().clone()
         if mod.padding_idx is not None:
             ids[ids == mod.padding_idx] = -1  # that row never receives a gradient
-        ops = [Operand(mod.weight, "sparse", mod.num_embeddings, mod.embedding_dim, ids, "once")]
+        ops = [Operand(mod.weight, Kind.SPARSE, mod.num_embeddings, mod.embedding_dim, ids, Reduction.ONCE)]
         return report(ops, output, batch_dim)
     return [module.register_forward_hook(hook)]
 
 
-def _norm_operands(mod, x: torch.Tensor, eps: float, rms: bool, batch_dim: int, reduction: str) -> list:
+def _norm_operands(mod, x: torch.Tensor, eps: float, rms: bool, batch_dim: int, reduction: Reduction) -> list:
     shape = (x.shape[-1],)
     xhat = F.rms_norm(x, shape, None, eps) if rms else F.layer_norm(x, shape, None, None, eps)
     xhat = samples_first(xhat.detach(), batch_dim)
     d = x.shape[-1]
-    ops = [Operand(mod.weight, "diag", d, 1, xhat, reduction)]
+    ops = [Operand(mod.weight, Kind.DIAG, d, 1, xhat, reduction)]
     if getattr(mod, "bias", None) is not None:
-        ops.append(Operand(mod.bias, "diag", d, 1, torch.ones_like(xhat), reduction))
+        ops.append(Operand(mod.bias, Kind.DIAG, d, 1, torch.ones_like(xhat), reduction))
     return ops
 
 
@@ -151,7 +150,7 @@ def _torch_norm(rms: bool):
         eps = module.eps if module.eps is not None else torch.finfo(module.weight.dtype).eps
 
         def hook(mod, args, output):
-            return report(_norm_operands(mod, args[0], eps, rms, batch_dim, "once"), output, batch_dim)
+            return report(_norm_operands(mod, args[0], eps, rms, batch_dim, Reduction.ONCE), output, batch_dim)
         return [module.register_forward_hook(hook)]
     return install
 
@@ -190,12 +189,12 @@ def _megatron_rules():
                                                              group=module.tp_group)
             a = samples_first(input, 1)
             rows = weight.shape[0]
-            ops = [Operand(weight, "dense", rows, weight.shape[1], a, _sharded(weight))]
+            ops = [Operand(weight, Kind.DENSE, rows, weight.shape[1], a, reduction_of(weight))]
             bias = kwargs.get("bias", args[0] if args else None)
             if bias is None and module.skip_bias_add:
                 bias = module.bias  # added by the caller to this same output
             if bias is not None:
-                ops.append(Operand(bias, "dense", rows, 1, _ones_like_tokens(a), _sharded(bias)))
+                ops.append(Operand(bias, Kind.DENSE, rows, 1, _ones_like_tokens(a), reduction_of(bias)))
             return ops
         return tap_forward_impl(module, report, operands)
 
@@ -203,12 +202,12 @@ def _megatron_rules():
     def _row(module, report, batch_dim: int):
         def operands(input, weight, args, kwargs):
             a = samples_first(input, 1)
-            ops = [Operand(weight, "dense", weight.shape[0], weight.shape[1], a, _sharded(weight))]
+            ops = [Operand(weight, Kind.DENSE, weight.shape[0], weight.shape[1], a, reduction_of(weight))]
             if module.bias is not None:
                 # Added after the reduction, whatever skip_bias_add says; the gradient of this
                 # pre-reduction output is the full output gradient, so the bias' per-sample
                 # gradient is its token sum, identical on every tensor-parallel rank.
-                ops.append(Operand(module.bias, "dense", weight.shape[0], 1, _ones_like_tokens(a), "once"))
+                ops.append(Operand(module.bias, Kind.DENSE, weight.shape[0], 1, _ones_like_tokens(a), Reduction.ONCE))
             return ops
         return tap_forward_impl(module, report, operands)
 
@@ -221,8 +220,8 @@ def _megatron_rules():
         def hook(mod, args, output):  # ids [batch, seq] -> output [batch, seq, hidden]
             ids = samples_first(args[0], 0).long() - mod.vocab_start_index
             ids[(ids < 0) | (ids >= mod.num_embeddings_per_partition)] = -1  # rows on other ranks
-            ops = [Operand(mod.weight, "sparse", mod.num_embeddings_per_partition, mod.embedding_dim, ids,
-                           _sharded(mod.weight))]
+            ops = [Operand(mod.weight, Kind.SPARSE, mod.num_embeddings_per_partition, mod.embedding_dim, ids,
+                           reduction_of(mod.weight))]
             return report(ops, output, 0)
         return [module.register_forward_hook(hook)]
 
@@ -257,7 +256,7 @@ def _project_rules():
         def install(module, report, batch_dim: int):
             # Under sequence parallelism each rank normalises its own sequence shard: its per-sample
             # vectors are partial sums over tokens, to be summed over tensor-parallel ranks.
-            reduction = "sum_vectors" if module.spec.sequence_parallel else "once"
+            reduction = Reduction.SUM_VECTORS if module.spec.sequence_parallel else Reduction.ONCE
 
             def hook(mod, args, output):
                 return report(_norm_operands(mod, args[0], mod.spec.norm_eps, rms, 1, reduction), output, 1)

@@ -18,6 +18,7 @@ Two exact paths per parameter:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Optional
 
 import torch
@@ -26,9 +27,23 @@ import torch
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
+class Kind(str, Enum):
+    """How a parameter's per-sample gradient follows from a use's operands (see the module doc)."""
+    DENSE = "dense"
+    SPARSE = "sparse"
+    DIAG = "diag"
+
+
+class Path(str, Enum):
+    """Which exact method forms a parameter's Gram; AUTO lets the cost model choose per parameter."""
+    AUTO = "auto"
+    GHOST = "ghost"
+    MATERIALISE = "materialise"
+
+
 @dataclass
 class Use:
-    kind: str                    # "dense" | "sparse" | "diag"
+    kind: Kind
     rows: int                    # parameter rows on this rank (d_out; local vocab; d for diag)
     cols: int                    # parameter columns (d_in; hidden for sparse; 1 for diag)
     samples: slice               # which rows of the Gram this use's samples are
@@ -52,23 +67,23 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def ghost_cost(uses: list, total: int) -> float:
     cost = 0.0
     for u in uses:
-        width = u.cols + u.rows if u.kind == "dense" else u.cols + 1
+        width = u.cols + u.rows if u.kind == Kind.DENSE else u.cols + 1
         cost += u.n * total * u.tokens ** 2 * width
     return cost
 
 
 def materialise_cost(uses: list, total: int) -> float:
     rows, cols = uses[0].rows, uses[0].cols
-    forming = sum(u.n * u.tokens * (rows * cols if u.kind == "dense" else cols) for u in uses)
+    forming = sum(u.n * u.tokens * (rows * cols if u.kind == Kind.DENSE else cols) for u in uses)
     return forming + total * total * rows * cols
 
 
-def choose_path(uses: list, total: int, forced: Optional[str] = None) -> str:
-    if any(u.kind == "diag" for u in uses):
-        return "materialise"  # a per-sample vector: forming it is the whole cost
-    if forced is not None:
+def choose_path(uses: list, total: int, forced: Path = Path.AUTO) -> Path:
+    if any(u.kind == Kind.DIAG for u in uses):
+        return Path.MATERIALISE  # a per-sample vector: forming it is the whole cost
+    if forced != Path.AUTO:
         return forced
-    return "ghost" if ghost_cost(uses, total) <= materialise_cost(uses, total) else "materialise"
+    return Path.GHOST if ghost_cost(uses, total) <= materialise_cost(uses, total) else Path.MATERIALISE
 
 
 # ---- ghost path ------------------------------------------------------------------------------------
@@ -76,7 +91,7 @@ def _pair_tile(u: Use, v: Use, i0: int, i1: int, dtype) -> torch.Tensor:
     """<G_u,i, G_v,j> for i in u's samples [i0, i1) and all of v's samples: [i1 - i0, v.n]."""
     c, t_u, n_v, t_v = i1 - i0, u.tokens, v.n, v.tokens
     bu = u.grads[i0:i1].to(dtype)
-    if u.kind == "sparse" and v.kind == "dense":
+    if u.kind == Kind.SPARSE and v.kind == Kind.DENSE:
         # sum_{t,s} B_v[j, s, id_u[i,t]] (b_u[i,t] . a_v[j,s])
         ids = u.inputs[i0:i1].reshape(-1)
         valid = ids >= 0
@@ -88,10 +103,10 @@ def _pair_tile(u: Use, v: Use, i0: int, i1: int, dtype) -> torch.Tensor:
         owner = torch.arange(c, device=ids.device).repeat_interleave(t_u)[valid]
         per_token = tile.reshape(-1, n_v, t_v).sum(-1)
         return torch.zeros(c, n_v, dtype=dtype, device=bu.device).index_add_(0, owner, per_token)
-    if u.kind == "dense" and v.kind == "sparse":
+    if u.kind == Kind.DENSE and v.kind == Kind.SPARSE:
         return _pair_tile_transposed(u, v, i0, i1, dtype)
     grad_dots = bu.reshape(c * t_u, -1) @ v.grads.to(dtype).reshape(n_v * t_v, -1).T  # [(c t), (n s)]
-    if u.kind == "dense":
+    if u.kind == Kind.DENSE:
         input_dots = u.inputs[i0:i1].to(dtype).reshape(c * t_u, -1) @ v.inputs.to(dtype).reshape(n_v * t_v, -1).T
         weights = input_dots
     else:  # sparse x sparse: token pairs with the same row id (on this rank)
@@ -124,9 +139,9 @@ def ghost_gram(uses: list, total: int, dtype, chunk_elements: int = DEFAULT_CHUN
 # ---- materialised path -----------------------------------------------------------------------------
 def per_sample_rows(u: Use, r0: int, r1: int, dtype) -> torch.Tensor:
     """Per-sample gradients of parameter rows [r0, r1): [n, r1 - r0, cols]."""
-    if u.kind == "dense":
+    if u.kind == Kind.DENSE:
         return torch.einsum("ntr,ntc->nrc", u.grads[:, :, r0:r1].to(dtype), u.inputs.to(dtype))
-    if u.kind == "diag":
+    if u.kind == Kind.DIAG:
         return (u.grads[:, :, r0:r1].to(dtype) * u.inputs[:, :, r0:r1].to(dtype)).sum(1).unsqueeze(-1)
     ids = u.inputs
     inside = (ids >= r0) & (ids < r1)
@@ -148,3 +163,29 @@ def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEF
         for u in uses:
             block[u.samples] += per_sample_rows(u, r0, r1, dtype)
         yield block.reshape(total, -1)
+
+
+# ---- the weighted gradient of a parameter (single-pass update) --------------------------------------
+def weighted_gradient(uses: list, weights: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """sum_i weights[i] G_i over every sample of every use: the parameter's gradient (this rank's shard)
+    of a loss that weighs sample i by weights[i] (e.g. 1/k for the k selected samples, 0 elsewhere).
+    Only samples with a non-zero weight are touched: one GEMM over the selected rows per dense use."""
+    rows, cols = uses[0].rows, uses[0].cols
+    grad = torch.zeros(rows, cols, dtype=dtype, device=uses[0].inputs.device)
+    for u in uses:
+        w = weights[u.samples].to(dtype=dtype, device=grad.device)
+        chosen = torch.nonzero(w, as_tuple=True)[0]
+        if len(chosen) == 0:
+            continue
+        scale = w[chosen].view(-1, 1, 1)
+        b = u.grads[chosen].to(dtype) * scale                       # [s, T, rows (dense, diag) or cols]
+        if u.kind == Kind.DENSE:
+            a = u.inputs[chosen].to(dtype)
+            grad += b.reshape(-1, rows).T @ a.reshape(-1, cols)
+        elif u.kind == Kind.DIAG:
+            grad += (b * u.inputs[chosen].to(dtype)).sum(dim=(0, 1)).unsqueeze(-1)
+        else:
+            ids = u.inputs[chosen].reshape(-1)
+            inside = ids >= 0  # -1: a row on another tensor-parallel rank, or the padding row
+            grad.index_add_(0, ids[inside], b.reshape(-1, cols)[inside])
+    return grad.reshape(shape)

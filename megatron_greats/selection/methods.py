@@ -16,6 +16,21 @@ class Selection:
     scores: torch.Tensor     # [k]: marginal gains (greats) or the ranking score of each pick
 
 
+@dataclass
+class SelectorInputs:
+    """Everything a method may read about the N candidates of a step (None where not computed)."""
+    losses: Optional[torch.Tensor] = None            # [N] per-sample losses
+    gram: Optional[torch.Tensor] = None              # [N, N] <g_i, g_j>
+    val_alignment: Optional[torch.Tensor] = None     # [N] <g_i, mean validation gradient>
+    reference_losses: Optional[torch.Tensor] = None  # [N] the reference model's losses (RHO-Loss)
+
+    def tensors(self) -> dict:
+        return {name: value for name, value in vars(self).items() if value is not None}
+
+    def all_finite(self) -> bool:
+        return all(bool(torch.isfinite(v).all()) for v in self.tensors().values())
+
+
 @dataclass(frozen=True)
 class Method:
     needs: tuple             # inputs the method reads: "gram", "val_alignment", "losses", "reference_losses"
@@ -64,7 +79,7 @@ def select(name: str, k: int, n: int, *, eta: Optional[float] = None, gram=None,
            greats_options: Optional[dict] = None) -> Selection:
     """Pick k of n candidates with the named method; the inputs it needs must be given."""
     m = method(name)
-    given = {"gram": gram, "val_alignment": val_alignment, "losses": losses, "reference_losses": reference_losses}
+    given = vars(SelectorInputs(losses, gram, val_alignment, reference_losses))
     missing = [x for x in m.needs if given[x] is None]
     if missing:
         raise ValueError(f"selection method '{name}' needs {', '.join(missing)}")

@@ -1,11 +1,14 @@
 """Which samples a replica looks at in a step: its candidates (or, for Regular, its k samples) and the
-validation samples of the step. Pure functions of (seed, step, layout), no state to checkpoint."""
+validation samples of the step, pure functions of (seed, step, layout), no state to checkpoint; and
+how a replica's samples become micro-batches on the device."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from megatron_greats.parallel.state import Layout
+from megatron_greats.parallel.state import Layout, device
 
 
 class CandidateStream:
@@ -23,5 +26,27 @@ class CandidateStream:
         return ids[start:start + self.per_replica]
 
     def validation(self, step: int) -> np.ndarray:
-        """m target-domain validation samples, rotating through the validation set."""
+        """The step's m validation samples: ids in the selection split (target-domain documents held out
+        of train, val and test), rotating through it."""
         return (step * self.val_batch + np.arange(self.val_batch)) % self.val_size
+
+
+@dataclass
+class ReplicaBatches:
+    """Turns sample ids into this replica's micro-batches."""
+
+    layout: Layout
+    micro_batch: int
+
+    def replica_ids(self, global_ids: np.ndarray) -> np.ndarray:
+        """This replica's contiguous slice of a global batch."""
+        per_replica = len(global_ids) // self.layout.data
+        start = self.layout.data_rank * per_replica
+        return global_ids[start:start + per_replica]
+
+    def micro_batches(self, samples, ids: np.ndarray) -> list:
+        """The samples `ids` as (inputs, labels) micro-batches on the device."""
+        tokens = samples.get(ids)
+        dev = device()
+        return [(chunk[:, :-1].contiguous().to(dev), chunk[:, 1:].contiguous().to(dev))
+                for chunk in tokens.split(self.micro_batch)]

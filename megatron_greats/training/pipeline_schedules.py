@@ -1,21 +1,24 @@
-"""The scoring pass under pipeline parallelism, as DeepSpeed pipeline schedules.
+"""Passes of the pipeline engine beyond training and evaluation, as DeepSpeed pipeline schedules.
 
-A new pass is a new schedule: ScoringSchedule is DeepSpeed's 1F1B TrainSchedule with its compute
-instructions swapped for scoring ones and no gradient reduction or optimizer step;
-ScoringForwardSchedule is its InferenceSchedule with the same swap (per-sample losses only).
-DeepSpeed's own SendActivation / RecvActivation / SendGrad / RecvGrad move the tensors between stages.
+A new pass is a new schedule (DeepSpeed's style): a PipeSchedule subclass yields instructions, and
+run_schedule() executes any schedule with any set of extra instructions on the engine, with state of
+its own (`engine.greats_run`). DeepSpeed's own SendActivation / RecvActivation / SendGrad / RecvGrad
+move the tensors between stages.
 
-The scoring instructions differ from ForwardPass / BackwardPass in what the engine must not do:
+The scoring pass: ScoringSchedule is DeepSpeed's 1F1B TrainSchedule with its compute instructions
+swapped for scoring ones and no gradient reduction or optimizer step; ScoringForwardSchedule is its
+InferenceSchedule with the same swap (per-sample losses only). The scoring instructions differ from
+ForwardPass / BackwardPass in what the engine must not do:
   ScoreForward   runs the stage's module directly (no engine hooks) and, on the last stage, keeps
                  per-sample losses instead of the mean training loss;
   ScoreBackward  differentiates w.r.t. activations only through the GhostRecorder (parameters are
                  frozen): no engine.backward, so no loss scaling, no gradient hooks, no .grad written.
                  The gradient w.r.t. the stage input is left in its .grad for DeepSpeed's SendGrad.
 
-run_schedule() executes a schedule on the engine with scoring state of its own: DeepSpeed caches
-activation and gradient buffer shapes of the training micro-batches, and partitions activations over
-tensor-parallel ranks; the scoring micro-batches have other shapes, so shapes are exchanged every
-time (dynamic_shape), nothing is partitioned, and the training state is restored afterwards.
+run_schedule() keeps the training exchange state apart: DeepSpeed caches activation and gradient
+buffer shapes of the training micro-batches, and partitions activations over tensor-parallel ranks;
+a run's micro-batches have other shapes, so shapes are exchanged every time (dynamic_shape), nothing
+is partitioned, and the training state is restored afterwards.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ class ScoringRun:
 
 
 def _exec_score_load(engine, buffer_id: int, micro_batch_id: int):
-    run = engine.greats_scoring_run
+    run = engine.greats_run
     if engine.is_first_stage():
         engine.pipe_buffers["inputs"][buffer_id] = run.inputs[micro_batch_id]
     if engine.is_last_stage():
@@ -104,7 +107,7 @@ def _exec_score_load(engine, buffer_id: int, micro_batch_id: int):
 
 
 def _exec_score_forward(engine, buffer_id: int, micro_batch_id: int):
-    run = engine.greats_scoring_run
+    run = engine.greats_run
     inputs = engine.pipe_buffers["inputs"][buffer_id]
     if run.backward and len(run.inputs) > 1:
         # the Gram spans all micro-batches: tell the recorder where these samples sit
@@ -119,7 +122,7 @@ def _exec_score_forward(engine, buffer_id: int, micro_batch_id: int):
 
 
 def _exec_score_backward(engine, buffer_id: int, micro_batch_id: int):
-    run = engine.greats_scoring_run
+    run = engine.greats_run
     outputs = engine.pipe_buffers["outputs"][buffer_id]
     stage_input = engine.pipe_buffers["inputs"][buffer_id]
     targets = [] if engine.is_first_stage() else [stage_input]
@@ -135,50 +138,54 @@ def _exec_score_backward(engine, buffer_id: int, micro_batch_id: int):
 
 def _in_phase(name: str, execute):
     def timed(engine, **kwargs):
-        with engine.greats_scoring_run.clock.phase(name):
+        with engine.greats_run.clock.phase(name):
             execute(engine, **kwargs)
     return timed
 
 
-def _instructions(engine_class) -> dict:
-    exchange = {kind: _in_phase("score_exchange", engine_class._INSTRUCTION_MAP[kind])
-                for kind in (ds_schedule.SendActivation, ds_schedule.RecvActivation, ds_schedule.SendGrad,
-                             ds_schedule.RecvGrad)}
-    return {**engine_class._INSTRUCTION_MAP, **exchange, ScoreLoad: _exec_score_load,
-            ScoreForward: _in_phase("score_forward", _exec_score_forward),
-            ScoreBackward: _in_phase("score_backward", _exec_score_backward)}
+_EXCHANGE = (ds_schedule.SendActivation, ds_schedule.RecvActivation, ds_schedule.SendGrad, ds_schedule.RecvGrad)
+SCORING_INSTRUCTIONS = {ScoreLoad: _exec_score_load, ScoreForward: _in_phase("score_forward", _exec_score_forward),
+                        ScoreBackward: _in_phase("score_backward", _exec_score_backward)}
 
-# Engine attributes that describe the training micro-batches' exchange; the scoring run sets its own.
+# Engine attributes that describe the training micro-batches' exchange; a run sets its own.
 _EXCHANGE_STATE = ("dynamic_shape", "is_pipe_partitioned", "is_grad_partitioned", "first_output_send",
                    "pipe_recv_buf", "grad_layer", "_grad_layer_buf", "meta_buffer")
 
 
 @contextlib.contextmanager
-def _scoring_state(engine, run: ScoringRun):
+def _own_state(engine, instructions: dict, run, exchange_phase: str):
     saved = {name: getattr(engine, name) for name in _EXCHANGE_STATE}
-    engine.dynamic_shape = True             # scoring micro-batches have their own shapes
+    engine.dynamic_shape = True             # the run's micro-batches have their own shapes
     engine.is_pipe_partitioned = engine.is_grad_partitioned = False
     engine._grad_layer_buf = []             # do not resize the buffers training's grad_layer views
-    engine._INSTRUCTION_MAP = _instructions(type(engine))
-    engine.greats_scoring_run = run
+    base = type(engine)._INSTRUCTION_MAP
+    exchange = {kind: _in_phase(exchange_phase, base[kind]) for kind in _EXCHANGE}
+    engine._INSTRUCTION_MAP = {**base, **exchange, **instructions}
+    engine.greats_run = run
     try:
         yield
     finally:
         for name, value in saved.items():
             setattr(engine, name, value)
         del engine._INSTRUCTION_MAP         # back to the class's map
-        del engine.greats_scoring_run
+        del engine.greats_run
         for buffers in engine.pipe_buffers.values():
-            buffers[:] = [None] * len(buffers)  # free the scoring activations
+            buffers[:] = [None] * len(buffers)  # free the run's activations
 
 
-def run_schedule(engine, run: ScoringRun) -> Optional[torch.Tensor]:
-    """Execute the scoring schedule of `run` on this stage; returns the per-sample losses on the last
-    stage (None elsewhere)."""
+def run_schedule(engine, schedule, instructions: dict, run, exchange_phase: str = "score_exchange") -> None:
+    """Execute `schedule` on this stage with `instructions` (instruction class -> fn(engine, **kwargs))
+    in addition to DeepSpeed's; `run` (with a .clock) is what they read and write, as engine.greats_run."""
+    with _own_state(engine, instructions, run, exchange_phase):
+        engine._exec_schedule(schedule)
+
+
+def score(engine, run: ScoringRun) -> Optional[torch.Tensor]:
+    """The scoring pass of `run` on this stage; returns the per-sample losses on the last stage (None
+    elsewhere)."""
     kind = ScoringSchedule if run.backward else ScoringForwardSchedule
     schedule = kind(micro_batches=len(run.inputs), stages=engine.num_stages, stage_id=engine.stage_id)
-    with _scoring_state(engine, run):
-        engine._exec_schedule(schedule)
+    run_schedule(engine, schedule, SCORING_INSTRUCTIONS, run)
     if not engine.is_last_stage():
         return None
     return torch.cat([run.losses[i] for i in range(len(run.inputs))])

@@ -1,37 +1,57 @@
-"""The scoring pass: per-sample losses of [candidates ; validation], and their gradient Gram.
+"""The scoring pass: per-sample losses of a step's candidates and validation samples, and their Gram.
 
-It runs on the engine's module (not through the engine: no DeepSpeed gradient hooks), in eval mode,
+It runs on the model's module (not through the engine: no DeepSpeed gradient hooks), in eval mode,
 with the GhostRecorder capturing every supported layer (parameters frozen: no weight gradient is
-formed, no .grad is written). With pipeline parallelism the stages run DeepSpeed pipeline schedules
-of their own (training/scoring_schedule.py): 1F1B forward and backward over the scoring
-micro-batches, no optimizer step. The samples go through in micro-batches of `micro_batch` (all at
-once by default); the Gram covers every pair across micro-batches. After run() every rank of the
-model-parallel group holds the same losses and Gram.
+formed, no .grad is written), through the layout's executor (executors.py): with pipeline
+parallelism that is a DeepSpeed schedule of its own. The samples go through in micro-batches of
+`micro_batch` (all at once by default); the Gram covers every pair across micro-batches. Every rank
+of the model-parallel group ends with the same losses and Gram.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_greats.errors import ConfigError
 from megatron_greats.ghost import GhostRecorder
 from megatron_greats.ghost.layers import supported_layer_names
-from megatron_greats.model import per_sample_losses
 from megatron_greats.parallel.state import Layout, device
-from megatron_greats.training.scoring_schedule import ScoringRun, run_schedule
+from megatron_greats.selection import SelectorInputs
 from megatron_greats.training.telemetry import PhaseClock
 
 
+@dataclass
+class ScoredBatch:
+    """The samples of one scoring pass: the N candidates, then the m validation samples."""
+    tokens: torch.Tensor      # [N + m, seq + 1]
+    candidates: slice
+    validation: slice
+
+    @classmethod
+    def of(cls, candidate_tokens: torch.Tensor, validation_tokens: Optional[torch.Tensor] = None) -> "ScoredBatch":
+        n = candidate_tokens.shape[0]
+        m = 0 if validation_tokens is None else validation_tokens.shape[0]
+        tokens = candidate_tokens if m == 0 else torch.cat([candidate_tokens, validation_tokens])
+        return cls(tokens, slice(0, n), slice(n, n + m))
+
+
+def _micro_batches(tokens: torch.Tensor, size: Optional[int]) -> list:
+    tokens = tokens.to(device())
+    size = size or tokens.shape[0]
+    return [(part[:, :-1].contiguous(), part[:, 1:].contiguous()) for part in tokens.split(size)]
+
+
 class ScoringPass:
-    def __init__(self, module: torch.nn.Module, layout: Layout, engine=None, exclude=(), micro_batch=None,
+    def __init__(self, module: torch.nn.Module, layout: Layout, executor=None, exclude=(), micro_batch=None,
                  gram: bool = True):
-        """module: the model (or this stage of it) to score with; engine: the DeepSpeed PipelineEngine
-        whose pipeline runs the scoring schedules (needed when layout.pipeline > 1); gram: whether the
-        Gram will be asked for (then every trainable parameter must be covered or excluded)."""
-        self.module, self.layout, self.engine, self.micro_batch = module, layout, engine, micro_batch
+        """module: the model (or this stage of it) to score with; executor: the layout's (executors.py);
+        gram: whether Gram-based scores will be asked for (then every trainable parameter must be
+        covered by a capture rule or excluded by a pattern)."""
+        self.module, self.layout, self.executor, self.micro_batch = module, layout, executor, micro_batch
         self.recorder = GhostRecorder(module, exclude=list(exclude), batch_dim=1)
         uncovered = self.recorder.uncovered() if gram else []
         if uncovered:  # the Gram would silently leave them out of every score
@@ -45,18 +65,18 @@ class ScoringPass:
     def use_clock(self, clock: PhaseClock) -> None:
         self.clock = self.recorder.clock = clock
 
-    def run(self, tokens: torch.Tensor, with_gram: bool = True):
-        """tokens [n, seq+1] -> (losses [n], Gram [n, n] or None)."""
-        tokens = tokens.to(device())
-        inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    def losses(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses [n] of tokens [n, seq + 1], forward only."""
         with self._scoring_mode():
-            if not with_gram:
-                with torch.no_grad():
-                    losses = self._forward_only(inputs, labels)
-                return losses, None
-            with self.recorder.capture():
-                losses = self._forward_backward(inputs, labels)
-            return losses, self.recorder.gram()
+            return self.executor.score(self.module, _micro_batches(tokens, None), clock=self.clock)
+
+    def scores(self, batch: ScoredBatch) -> SelectorInputs:
+        """The candidates' losses, their Gram and their alignment with the mean validation gradient."""
+        with self._scoring_mode(), self.recorder.capture():
+            losses = self.executor.score(self.module, _micro_batches(batch.tokens, self.micro_batch),
+                                         recorder=self.recorder, clock=self.clock)
+        gram, c, v = self.recorder.gram(), batch.candidates, batch.validation
+        return SelectorInputs(losses=losses[c], gram=gram[c, c], val_alignment=gram[c, v].mean(dim=1))
 
     @contextlib.contextmanager
     def _scoring_mode(self):
@@ -75,39 +95,3 @@ class ScoringPass:
             for name, value in saved.items():
                 setattr(self.module, name, value)
             self.module.train(was_training)
-
-    # ---- one stage per process, or a pipeline of stages ----------------------------------------------
-    def _forward_only(self, inputs, labels):
-        if self.layout.pipeline == 1:
-            with self.clock.phase("score_forward"):
-                return per_sample_losses(self.module(inputs), labels)
-        return self._pipeline([inputs], [labels], recorder=None)
-
-    def _forward_backward(self, inputs, labels):
-        size = self.micro_batch or inputs.shape[0]
-        parts = [slice(start, start + size) for start in range(0, inputs.shape[0], size)]
-        if self.layout.pipeline > 1:
-            return self._pipeline([inputs[p] for p in parts], [labels[p] for p in parts], self.recorder)
-        losses = []
-        for index, part in enumerate(parts):
-            if len(parts) > 1:
-                self.recorder.begin_micro_batch(index, size)  # the Gram spans all micro-batches
-            with self.clock.phase("score_forward"):
-                part_losses = per_sample_losses(self.module(inputs[part]), labels[part])
-            with self.clock.phase("score_backward"):
-                self.recorder.backward(part_losses)
-            losses.append(part_losses.detach())
-        return torch.cat(losses)
-
-    def _pipeline(self, inputs: list, labels: list, recorder):
-        from megatron.core import parallel_state as ps
-
-        if self.engine is None:
-            raise ValueError("ScoringPass: pipeline parallelism runs on a DeepSpeed PipelineEngine; pass engine=")
-        run = ScoringRun(self.module, inputs, labels, recorder, clock=self.clock)
-        losses = run_schedule(self.engine, run)
-        if losses is None:
-            losses = torch.zeros(sum(len(x) for x in inputs), dtype=torch.float32, device=inputs[0].device)
-        # the last stage has the losses; every stage of this pipeline gets them
-        dist.broadcast(losses, ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-        return losses

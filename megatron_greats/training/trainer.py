@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +17,16 @@ import torch
 import torch.distributed as dist
 
 from megatron_greats.errors import ConfigError, TrainingError
-from megatron_greats.model import build_model, mean_loss, per_sample_losses
+from megatron_greats.model import build_model
 from megatron_greats.parallel.state import Layout, MegatronMpu, device, init_distributed, init_model_parallel
 from megatron_greats.training.deepspeed_config import deepspeed_config, parameter_groups
 from megatron_greats.training import checkpoint
 from megatron_greats.training.optimizer_step import grad_norm, install_plain_step
 from megatron_greats.training.preemption import StopOnSigterm
 from megatron_greats.training.schedule import ScheduleFactor
-from megatron_greats.training.selecting import StepSelector
+from megatron_greats.training.candidates import ReplicaBatches
+from megatron_greats.training.executors import executor_for
+from megatron_greats.training.step import TwoPassStep
 from megatron_greats.training.telemetry import SelectionLog, Telemetry
 
 
@@ -47,12 +48,13 @@ def prepare_run_dir(cfg) -> Path:
 
 def load_data(cfg, show_progress: bool):
     from megatron_greats.data import prepare_data
+    from megatron_greats.data.splits import fraction_args
 
     d = cfg.data
     return prepare_data(
         cache_dir=d.cache_dir, seq_len=cfg.model.seq_len, source=d.source, files=d.files, file_format=d.format,
         text_field=d.text_field, domain_field=d.domain_field, megatron_prefixes=d.megatron_prefixes,
-        target_domain=d.target_domain, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+        target_domain=d.target_domain, **fraction_args(d),
         split_seed=d.split_seed, max_docs_per_domain=d.max_docs_per_domain, vocab_size=cfg.tokenizer.vocab_size,
         tokenizer_model=cfg.tokenizer.model, show_progress=show_progress,
     )
@@ -147,70 +149,18 @@ def _layer_owners(specs: list) -> list:
     return [first.setdefault(spec.key, i) if isinstance(spec, TiedLayerSpec) else i for i, spec in enumerate(specs)]
 
 
-@dataclass
-class ReplicaBatches:
-    """Turns a step's global batch of sample ids into this replica's micro-batches."""
-
-    layout: Layout
-    micro_batch: int
-
-    def replica_ids(self, global_ids: np.ndarray) -> np.ndarray:
-        per_replica = len(global_ids) // self.layout.data
-        start = self.layout.data_rank * per_replica
-        return global_ids[start:start + per_replica]
-
-    def micro_batches(self, samples, ids: np.ndarray) -> list:
-        """This replica's samples `ids` as (inputs, labels) micro-batches on the device."""
-        tokens = samples.get(ids)
-        dev = device()
-        return [(chunk[:, :-1].contiguous().to(dev), chunk[:, 1:].contiguous().to(dev))
-                for chunk in tokens.split(self.micro_batch)]
-
-
 class Trainer:
+    """The cadence of a run: steps (the step strategy does the work), logging, evaluation, checkpoints."""
+
     def __init__(self, cfg, engine, data, layout: Layout, run_dir: Path, reference_module=None):
         self.cfg, self.engine, self.data, self.layout, self.run_dir = cfg, engine, data, layout, run_dir
-        self.pipelined = layout.pipeline > 1
-        self.selector = StepSelector(cfg, engine, data, layout, reference_module=reference_module)
+        self.executor = executor_for(engine, layout)  # the layout is dispatched here, once
+        self.strategy = TwoPassStep(cfg, data, layout, engine, self.executor, reference_module=reference_module)
         self.batches = ReplicaBatches(layout, cfg.train.micro_batch)
         self.step = 0
         self.saved_step = None
         self.skipped_in_a_row = self.skipped_total = 0
         self.tokens_per_sample = cfg.model.seq_len
-
-    # ---- one optimizer step -----------------------------------------------------------------------
-    def take_step(self, step: int, lr: float):
-        """Select, then train on the selection: (choice, loss, skipped). skipped: NaN/Inf in the scores
-        or the gradients, so no update happened. choice.seconds holds the step's phases."""
-        choice = self.selector.choose(step, lr)
-        loss = float("nan")
-        if not choice.skipped:
-            with self.selector.clock.phase("training"):
-                loss = self.train_step(choice.ids)
-            choice.seconds.update(self.selector.clock.take())
-        return choice, loss, choice.skipped or not self.engine.was_step_applied()
-
-    def train_step(self, ids: np.ndarray) -> float:
-        """An ordinary DeepSpeed step on this replica's samples `ids` (the selected ones)."""
-        micro = self.batches.micro_batches(self.data.train, ids)
-        if self.pipelined:
-            return float(self.engine.train_batch(iter(micro)))
-        losses = []
-        for inputs, labels in micro:
-            loss = mean_loss(self.engine(inputs), labels)
-            self.engine.backward(loss)
-            self.engine.step()
-            losses.append(loss.detach())
-        return self._data_parallel_mean(torch.stack(losses).mean())
-
-    def _data_parallel_mean(self, value: torch.Tensor) -> float:
-        value = value.detach().clone().float()
-        if self.layout.data > 1:
-            from megatron.core import parallel_state as ps
-
-            dist.all_reduce(value, group=ps.get_data_parallel_group())
-            value /= self.layout.data
-        return float(value)
 
     # ---- evaluation -------------------------------------------------------------------------------
     def evaluation_ids(self, samples) -> list:
@@ -220,23 +170,9 @@ class Trainer:
         ids = np.arange(count * g) % len(samples)
         return [ids[i * g:(i + 1) * g] for i in range(count)]
 
-    @torch.no_grad()
     def evaluate(self, samples) -> float:
-        losses = []
-        if self.pipelined:
-            for global_ids in self.evaluation_ids(samples):
-                micro = self.batches.micro_batches(samples, self.batches.replica_ids(global_ids))
-                losses.append(float(self.engine.eval_batch(iter(micro), num_micro_batches=len(micro))))
-            return float(np.mean(losses))
-        was_training = self.engine.module.training
-        self.engine.module.eval()
-        try:
-            for global_ids in self.evaluation_ids(samples):
-                for inputs, labels in self.batches.micro_batches(samples, self.batches.replica_ids(global_ids)):
-                    losses.append(per_sample_losses(self.engine.module(inputs), labels).mean())
-        finally:
-            self.engine.module.train(was_training)
-        return self._data_parallel_mean(torch.stack(losses).mean())
+        return float(np.mean([self.executor.evaluate(self.batches.micro_batches(samples, self.batches.replica_ids(g)))
+                              for g in self.evaluation_ids(samples)]))
 
     # ---- checkpoints ------------------------------------------------------------------------------
     @property
@@ -310,7 +246,8 @@ class Trainer:
             # The optimizer's own rate: DeepSpeed does not advance the schedule on a skipped step, so
             # lr_at(self.step) would run ahead of it from then on.
             lr = self.engine.get_lr()[0]
-            choice, loss, skipped = self.take_step(self.step, lr)
+            result = self.strategy.take(self.step, lr)
+            choice, loss, skipped = result.choice, result.loss, result.skipped
             norm = grad_norm(self.engine)
             self.step += 1
             scalars = self._count_skips(skipped, choice)

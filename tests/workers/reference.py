@@ -10,8 +10,9 @@ SPEC_JSON:
 "weights" is a state dict saved with torch.save (null: the initial weights).
   steps:  the gradient of the mean per-sample loss over `ids`, its 2-norm, and the weights after one
           plain SGD step (no momentum, no weight decay) with clipping to `clip` (0: none);
-  select: per-sample gradients of candidates and validation samples (one backward per sample), their
-          Gram, and the GREATS greedy in a plain loop.
+  select: per-sample gradients of candidates (train split) and validation samples (the selection
+          split: the selector's own, never val or test), one backward per sample, their Gram, and the
+          GREATS greedy in a plain loop.
 Writes {"initial": state, "steps": [{"grad_norm", "weights"}], "select": [{"picked", "gains"}]} to OUT.
 """
 
@@ -70,7 +71,7 @@ def greedy(alignment, gram, k, eta):
 
 
 def select(model, data, candidates, validation, eta, k):
-    tokens = torch.cat([data.train.get(np.asarray(candidates)), data.val.get(np.asarray(validation))])
+    tokens = torch.cat([data.train.get(np.asarray(candidates)), data.selection.get(np.asarray(validation))])
     params = [p for p in model.parameters() if p.requires_grad]
     rows = []
     for i in range(tokens.shape[0]):

@@ -38,7 +38,7 @@ def main():
 
     initial = state()
     for ids in steps:
-        trainer.train_step(np.asarray(ids))
+        trainer.strategy.train(np.asarray(ids))
     torch.save({"initial": initial, "final": state()}, out)
 
 

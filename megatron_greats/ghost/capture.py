@@ -1,0 +1,107 @@
+"""The capture store: per parameter, the operands (Use records) of every layer call during a capture.
+
+The capture rules (layers.py) report each call's operands; the store keeps those of the captured
+parameters, marks which samples (micro-batch) they belong to, and fills in each use's output gradient
+when backward reaches it. on_complete(params) is called when the output gradient of a layer call has
+arrived, with the parameters that call used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from megatron_greats.ghost.layers import rule_for, samples_first
+from megatron_greats.ghost.products import Use
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module):
+    """requires_grad=False on the model's trainable parameters for the duration: the graph covers activations only."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _in_backward() -> bool:
+    # Non-reentrant activation recomputation reruns forward inside backward: do not record it twice.
+    return torch._C._current_graph_task_id() != -1
+
+
+class CaptureStore:
+    def __init__(self, modules: list, captured: set, batch_dim: int, on_complete: Callable[[set], None]):
+        self.modules, self.captured, self.batch_dim, self.on_complete = modules, captured, batch_dim, on_complete
+        self.uses = defaultdict(list)       # param -> [Use]
+        self.reductions = {}                # param -> Reduction
+        self.roots = []                     # leaf outputs marked requires_grad (backward differentiates w.r.t. them)
+        self.micro_batch = (0, None)        # (index, size) of the layer calls now being recorded
+        self.sizes = {}                     # micro-batch index -> samples
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.sizes.values())
+
+    @contextlib.contextmanager
+    def recording(self, model: nn.Module):
+        """Install the rules; parameters are frozen for the duration."""
+        handles = []
+        try:
+            with frozen_parameters(model):
+                for module in self.modules:
+                    handles += rule_for(module).install(module, self._report, self.batch_dim)
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _report(self, operands: list, output: torch.Tensor, batch_dim: int):
+        if not torch.is_grad_enabled() or _in_backward():
+            return None
+        operands = [op for op in operands if op.param in self.captured]
+        if not operands:
+            return None
+        n = operands[0].inputs.shape[0]
+        index, size = self.micro_batch
+        size = n if size is None else size
+        if size != n:
+            raise ValueError(f"GhostRecorder: a layer saw {n} samples in micro-batch {index} of size {size}")
+        if self.sizes.get(index, n) != n:  # e.g. a wrong batch_dim: samples and tokens swapped
+            raise ValueError(f"GhostRecorder: a layer saw {n} samples, an earlier one {self.sizes[index]}; "
+                             f"allowed: one sample count per micro-batch (check batch_dim={self.batch_dim})")
+        self.sizes[index] = n
+        samples = slice(index * n, (index + 1) * n)
+        uses = []
+        for op in operands:
+            use = Use(op.kind, op.rows, op.cols, samples, op.inputs)
+            self.uses[op.param].append(use)
+            self.reductions[op.param] = op.reduction
+            uses.append(use)
+        if not output.requires_grad:
+            output.requires_grad_(True)
+            self.roots.append(output)
+        params = {op.param for op in operands}
+
+        def fill(grad):
+            b = samples_first(grad.detach(), batch_dim)
+            for use in uses:
+                use.grads = b
+            self.on_complete(params)
+        output.register_hook(fill)
+        return None
+
+    def backward_from(self, tensors: list, grad_tensors: list, inputs: Sequence[torch.Tensor] = ()) -> list:
+        """Backward w.r.t. the recorded activations (and `inputs`), returning d/d(inputs)."""
+        targets = list(inputs) + [r for r in self.roots if r.requires_grad]
+        if not targets:
+            return []
+        grads = torch.autograd.grad(tensors, targets, grad_outputs=grad_tensors, allow_unused=True)
+        return list(grads[:len(inputs)])

@@ -1,0 +1,105 @@
+"""What one training step does, as a strategy object: draw, score, select, update.
+
+TwoPassStep: score the candidates (and validation samples), select k, then an ordinary DeepSpeed
+step on the k selected samples (a second forward/backward). Regular draws its k samples straight from
+the stream and only takes the ordinary step. The strategy owns the step's phase clock; the trainer
+only keeps the cadence (log, evaluate, save).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from megatron_greats.parallel.state import Layout, any_rank, device
+from megatron_greats.selection import SelectorInputs
+from megatron_greats.training.candidates import CandidateStream, ReplicaBatches
+from megatron_greats.training.scoring import ScoredBatch, ScoringPass
+from megatron_greats.training.selecting import Selector, StepChoice
+from megatron_greats.training.telemetry import PhaseClock
+
+
+@dataclass
+class StepResult:
+    choice: StepChoice
+    loss: float       # the training loss (NaN when nothing was trained)
+    skipped: bool     # NaN/Inf in the scores or the gradients: no update happened
+
+
+class TwoPassStep:
+    def __init__(self, cfg, data, layout: Layout, engine, executor, reference_module=None):
+        sel = cfg.selection
+        self.data, self.layout, self.executor, self.engine = data, layout, executor, engine
+        self.selector = Selector(cfg, layout)
+        per_replica = self.selector.k if sel.method == "regular" else self.selector.n
+        # the selector's own split: val and test, which judge the run, are never shown to it
+        self.stream = CandidateStream(len(data.train), len(data.selection), per_replica, sel.val_batch, layout,
+                                      cfg.seed)
+        self.batches = ReplicaBatches(layout, cfg.train.micro_batch)
+        self.scoring = self.reference = None
+        if self.selector.needs_scores:
+            gram = self.selector.needs_gram
+            self.scoring = ScoringPass(engine.module, layout, executor, exclude=sel.score_exclude,
+                                       micro_batch=sel.score_micro_batch if gram else None, gram=gram)
+        if reference_module is not None:
+            self.reference = ScoringPass(reference_module, layout, executor, gram=False)
+        self.use_clock(PhaseClock())
+
+    def use_clock(self, clock: PhaseClock) -> None:
+        """Where the phase seconds of each step go (a benchmark passes one that synchronises)."""
+        self.clock = clock
+        for scoring in (self.scoring, self.reference):
+            if scoring is not None:
+                scoring.use_clock(clock)
+
+    def take(self, step: int, lr: float) -> StepResult:
+        choice = self.choose(step, lr)
+        loss = float("nan")
+        if not choice.skipped:
+            with self.clock.phase("training"):
+                loss = self.train(choice.ids)
+            choice.seconds.update(self.clock.take())
+        return StepResult(choice, loss, choice.skipped or not self.engine.was_step_applied())
+
+    def train(self, ids: np.ndarray) -> float:
+        """An ordinary DeepSpeed step on this replica's samples `ids`."""
+        return self.executor.train(self.batches.micro_batches(self.data.train, ids))
+
+    # ---- draw, score, select ------------------------------------------------------------------------
+    def choose(self, step: int, lr: float) -> StepChoice:
+        selector = self.selector
+        candidates = self.stream.candidates(step)
+        if selector.method == "regular":  # trains on the stream; logged like a selection of all k "candidates"
+            return StepChoice(ids=candidates, candidates=candidates, gains=np.zeros(0),
+                              picked=np.arange(len(candidates)))
+        validation = self.stream.validation(step) if selector.needs_gram else None
+        self.clock.take()
+        inputs = self.score(candidates, validation)
+        scoring = self.clock.take()
+        eta = selector.eta(lr)
+        with self.clock.phase("selection"):
+            picked, gains = selector.select(step, eta, inputs)
+            skipped = any_rank(bool(picked[0] < 0), device())  # every replica skips the step together
+            scores = None if skipped else selector.reported_score(inputs)
+        seconds = {"scoring": sum(scoring.values()), **scoring, **self.clock.take()}
+        if skipped:
+            return StepChoice(ids=np.zeros(0, dtype=np.int64), candidates=candidates, skipped=True, seconds=seconds)
+        return StepChoice(ids=candidates[picked], candidates=candidates, gains=gains, picked=picked, scores=scores,
+                          seconds=seconds, validation=validation,
+                          eta=eta if selector.method == "greats" else None)
+
+    def score(self, candidates: np.ndarray, validation) -> SelectorInputs:
+        if self.scoring is None:
+            return SelectorInputs()
+        tokens = self.data.train.get(candidates)
+        if validation is not None:
+            inputs = self.scoring.scores(ScoredBatch.of(tokens, self.data.selection.get(validation)))
+        else:
+            inputs = SelectorInputs(losses=self.scoring.losses(tokens))
+        if self.reference is not None:
+            inputs.reference_losses = self.reference.losses(tokens)
+        return inputs
+
+
+STRATEGIES = {"two_pass": TwoPassStep}
