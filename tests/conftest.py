@@ -97,4 +97,6 @@ def run_pretrain(overrides: list, nproc: int = 1, launcher: str = "torchrun", ti
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list:
-    return [line for line in proc.stderr.splitlines() if line.startswith("megatron_greats: error:")]
+    """The error lines; several ranks writing at once may run their lines together, so split at the marker."""
+    text = proc.stderr.replace("megatron_greats: error:", "\nmegatron_greats: error:")
+    return [line for line in text.splitlines() if line.startswith("megatron_greats: error:")]

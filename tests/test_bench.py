@@ -51,18 +51,20 @@ def test_bad_point_is_one_line():
 
 def _check_step_report(out):
     report = json.loads((out / "bench_step.json").read_text())
-    assert set(report["variants"]) == {"regular_k", "regular_N", "greats"}
+    assert set(report["variants"]) == {"regular_k", "regular_N", "regular_Nm", "greats", "single"}
     for variant in report["variants"].values():
         assert variant["median_s"] > 0 and variant["peak_bytes"] > 0 and len(variant["seconds"]) == 2
     for value in report["ratios"].values():
         assert 0 < value < float("inf")
-    phases = report["variants"]["greats"]["phases_median_s"]
-    assert phases["score_forward"] > 0 and phases["score_backward"] > 0 and phases["training"] > 0
-    assert phases["ghost_products"] > 0
-    # the phases account for the step (the rest: drawing candidates, reading samples)
-    assert 0.5 < sum(phases.values()) / report["variants"]["greats"]["median_s"] <= 1.05
+    for name in ("greats", "single"):  # two_pass and single_pass
+        phases = report["variants"][name]["phases_median_s"]
+        assert phases["score_forward"] > 0 and phases["score_backward"] > 0 and phases["training"] > 0
+        assert phases["ghost_products"] > 0
+        # the phases account for the step (the rest: drawing candidates, reading samples)
+        assert 0.5 < sum(phases.values()) / report["variants"][name]["median_s"] <= 1.05
     markdown = (out / "bench_step.md").read_text()
-    assert "GREATS / Regular(N)" in markdown and "ghost_products" in markdown
+    assert "single_pass / Regular(N)" in markdown and "two_pass / Regular(N)" in markdown
+    assert "ghost_products" in markdown
     return report
 
 
@@ -73,7 +75,7 @@ def test_step_benchmark_one_process(data_cache, tmp_path):
                            "--out", str(out), *tiny_overrides(data_cache, tmp_path / "run")],
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "GREATS / Regular(N)" in proc.stdout
+    assert "single_pass / Regular(N)" in proc.stdout
     report = _check_step_report(out)
     assert report["layout"] == "dp=1 tp=1 pp=1" and report["N"] == 2 * report["k"]
 

@@ -54,6 +54,10 @@ MEGATRON = ["data.source=megatron", "tokenizer.model=t.model"]
      "data.megatron_prefixes.selection is './v', the same data as data.megatron_prefixes.val; allowed:"),
     (MEGATRON + ["data.megatron_prefixes={train: t, val: v, test: s, selection: x, tset: s}"], "unknown: tset"),
     (MEGATRON, "data.megatron_prefixes is None; source 'megatron' needs a mapping"),
+    (["selection.update=one_pass"], "allowed: two_pass, single_pass"),
+    (["selection.update=single_pass", "zero.stage=3"], "allowed with single_pass: zero.stage 0, 1 or 2"),
+    (["selection.update=single_pass", "model.dropout=0.1"],
+     "selection.update=single_pass with model.dropout=0.1: the update reuses the scoring pass"),
 ])
 def test_bad_config_is_one_line(overrides, needle):
     with pytest.raises(ConfigError) as err:

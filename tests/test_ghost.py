@@ -253,6 +253,9 @@ def test_uncovered_parameters_are_named_and_refused_by_the_scoring_pass():
     assert "torch.nn.Linear" in message and "selection.score_exclude" in message
     # excluded, or not trainable: nothing is missing from the score
     ScoringPass(model, _layout(), exclude=["conv.*", "scale"])
+    # single_pass forms every trainable parameter's gradient: excluding it from the score does not help
+    with pytest.raises(ConfigError, match="'scale', 'conv.weight', 'conv.bias'.*selection.update=two_pass"):
+        ScoringPass(model, _layout(), exclude=["conv.*", "scale"], keep_operands=True)
     assert GhostRecorder(model, include=["fc.*"]).uncovered() == []
     model.conv.requires_grad_(False)
     model.scale.requires_grad_(False)

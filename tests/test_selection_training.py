@@ -13,9 +13,13 @@ import yaml
 
 from conftest import (REPO, child_env, error_lines, read_metrics, read_selections, run_pretrain, run_reference,
                       tiny_overrides)
-from full_weights import full_weights
+from full_weights import full_weights, relative_gap
 
-STEPS = ["train.steps=3", "train.lr=0.01", "train.warmup_steps=0", "selection.val_batch=3", "train.save_interval=1"]
+# adam_eps=1e-3: a gradient that is 0 in exact arithmetic (e.g. the attention key bias) holds only
+# reduction-order noise, which AdamW's g / (sqrt(v) + eps) would blow up to a sizeable step at eps=1e-8;
+# comparisons of two exact update paths must not hinge on that noise.
+STEPS = ["train.steps=3", "train.lr=0.01", "train.warmup_steps=0", "train.adam_eps=1e-3", "selection.val_batch=3",
+         "train.save_interval=1"]
 
 def greats(data_cache, run_dir, *extra):
     return tiny_overrides(data_cache, run_dir, *STEPS, "selection.method=greats", "selection.candidates=16", *extra)
@@ -48,6 +52,25 @@ def assert_selections_match_reference(run_dir, data_cache):
         assert error < 1e-4, f"step {r['step']}: gains differ by {error:.2e} (relative)"
 
 
+def assert_single_pass_equals_two_pass(two_pass_dir, data_cache, run_dir, nproc, *extra):
+    """The same run with selection.update=single_pass: the same picks, and per step the same loss and
+    global gradient norm, and the same weights after each step (relative to that step's update), to 1e-5."""
+    overrides = greats(data_cache, run_dir, *extra, "selection.update=single_pass")
+    proc = run_pretrain(overrides, nproc=nproc, launcher="python" if nproc == 1 else "torchrun")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["selected"] for r in read_selections(run_dir)] == [r["selected"] for r in read_selections(two_pass_dir)]
+    single, double = read_metrics(run_dir), read_metrics(two_pass_dir)
+    for key in ("train/loss", "train/grad_norm"):
+        np.testing.assert_allclose([m[key] for m in single], [m[key] for m in double], rtol=1e-5, err_msg=key)
+    steps = len(double)
+    theirs = [full_weights(two_pass_dir / "checkpoints" / f"step_{s}") for s in range(1, steps + 1)]
+    for step in range(2, steps + 1):
+        mine = full_weights(run_dir / "checkpoints" / f"step_{step}")
+        update = {k: theirs[step - 1][k] - theirs[step - 2][k] for k in mine}
+        gap = relative_gap(mine, theirs[step - 1], update)
+        assert gap < 1e-5, f"single_pass weights after step {step} differ by {gap:.2e} of the step's update"
+
+
 @pytest.fixture(scope="module")
 def single_process_selection(data_cache, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("greats-single")
@@ -59,11 +82,24 @@ def single_process_selection(data_cache, tmp_path_factory):
         assert len(r["candidates"]) == 16 and len(r["selected"]) == 8 and len(r["gains"]) == 8
         assert set(r["selected"]) <= set(r["candidates"]) and len(r["validation"]) == 3
     assert_selections_match_reference(run_dir, data_cache)
-    return [r["selected"] for r in records]
+    return run_dir
 
 
 def test_selection_in_one_process_matches_an_independent_reference(single_process_selection):
-    assert len(single_process_selection) == 3  # the fixture compared every step with the reference
+    assert len(read_selections(single_process_selection)) == 3  # the fixture compared every step
+
+
+def test_single_pass_equals_two_pass_in_one_process(single_process_selection, data_cache, tmp_path):
+    assert_single_pass_equals_two_pass(single_process_selection, data_cache, tmp_path / "single", 1)
+
+
+def test_single_pass_equals_two_pass_under_plain_sgd(data_cache, tmp_path):
+    """SGD's step is lr x gradient: a wrong 1/k, a data-parallel sum or a doubled tied weight in the
+    single-pass gradient would show here, where AdamW would divide it out."""
+    sgd = ["train.optimizer=sgd", "train.lr=0.5", "train.weight_decay=0"]
+    proc = run_pretrain(greats(data_cache, tmp_path / "two", *sgd), launcher="python")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_single_pass_equals_two_pass(tmp_path / "two", data_cache, tmp_path / "single", 1, *sgd)
 
 
 @pytest.mark.parametrize("nproc, layout", [
@@ -74,10 +110,13 @@ def test_selection_in_one_process_matches_an_independent_reference(single_proces
 ], ids=["tp2", "tp2-sp", "pp2", "tp2-pp2"])
 def test_selection_at_a_layout_matches_the_reference(single_process_selection, data_cache, tmp_path, nproc, layout):
     """PP=2 runs the production scoring path: DeepSpeed's 1F1B schedule with the scoring instructions."""
-    proc = run_pretrain(greats(data_cache, tmp_path, *layout), nproc=nproc)
+    run_dir = tmp_path / "two"
+    proc = run_pretrain(greats(data_cache, run_dir, *layout), nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [r["selected"] for r in read_selections(tmp_path)] == single_process_selection
-    assert_selections_match_reference(tmp_path, data_cache)
+    assert [r["selected"] for r in read_selections(run_dir)] == \
+        [r["selected"] for r in read_selections(single_process_selection)]
+    assert_selections_match_reference(run_dir, data_cache)
+    assert_single_pass_equals_two_pass(run_dir, data_cache, tmp_path / "single", nproc, *layout)
 
 
 @pytest.mark.parametrize("nproc, extra", [(1, []), (2, ["zero.stage=1"]), (2, ["zero.stage=2"])],
@@ -89,6 +128,8 @@ def test_update_equals_an_ordinary_step_on_the_selected_samples(data_cache, tmp_
     overrides = greats(data_cache, run_dir, "train.steps=2", *extra)
     proc = run_pretrain(overrides, nproc=nproc, launcher="python" if nproc == 1 else "torchrun")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if nproc > 1:  # the single_pass update at DP=2 (ZeRO-1 and ZeRO-2): DeepSpeed's reduction of its gradients
+        assert_single_pass_equals_two_pass(run_dir, data_cache, tmp_path / "single", nproc, "train.steps=2", *extra)
     records = read_selections(run_dir)
     steps = [[i for r in sorted(records, key=lambda r: r["replica"]) if r["step"] == s for i in r["selected"]]
              for s in (1, 2)]
@@ -96,7 +137,7 @@ def test_update_equals_an_ordinary_step_on_the_selected_samples(data_cache, tmp_
     ids_file, out = tmp_path / "ids.json", tmp_path / "reference.pt"
     ids_file.write_text(json.dumps(steps))
     ref_overrides = tiny_overrides(data_cache, tmp_path / "reference", "train.steps=2", "train.lr=0.01",
-                                   "train.warmup_steps=0")
+                                   "train.warmup_steps=0", "train.adam_eps=1e-3")
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "train_on_ids.py"), str(ids_file),
                            str(out), *ref_overrides], cwd=REPO, env=child_env(), capture_output=True, text=True,
                           timeout=600)

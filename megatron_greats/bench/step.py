@@ -2,8 +2,10 @@
 
 Variants, each on a DeepSpeed engine of its own built from the same config (one after the other):
   regular_k   an ordinary step on k samples per replica (what GREATS trains on)
-  regular_N   an ordinary step on N samples per replica (what GREATS scores)
-  greats      N candidates + m validation samples scored, k selected, a step on the k
+  regular_N   an ordinary step on N samples per replica (what GREATS chooses from)
+  regular_Nm  an ordinary step on N + m samples per replica (what GREATS scores: its memory yardstick)
+  greats      two_pass: N candidates + m validation samples scored, k selected, a step on the k
+  single      single_pass: the same scoring and selection, the update formed from the scoring pass
 Per variant: `warmup` steps dropped, then `repeats` steps timed (median, min, max of the slowest rank),
 peak memory (accelerator: peak allocation; CPU: peak resident set, sampled), and for GREATS the split
 of its step into phases (training/telemetry.py STEP_PHASES), timed with the accelerator synchronised
@@ -25,7 +27,8 @@ import torch.distributed as dist
 from megatron_greats.bench import rss_bytes
 from megatron_greats.training.telemetry import STEP_PHASES, PhaseClock
 
-VARIANTS = ("regular_k", "regular_N", "greats")
+VARIANTS = ("regular_k", "regular_N", "regular_Nm", "greats", "single")
+GREATS_VARIANTS = ("greats", "single")
 
 
 class PeakMemory:
@@ -66,9 +69,13 @@ class PeakMemory:
 def variant_overrides(cfg, world_size: int) -> dict:
     dp = cfg.data_parallel_size(world_size)
     n = cfg.num_candidates(world_size)
+    m = cfg.selection.val_batch
     return {"regular_k": ["selection.method=regular"],
             "regular_N": ["selection.method=regular", f"train.global_batch={n * dp}"],
-            "greats": ["selection.method=greats"]}
+            "regular_Nm": ["selection.method=regular", "selection.candidates=null", f"train.global_batch={(n + m) * dp}",
+                           f"train.micro_batch={n + m}"],
+            "greats": ["selection.method=greats", "selection.update=two_pass"],
+            "single": ["selection.method=greats", "selection.update=single_pass"]}
 
 
 def _measure(name: str, cfg, data, layout, run_dir: Path, warmup: int, repeats: int, show_progress: bool) -> dict:
@@ -155,15 +162,12 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
         "layout": f"dp={layout.data} tp={layout.tensor} pp={layout.pipeline}",
         "k": base.num_selected(world), "N": base.num_candidates(world), "m": base.selection.val_batch,
         "warmup": warmup, "repeats": repeats, "variants": results,
-        "ratios": {
-            "greats_over_regular_k_time": results["greats"]["median_s"] / results["regular_k"]["median_s"],
-            "greats_over_regular_N_time": results["greats"]["median_s"] / results["regular_N"]["median_s"],
-            "greats_over_regular_k_memory": results["greats"]["peak_bytes"] / results["regular_k"]["peak_bytes"],
-            "greats_over_regular_N_memory": results["greats"]["peak_bytes"] / results["regular_N"]["peak_bytes"],
-        },
+        "ratios": {f"{g}_over_{base}_{what}": results[g][key] / results[base][key]
+                   for g in GREATS_VARIANTS for base in ("regular_k", "regular_N", "regular_Nm", "greats")
+                   if g != base for what, key in (("time", "median_s"), ("memory", "peak_bytes"))},
     }
-    phases = results["greats"]["phases_median_s"]
-    report["greats_phase_share"] = {name: phases[name] / results["greats"]["median_s"] for name in STEP_PHASES}
+    report["phase_share"] = {g: {name: results[g]["phases_median_s"][name] / results[g]["median_s"]
+                                 for name in STEP_PHASES} for g in GREATS_VARIANTS}
     if rank0:
         (out / "bench_step.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / "bench_step.md").write_text(markdown(report))
@@ -180,20 +184,24 @@ def markdown(r: dict) -> str:
              "| variant | step time (s) | min-max (s) | peak memory (MiB) |",
              "|---|---|---|---|"]
     labels = {"regular_k": f"Regular, k={r['k']}", "regular_N": f"Regular, N={r['N']}",
-              "greats": f"GREATS, N={r['N']} -> k={r['k']}, m={r['m']}"}
+              "regular_Nm": f"Regular, N+m={r['N'] + r['m']}",
+              "greats": f"GREATS two_pass, N={r['N']} -> k={r['k']}, m={r['m']}",
+              "single": f"GREATS single_pass, N={r['N']} -> k={r['k']}, m={r['m']}"}
     for name in VARIANTS:
         x = v[name]
         lines.append(f"| {labels[name]} | {x['median_s']:.3f} | {x['min_s']:.3f}-{x['max_s']:.3f} | "
                      f"{x['peak_bytes'] / 2**20:.0f} |")
     q = r["ratios"]
-    lines += ["",
-              "| ratio | time | peak memory |",
-              "|---|---|---|",
-              f"| GREATS / Regular(k) | {q['greats_over_regular_k_time']:.2f} | {q['greats_over_regular_k_memory']:.2f} |",
-              f"| GREATS / Regular(N) | {q['greats_over_regular_N_time']:.2f} | {q['greats_over_regular_N_memory']:.2f} |",
-              "",
-              "| GREATS phase | seconds (median) | share of the step |",
-              "|---|---|---|"]
+    names = {"greats": "two_pass", "single": "single_pass", "regular_k": "Regular(k)", "regular_N": "Regular(N)",
+             "regular_Nm": "Regular(N+m)"}
+    lines += ["", "| ratio | time | peak memory |", "|---|---|---|"]
+    for g, base in (("single", "regular_N"), ("single", "regular_k"), ("single", "greats"), ("single", "regular_Nm"),
+                    ("greats", "regular_N"), ("greats", "regular_k")):
+        lines.append(f"| {names[g]} / {names[base]} | {q[f'{g}_over_{base}_time']:.2f} | "
+                     f"{q[f'{g}_over_{base}_memory']:.2f} |")
+    lines += ["", "| phase | two_pass (s) | share | single_pass (s) | share |", "|---|---|---|---|---|"]
     for name in STEP_PHASES:
-        lines.append(f"| {name} | {v['greats']['phases_median_s'][name]:.4f} | {100 * r['greats_phase_share'][name]:.1f}% |")
+        lines.append(f"| {name} | {v['greats']['phases_median_s'][name]:.4f} | "
+                     f"{100 * r['phase_share']['greats'][name]:.1f}% | {v['single']['phases_median_s'][name]:.4f} | "
+                     f"{100 * r['phase_share']['single'][name]:.1f}% |")
     return "\n".join(lines) + "\n"

@@ -45,6 +45,7 @@ class CaptureStore:
         self.roots = []                     # leaf outputs marked requires_grad (backward differentiates w.r.t. them)
         self.micro_batch = (0, None)        # (index, size) of the layer calls now being recorded
         self.sizes = {}                     # micro-batch index -> samples
+        self.hooks = []                     # output-gradient hooks (they reference the uses: removed on close)
 
     @property
     def num_samples(self) -> int:
@@ -95,8 +96,19 @@ class CaptureStore:
             for use in uses:
                 use.grads = b
             self.on_complete(params)
-        output.register_hook(fill)
+        self.hooks.append(output.register_hook(fill))
         return None
+
+    def close(self) -> None:
+        """Drop every operand now (the hooks on the recorded outputs would otherwise keep them alive)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+        self.roots.clear()
+        for uses in self.uses.values():
+            for use in uses:
+                use.inputs = use.grads = None
+        self.uses.clear()
 
     def backward_from(self, tensors: list, grad_tensors: list, inputs: Sequence[torch.Tensor] = ()) -> list:
         """Backward w.r.t. the recorded activations (and `inputs`), returning d/d(inputs)."""

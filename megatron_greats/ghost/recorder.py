@@ -109,18 +109,21 @@ class GhostRecorder:
         return covered
 
     def uncovered(self) -> list:
-        """Names of trainable parameters that include/exclude select but no supported layer records.
+        """Names of trainable parameters to capture (those include/exclude select; with keep_operands all
+        of them) that no supported layer records.
 
-        The Gram would silently leave them out; a caller that needs every parameter refuses these.
+        The Gram, or an update formed from the operands, would silently leave them out; a caller that
+        needs every parameter refuses these.
         """
-        covered = set(self.parameters())
+        covered = {p for module in self.modules for p in rule_for(module).covers(module)}
         return [name for p, name in self.names.items()
-                if p in self.scored and p in self.trainable and p not in covered]
+                if p in self.captured and p in self.trainable and p not in covered]
 
     # ---- capture ----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def capture(self):
         """Record supported layers' operands; parameters are frozen for the duration (see module doc)."""
+        self.release()  # the previous capture's operands
         first = next(self.model.parameters())
         dtype = products.compute_dtype(first.dtype)  # the same on every rank: the all-reduce needs it
         self._store = CaptureStore(self.modules, self.captured, self.batch_dim, self._on_complete)
@@ -185,6 +188,12 @@ class GhostRecorder:
                 dist.all_reduce(grad, group=self.tensor_group)
             grads[param] = grad
         return grads
+
+    def release(self) -> None:
+        """Drop what the last capture holds (operands, Gram)."""
+        if self._store is not None:
+            self._store.close()
+        self._store = self._reduction = self._gram = None
 
     def gram(self) -> torch.Tensor:
         """[B, B] over all micro-batches recorded, identical on every rank of the model-parallel group.

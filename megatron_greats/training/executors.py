@@ -6,6 +6,10 @@ parallelism); PipelineExecutor a DeepSpeed PipelineEngine, where every pass is a
 Both offer the same operations on this replica's micro-batches [(inputs, labels), ...]:
   train(micro)            an ordinary optimizer step; returns the data-parallel mean loss
   evaluate(micro)         the mean loss, no gradients; the data-parallel mean
+  apply_gradients(grads)  an optimizer step on given gradients {param: this rank's gradient, the mean
+                          over this replica's samples}: DeepSpeed does the rest as after any backward
+                          (data-parallel mean, ZeRO partitions, tied weights, global norm and
+                          clipping, overflow check, LR schedule)
   score(module, micro, recorder)
                           per-sample losses of every sample, on every rank of the model-parallel
                           group; with a recorder: a forward and a backward w.r.t. activations through
@@ -46,6 +50,14 @@ class PlainExecutor:
             losses.append(loss.detach())
         return data_parallel_mean(torch.stack(losses).mean(), self.layout)
 
+    def apply_gradients(self, grads: dict) -> None:
+        engine = self.engine
+        # A backward of sum_p <p, g_p> has gradient g_p: ZeRO's gradient hooks see it as any other.
+        surrogate = sum((p * g.to(p.dtype)).sum() for p, g in grads.items())
+        engine.set_gradient_accumulation_boundary(True)  # one backward carries the whole step
+        engine.backward(surrogate, scale_wrt_gas=False)  # already the mean: no 1/gradient-accumulation
+        engine.step()
+
     @torch.no_grad()
     def evaluate(self, micro: list) -> float:
         module = self.engine.module
@@ -84,6 +96,9 @@ class PipelineExecutor:
 
     def evaluate(self, micro: list) -> float:
         return float(self.engine.eval_batch(iter(micro), num_micro_batches=len(micro)))
+
+    def apply_gradients(self, grads: dict) -> None:
+        pipeline_schedules.apply_gradients(self.engine, grads)
 
     def score(self, module, micro: list, recorder=None, clock: PhaseClock = None) -> torch.Tensor:
         from megatron.core import parallel_state as ps

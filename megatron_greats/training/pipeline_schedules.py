@@ -189,3 +189,46 @@ def score(engine, run: ScoringRun) -> Optional[torch.Tensor]:
     if not engine.is_last_stage():
         return None
     return torch.cat([run.losses[i] for i in range(len(run.inputs))])
+
+
+# ---- the single-pass update: gradients formed elsewhere, then DeepSpeed's reduction and step --------
+class ApplyGradients(ds_schedule.PipeInstruction):
+    """Put the run's gradients into this stage's parameters."""
+
+
+class ApplyGradientsSchedule(ds_schedule.PipeSchedule):
+    """The end of DeepSpeed's TrainSchedule without its forward and backward passes: the gradients
+    (already the mean over this replica's samples) go in, then tied-weight and data-parallel reduction
+    and the optimizer step, as after any training batch."""
+
+    def steps(self):
+        yield [ApplyGradients(), ds_schedule.ReduceTiedGrads(), ds_schedule.ReduceGrads(),
+               ds_schedule.OptimizerStep()]
+
+    def num_pipe_buffers(self):
+        return 1
+
+
+@dataclass
+class ApplyRun:
+    grads: dict                                   # param -> this stage's gradient
+    clock: PhaseClock = field(default_factory=PhaseClock)
+
+
+def _exec_apply_gradients(engine):
+    # A backward of sum_p <p, g_p> (gradient g_p), as DeepSpeed's BackwardPass runs a stage's backward:
+    # the optimizer's hooks and bf16 master gradients see the gradients as they see any other.
+    grads = engine.greats_run.grads
+    if engine.using_bf16_optimizer:
+        engine.optimizer.clear_lp_grads()
+    if grads:
+        torch.autograd.backward(sum((p * g.to(p.dtype)).sum() for p, g in grads.items()))
+    if engine.using_bf16_optimizer:
+        engine.optimizer.update_hp_grads(clear_lp_grads=False)
+
+
+def apply_gradients(engine, grads: dict) -> None:
+    """One optimizer step on `grads` on this stage (every stage calls it)."""
+    schedule = ApplyGradientsSchedule(micro_batches=1, stages=engine.num_stages, stage_id=engine.stage_id)
+    engine.module.train()
+    run_schedule(engine, schedule, {ApplyGradients: _exec_apply_gradients}, ApplyRun(grads))

@@ -47,19 +47,22 @@ def _micro_batches(tokens: torch.Tensor, size: Optional[int]) -> list:
 
 class ScoringPass:
     def __init__(self, module: torch.nn.Module, layout: Layout, executor=None, exclude=(), micro_batch=None,
-                 gram: bool = True):
+                 gram: bool = True, keep_operands: bool = False):
         """module: the model (or this stage of it) to score with; executor: the layout's (executors.py);
         gram: whether Gram-based scores will be asked for (then every trainable parameter must be
-        covered by a capture rule or excluded by a pattern)."""
+        covered by a capture rule or excluded by a pattern); keep_operands: keep every trainable
+        parameter's operands for an update formed from them (then every one must be covered)."""
         self.module, self.layout, self.executor, self.micro_batch = module, layout, executor, micro_batch
-        self.recorder = GhostRecorder(module, exclude=list(exclude), batch_dim=1)
-        uncovered = self.recorder.uncovered() if gram else []
+        self.recorder = GhostRecorder(module, exclude=list(exclude), batch_dim=1, keep_operands=keep_operands)
+        uncovered = self.recorder.uncovered() if gram or keep_operands else []
+        allowed = ("a supported layer type (selection.update=single_pass forms every parameter's gradient from "
+                   "the scoring pass), or selection.update=two_pass") if keep_operands else \
+            "a supported layer type, or a selection.score_exclude pattern that names it"
         if uncovered:  # the Gram would silently leave them out of every score
             names = ", ".join(f"'{name}'" for name in uncovered[:5])
             more = f" and {len(uncovered) - 5} more" if len(uncovered) > 5 else ""
             raise ConfigError(f"selection scoring: parameter {names}{more} is in no supported layer "
-                              f"(supported: {', '.join(supported_layer_names())}); allowed: a supported "
-                              "layer type, or a selection.score_exclude pattern that names it")
+                              f"(supported: {', '.join(supported_layer_names())}); allowed: {allowed}")
         self.use_clock(PhaseClock())  # seconds of score_forward / score_backward / ... per run
 
     def use_clock(self, clock: PhaseClock) -> None:
@@ -77,6 +80,10 @@ class ScoringPass:
                                          recorder=self.recorder, clock=self.clock)
         gram, c, v = self.recorder.gram(), batch.candidates, batch.validation
         return SelectorInputs(losses=losses[c], gram=gram[c, c], val_alignment=gram[c, v].mean(dim=1))
+
+    def release(self) -> None:
+        """Free the operands and Gram of the last scoring pass."""
+        self.recorder.release()
 
     @contextlib.contextmanager
     def _scoring_mode(self):

@@ -2,19 +2,25 @@
 
 TwoPassStep: score the candidates (and validation samples), select k, then an ordinary DeepSpeed
 step on the k selected samples (a second forward/backward). Regular draws its k samples straight from
-the stream and only takes the ordinary step. The strategy owns the step's phase clock; the trainer
-only keeps the cadence (log, evaluate, save).
+the stream and only takes the ordinary step.
+SinglePassStep (selection.update=single_pass): the same scoring and selection, then an update formed
+from the scoring pass's own layer operands, handed to DeepSpeed for the optimizer step.
+The strategy owns the step's phase clock; the trainer only keeps the cadence (log, evaluate, save).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sys
+
 import numpy as np
+import torch
 
 from megatron_greats.parallel.state import Layout, any_rank, device
 from megatron_greats.selection import SelectorInputs
 from megatron_greats.training.candidates import CandidateStream, ReplicaBatches
+from megatron_greats.training.executors import data_parallel_mean
 from megatron_greats.training.scoring import ScoredBatch, ScoringPass
 from megatron_greats.training.selecting import Selector, StepChoice
 from megatron_greats.training.telemetry import PhaseClock
@@ -28,6 +34,8 @@ class StepResult:
 
 
 class TwoPassStep:
+    keep_operands = False  # the scoring pass frees each layer's operands once its Gram part is formed
+
     def __init__(self, cfg, data, layout: Layout, engine, executor, reference_module=None):
         sel = cfg.selection
         self.data, self.layout, self.executor, self.engine = data, layout, executor, engine
@@ -41,7 +49,8 @@ class TwoPassStep:
         if self.selector.needs_scores:
             gram = self.selector.needs_gram
             self.scoring = ScoringPass(engine.module, layout, executor, exclude=sel.score_exclude,
-                                       micro_batch=sel.score_micro_batch if gram else None, gram=gram)
+                                       micro_batch=sel.score_micro_batch if gram else None, gram=gram,
+                                       keep_operands=self.keep_operands)
         if reference_module is not None:
             self.reference = ScoringPass(reference_module, layout, executor, gram=False)
         self.use_clock(PhaseClock())
@@ -102,4 +111,49 @@ class TwoPassStep:
         return inputs
 
 
-STRATEGIES = {"two_pass": TwoPassStep}
+class SinglePassStep(TwoPassStep):
+    """score -> select -> the update formed from the scoring pass's own operands: the weight gradient of
+    the selected samples is sum_i B_i^T A_i / k (one GEMM over the selected rows per layer), so there is
+    no second forward/backward. Exact when the scoring forward equals the training forward: same weights,
+    and no dropout (refused by the config). The scoring pass keeps every layer's operands until the
+    update and frees them right after it."""
+
+    keep_operands = True
+
+    def take(self, step: int, lr: float) -> StepResult:
+        try:
+            choice = self.choose(step, lr)
+            loss = float("nan")
+            if not choice.skipped:
+                with self.clock.phase("training"):
+                    loss = self.update(choice)
+                choice.seconds.update(self.clock.take())
+        finally:
+            self.scoring.release()  # the operands of all N + m samples
+        return StepResult(choice, loss, choice.skipped or not self.engine.was_step_applied())
+
+    def update(self, choice) -> float:
+        k = len(choice.picked)
+        weights = torch.zeros(self.scoring.recorder.num_samples, dtype=torch.float64)
+        weights[torch.as_tensor(choice.picked)] = 1.0 / k  # the mean over this replica's k selected samples
+        self.executor.apply_gradients(self.scoring.recorder.weighted_gradients(weights))
+        return data_parallel_mean(self.scored_losses[torch.as_tensor(choice.picked)].mean(), self.layout)
+
+    def score(self, candidates, validation) -> SelectorInputs:
+        inputs = super().score(candidates, validation)
+        self.scored_losses = inputs.losses
+        return inputs
+
+
+def step_strategy(cfg, data, layout: Layout, engine, executor, reference_module=None):
+    """The step of selection.update. single_pass needs a scoring pass with a backward (the methods that
+    score with the Gram); the others take two_pass steps, said once at start-up."""
+    single = cfg.selection.update == "single_pass"
+    if single and not Selector(cfg, layout).needs_gram:
+        single = False
+        if layout.is_logging_rank:
+            print(f"megatron_greats: note: selection.update=single_pass needs a method that scores with the "
+                  f"Gram (greats, first_order, gradnorm); selection.method={cfg.selection.method} takes "
+                  "two_pass steps", file=sys.stderr, flush=True)
+    kind = SinglePassStep if single else TwoPassStep
+    return kind(cfg, data, layout, engine, executor, reference_module=reference_module)

@@ -26,7 +26,7 @@ from megatron_greats.training.preemption import StopOnSigterm
 from megatron_greats.training.schedule import ScheduleFactor
 from megatron_greats.training.candidates import ReplicaBatches
 from megatron_greats.training.executors import executor_for
-from megatron_greats.training.step import TwoPassStep
+from megatron_greats.training.step import step_strategy
 from megatron_greats.training.telemetry import SelectionLog, Telemetry
 
 
@@ -155,7 +155,7 @@ class Trainer:
     def __init__(self, cfg, engine, data, layout: Layout, run_dir: Path, reference_module=None):
         self.cfg, self.engine, self.data, self.layout, self.run_dir = cfg, engine, data, layout, run_dir
         self.executor = executor_for(engine, layout)  # the layout is dispatched here, once
-        self.strategy = TwoPassStep(cfg, data, layout, engine, self.executor, reference_module=reference_module)
+        self.strategy = step_strategy(cfg, data, layout, engine, self.executor, reference_module=reference_module)
         self.batches = ReplicaBatches(layout, cfg.train.micro_batch)
         self.step = 0
         self.saved_step = None
