@@ -21,7 +21,9 @@ def test_ghost_benchmark_prints_ratios(tmp_path):
     assert row["speedup"] > 0 and row["memory_ratio"] > 0
     assert row["ghost"]["seconds"] > 0 and row["torch.func"]["peak_bytes"] > 0
     assert row["floor"]["seconds"] > 0 and row["speedup_ceiling"] > 0 and row["memory_ratio_ceiling"] > 0
-    assert "func/floor" in proc.stdout
+    assert "func/floor" in proc.stdout and "ghost/step" in proc.stdout
+    assert row["ordinary"]["seconds"] > 0 and row["ordinary"]["peak_bytes"] > 0
+    assert row["ghost_over_ordinary_time"] > 0 and row["ghost_over_ordinary_memory"] > 0
 
 
 def test_floor_is_the_activation_backward_and_touches_no_parameter():
