@@ -81,6 +81,16 @@ def _reference_of_another_shape(data_cache, tmp):
             f"selection.reference_checkpoint={tmp / 'reference' / 'checkpoints' / 'step_1'}"]
 
 
+def _checkpoint_on_other_data(data_cache, tmp):
+    """A finished 1-step run in run_dir; the bad call asks for another selection split (other train data).
+    Both use a cache of their own: the bad call must build its data before it can tell."""
+    own = f"data.cache_dir={tmp / 'cache'}"
+    proc = run_pretrain(tiny_overrides(data_cache, tmp / "run", own, "train.steps=1", "train.save_interval=1"),
+                        launcher="python")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [own, "data.selection_fraction=0.2", "train.steps=2"]
+
+
 # id: (setup(data_cache, tmp) -> extra args, or a list of overrides; words the one error line must hold;
 #      processes)
 CASES = {
@@ -118,6 +128,7 @@ CASES = {
     "seq_len longer than the data": (["model.seq_len=60000"], ["seq_len 60000 is too long"], 1),
     "vocabulary too large for the text": (["tokenizer.vocab_size=60000"], ["60000"], 1),
     "checkpoint of another model shape": (_checkpoint_of_another_shape, ["another model shape", "hidden_size"], 1),
+    "checkpoint trained on other data": (_checkpoint_on_other_data, ["was trained on other data", "indexed-"], 1),
     "rholoss reference of another model shape": (_reference_of_another_shape,
                                                  ["selection.reference_checkpoint", "model.num_layers=2",
                                                   "this run has model.num_layers=3", "any parallel.pipeline"], 1),

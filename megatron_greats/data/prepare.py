@@ -47,6 +47,14 @@ class DataBundle:
     target_domain: str
     paths: dict[str, Path]  # corpus/splits files, tokenizer model, and one prefix per split
 
+    @property
+    def identity(self) -> str:
+        """Which data this is: the indexed cache folder (keyed by corpus, splits and tokenizer), or the
+        given megatron prefixes. A checkpoint records it, so a run never resumes on other data."""
+        if "corpus" in self.paths:
+            return self.paths[SPLITS[0]].parent.name
+        return ";".join(f"{split}={self.paths[split]}" for split in SPLITS)
+
     def __getattr__(self, name: str) -> SampleSet:
         # Only called for names that are not fields; .get: during unpickling there is no field yet
         splits = self.__dict__.get("splits") or {}

@@ -30,6 +30,7 @@ from megatron_greats.errors import ConfigError
 
 LATEST = "latest"
 WORLD_SIZE = "world_size"  # in shape.json: the number of ranks that saved (and of rank_state files)
+DATA = "data"              # in shape.json: the identity of the data trained on (DataBundle.identity)
 
 
 def tag_of(step: int) -> str:
@@ -132,7 +133,7 @@ def read_shape(checkpoint_dir, allowed: str, what: str = "checkpoint") -> dict:
 
 def shape_difference(saved: dict, shape: dict, ignore=()) -> Optional[str]:
     """The first key (sorted) whose value differs, leaving out the world size and `ignore`."""
-    for key in sorted((set(saved) | set(shape)) - {WORLD_SIZE, *ignore}):
+    for key in sorted((set(saved) | set(shape)) - {WORLD_SIZE, DATA, *ignore}):
         if saved.get(key) != shape.get(key):
             return key
     return None
@@ -160,6 +161,11 @@ def load(engine, folder, seed: int, shape: dict) -> Optional[int]:
         raise ConfigError(f"'{folder / LATEST}' names checkpoint '{tag}', which is not there; "
                           f"allowed: a 'latest' file naming a step_N folder in '{folder}'")
     saved_shape = check_shape(folder, tag, shape)
+    if DATA in shape and saved_shape.get(DATA) != shape[DATA]:
+        raise ConfigError(f"checkpoint '{folder / tag}' was trained on other data ({saved_shape.get(DATA)!r}; "
+                          f"this run has {shape[DATA]!r}; checkpoints from before the selection split record none): "
+                          "resuming would continue on another sample stream; allowed: the same data settings "
+                          "(source, files, fractions, split seed, tokenizer), or another run_dir")
     state_file = check_rank_states(folder / tag, dist.get_rank(), dist.get_world_size(), saved_shape.get(WORLD_SIZE))
     try:
         path, client_state = engine.load_checkpoint(str(folder), tag=tag)

@@ -179,16 +179,20 @@ class Trainer:
     def checkpoint_dir(self) -> str:
         return str(self.run_dir / "checkpoints")
 
+    @property
+    def checkpoint_shape(self) -> dict:
+        """What a checkpoint is checked against on resume: the model shape and split, and the data."""
+        return {**checkpoint.shape_of(self.cfg), checkpoint.DATA: self.data.identity}
+
     def save(self) -> None:
         if self.saved_step != self.step:
-            checkpoint.save(self.engine, self.checkpoint_dir, self.step, self.cfg.seed,
-                            checkpoint.shape_of(self.cfg))
+            checkpoint.save(self.engine, self.checkpoint_dir, self.step, self.cfg.seed, self.checkpoint_shape)
             self.saved_step = self.step
 
     def maybe_resume(self) -> None:
         if not self.cfg.train.resume:
             return
-        step = checkpoint.load(self.engine, self.checkpoint_dir, self.cfg.seed, checkpoint.shape_of(self.cfg))
+        step = checkpoint.load(self.engine, self.checkpoint_dir, self.cfg.seed, self.checkpoint_shape)
         if step is not None:
             self.step = self.saved_step = step
 
