@@ -46,7 +46,10 @@ class ReplicaBatches:
 
     def micro_batches(self, samples, ids: np.ndarray) -> list:
         """The samples `ids` as (inputs, labels) micro-batches on the device."""
-        tokens = samples.get(ids)
-        dev = device()
-        return [(chunk[:, :-1].contiguous().to(dev), chunk[:, 1:].contiguous().to(dev))
-                for chunk in tokens.split(self.micro_batch)]
+        return micro_batches(samples.get(ids), self.micro_batch)
+
+
+def micro_batches(tokens, size) -> list:
+    """Token rows [n, seq + 1] as (inputs, labels) micro-batches of `size` rows (None: one) on the device."""
+    tokens = tokens.to(device())
+    return [(chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()) for chunk in tokens.split(size or len(tokens))]

@@ -19,8 +19,9 @@ import torch
 from megatron_greats.errors import ConfigError
 from megatron_greats.ghost import GhostRecorder
 from megatron_greats.ghost.layers import supported_layer_names
-from megatron_greats.parallel.state import Layout, device
+from megatron_greats.parallel.state import Layout
 from megatron_greats.selection import SelectorInputs
+from megatron_greats.training.candidates import micro_batches
 from megatron_greats.training.telemetry import PhaseClock
 
 
@@ -37,12 +38,6 @@ class ScoredBatch:
         m = 0 if validation_tokens is None else validation_tokens.shape[0]
         tokens = candidate_tokens if m == 0 else torch.cat([candidate_tokens, validation_tokens])
         return cls(tokens, slice(0, n), slice(n, n + m))
-
-
-def _micro_batches(tokens: torch.Tensor, size: Optional[int]) -> list:
-    tokens = tokens.to(device())
-    size = size or tokens.shape[0]
-    return [(part[:, :-1].contiguous(), part[:, 1:].contiguous()) for part in tokens.split(size)]
 
 
 class ScoringPass:
@@ -71,12 +66,12 @@ class ScoringPass:
     def losses(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per-sample losses [n] of tokens [n, seq + 1], forward only."""
         with self._scoring_mode():
-            return self.executor.score(self.module, _micro_batches(tokens, None), clock=self.clock)
+            return self.executor.score(self.module, micro_batches(tokens, None), clock=self.clock)
 
     def scores(self, batch: ScoredBatch) -> SelectorInputs:
         """The candidates' losses, their Gram and their alignment with the mean validation gradient."""
         with self._scoring_mode(), self.recorder.capture():
-            losses = self.executor.score(self.module, _micro_batches(batch.tokens, self.micro_batch),
+            losses = self.executor.score(self.module, micro_batches(batch.tokens, self.micro_batch),
                                          recorder=self.recorder, clock=self.clock)
         gram, c, v = self.recorder.gram(), batch.candidates, batch.validation
         return SelectorInputs(losses=losses[c], gram=gram[c, c], val_alignment=gram[c, v].mean(dim=1))

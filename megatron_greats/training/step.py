@@ -63,13 +63,20 @@ class TwoPassStep:
                 scoring.use_clock(clock)
 
     def take(self, step: int, lr: float) -> StepResult:
-        choice = self.choose(step, lr)
-        loss = float("nan")
-        if not choice.skipped:
-            with self.clock.phase("training"):
-                loss = self.train(choice.ids)
-            choice.seconds.update(self.clock.take())
+        try:
+            choice = self.choose(step, lr)
+            loss = float("nan")
+            if not choice.skipped:
+                with self.clock.phase("training"):
+                    loss = self.update(choice)
+                choice.seconds.update(self.clock.take())
+        finally:
+            if self.scoring is not None:
+                self.scoring.release()  # whatever the scoring pass still holds
         return StepResult(choice, loss, choice.skipped or not self.engine.was_step_applied())
+
+    def update(self, choice: StepChoice) -> float:
+        return self.train(choice.ids)
 
     def train(self, ids: np.ndarray) -> float:
         """An ordinary DeepSpeed step on this replica's samples `ids`."""
@@ -119,18 +126,6 @@ class SinglePassStep(TwoPassStep):
     update and frees them right after it."""
 
     keep_operands = True
-
-    def take(self, step: int, lr: float) -> StepResult:
-        try:
-            choice = self.choose(step, lr)
-            loss = float("nan")
-            if not choice.skipped:
-                with self.clock.phase("training"):
-                    loss = self.update(choice)
-                choice.seconds.update(self.clock.take())
-        finally:
-            self.scoring.release()  # the operands of all N + m samples
-        return StepResult(choice, loss, choice.skipped or not self.engine.was_step_applied())
 
     def update(self, choice) -> float:
         k = len(choice.picked)
