@@ -48,6 +48,8 @@ def _non_negative(v):
 INT, FLOAT, STR, BOOL = (int,), (float, int), (str,), (bool,)
 # The names megatron_greats.selection.METHODS knows (kept here so validation needs no torch import).
 SELECTION_METHODS = ("greats", "first_order", "gradnorm", "maxloss", "rholoss", "uniform", "regular")
+# Those whose scores need the Gram (a backward over the candidates): the ones selection.update applies to.
+GRAM_METHODS = ("greats", "first_order", "gradnorm")
 UPDATE_MODES = ("two_pass", "single_pass")
 OPT_INT, OPT_FLOAT, OPT_STR = (int, type(None)), (float, int, type(None)), (str, type(None))
 
@@ -122,10 +124,11 @@ SCHEMA: dict = {
         "batch_mean": Key(BOOL, False, help="GREATS variant: eta / k (the update averages k gradients)"),
         "score_exclude": Key((list,), [], help="parameter-name patterns left out of the score"),
         "reference_checkpoint": Key(OPT_STR, None, help="rholoss: checkpoint folder (step_N) of a reference run"),
-        "update": Key(STR, "two_pass", _one_of(*UPDATE_MODES),
-                      help="two_pass: an ordinary forward/backward on the selected samples; single_pass: their "
-                           "gradient formed from the scoring pass's own layer operands (no second pass; methods "
-                           "that score with the Gram: greats, first_order, gradnorm)"),
+        "update": Key(STR, "single_pass", _one_of(*UPDATE_MODES),
+                      help="for the methods that score with the Gram (greats, first_order, gradnorm); single_pass: "
+                           "the selected samples' gradient formed from the scoring pass's own layer operands (no "
+                           "second pass; needs model.dropout=0 and zero.stage<=2); two_pass: an ordinary "
+                           "forward/backward on them. The other methods always take an ordinary step"),
     },
     "train": {
         "steps": Key(INT, 100, _at_least(1)),
@@ -357,10 +360,12 @@ class Config:
         if sel.method == "rholoss" and sel.reference_checkpoint is None:
             raise ConfigError("selection.method=rholoss needs selection.reference_checkpoint; allowed: a step_N checkpoint "
                               "folder of a reference run of the same model")
-        if sel.update == "single_pass" and self.zero.stage == 3:
+        single_pass = sel.update == "single_pass" and sel.method in GRAM_METHODS
+        if single_pass and self.zero.stage == 3:
             raise ConfigError("selection.update=single_pass with zero.stage=3: ZeRO-3 partitions the parameters the "
-                              "update is formed for; allowed with single_pass: zero.stage 0, 1 or 2")
-        if sel.update == "single_pass" and m.dropout > 0:
+                              "update is formed for; allowed with single_pass (the default): zero.stage 0, 1 or 2, or "
+                              "selection.update=two_pass")
+        if single_pass and m.dropout > 0:
             raise ConfigError(f"selection.update=single_pass with model.dropout={m.dropout}: the update reuses the "
                               "scoring pass, which runs without dropout; allowed: model.dropout=0, or "
                               "selection.update=two_pass")

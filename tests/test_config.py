@@ -55,7 +55,8 @@ MEGATRON = ["data.source=megatron", "tokenizer.model=t.model"]
     (MEGATRON + ["data.megatron_prefixes={train: t, val: v, test: s, selection: x, tset: s}"], "unknown: tset"),
     (MEGATRON, "data.megatron_prefixes is None; source 'megatron' needs a mapping"),
     (["selection.update=one_pass"], "allowed: two_pass, single_pass"),
-    (["selection.update=single_pass", "zero.stage=3"], "allowed with single_pass: zero.stage 0, 1 or 2"),
+    (["selection.update=single_pass", "zero.stage=3"], "allowed with single_pass (the default): zero.stage 0, 1 or 2"),
+    (["zero.stage=3"], "selection.update=single_pass with zero.stage=3"),
     (["selection.update=single_pass", "model.dropout=0.1"],
      "selection.update=single_pass with model.dropout=0.1: the update reuses the scoring pass"),
 ])

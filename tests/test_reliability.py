@@ -16,10 +16,12 @@ import pytest
 from conftest import PRETRAIN, REPO, child_env, free_port, read_metrics, tiny_overrides
 
 CONFIG = str(REPO / "configs" / "tiny-cpu.yaml")
-# DP=2 with ZeRO-1 (optimizer shards per rank), GREATS selection, dropout on (the RNG state must resume)
+# DP=2 with ZeRO-1 (optimizer shards per rank), GREATS selection, dropout on (the RNG state must resume;
+# dropout needs the two-pass update)
 STEPS = 24  # enough that the kill after step 5 lands mid-run even on a fast, idle machine
 RUN = [f"train.steps={STEPS}", "train.save_interval=2", "train.lr=0.01", "train.warmup_steps=0", "zero.stage=1",
-       "selection.method=greats", "selection.candidates=8", "selection.val_batch=3", "model.dropout=0.1"]
+       "selection.method=greats", "selection.candidates=8", "selection.val_batch=3", "model.dropout=0.1",
+       "selection.update=two_pass"]
 
 
 def torchrun(overrides, nproc=2):

@@ -98,6 +98,14 @@ def test_baselines_by_name():
     assert set(METHODS) == {"greats", "first_order", "gradnorm", "maxloss", "rholoss", "uniform", "regular"}
 
 
+def test_the_config_knows_the_methods_and_which_score_with_the_gram():
+    """config.py keeps the names without importing torch; they must match the methods' own table."""
+    from megatron_greats.config import GRAM_METHODS, SELECTION_METHODS
+
+    assert SELECTION_METHODS == tuple(METHODS)
+    assert set(GRAM_METHODS) == {name for name, m in METHODS.items() if {"gram", "val_alignment"} & set(m.needs)}
+
+
 def test_bad_requests_are_errors():
     with pytest.raises(ValueError, match="unknown selection method 'greatz'; allowed: greats, first_order"):
         select("greatz", 2, 4)

@@ -22,7 +22,8 @@ STEPS = ["train.steps=3", "train.lr=0.01", "train.warmup_steps=0", "train.adam_e
          "train.save_interval=1"]
 
 def greats(data_cache, run_dir, *extra):
-    return tiny_overrides(data_cache, run_dir, *STEPS, "selection.method=greats", "selection.candidates=16", *extra)
+    return tiny_overrides(data_cache, run_dir, *STEPS, "selection.method=greats", "selection.candidates=16",
+                          "selection.update=two_pass", *extra)
 
 
 def assert_selections_match_reference(run_dir, data_cache):

@@ -48,7 +48,8 @@ def samples_first(x: torch.Tensor, batch_dim: int) -> torch.Tensor:
 
 
 def _ones_like_tokens(a: torch.Tensor) -> torch.Tensor:
-    return torch.ones(a.shape[0], a.shape[1], 1, dtype=a.dtype, device=a.device)
+    """A bias use's input: never read, so a view of one element (no memory per token)."""
+    return torch.ones(1, 1, 1, dtype=a.dtype, device=a.device).expand(a.shape[0], a.shape[1], 1)
 
 
 # Rule signature: install(module, report, batch_dim) -> list of removable handles, where
@@ -111,7 +112,7 @@ def _linear(module: nn.Linear, report, batch_dim: int):
         a = samples_first(args[0].detach(), batch_dim)
         ops = [Operand(mod.weight, Kind.DENSE, mod.out_features, mod.in_features, a, Reduction.ONCE)]
         if mod.bias is not None:
-            ops.append(Operand(mod.bias, Kind.DENSE, mod.out_features, 1, _ones_like_tokens(a), Reduction.ONCE))
+            ops.append(Operand(mod.bias, Kind.BIAS, mod.out_features, 1, _ones_like_tokens(a), Reduction.ONCE))
         return report(ops, output, batch_dim)
     return [module.register_forward_hook(hook)]
 
@@ -134,7 +135,7 @@ def _norm_operands(mod, x: torch.Tensor, eps: float, rms: bool, batch_dim: int, 
     d = x.shape[-1]
     ops = [Operand(mod.weight, Kind.DIAG, d, 1, xhat, reduction)]
     if getattr(mod, "bias", None) is not None:
-        ops.append(Operand(mod.bias, Kind.DIAG, d, 1, torch.ones_like(xhat), reduction))
+        ops.append(Operand(mod.bias, Kind.BIAS, d, 1, _ones_like_tokens(xhat), reduction))
     return ops
 
 
@@ -194,7 +195,7 @@ def _megatron_rules():
             if bias is None and module.skip_bias_add:
                 bias = module.bias  # added by the caller to this same output
             if bias is not None:
-                ops.append(Operand(bias, Kind.DENSE, rows, 1, _ones_like_tokens(a), reduction_of(bias)))
+                ops.append(Operand(bias, Kind.BIAS, rows, 1, _ones_like_tokens(a), reduction_of(bias)))
             return ops
         return tap_forward_impl(module, report, operands)
 
@@ -207,7 +208,7 @@ def _megatron_rules():
                 # Added after the reduction, whatever skip_bias_add says; the gradient of this
                 # pre-reduction output is the full output gradient, so the bias' per-sample
                 # gradient is its token sum, identical on every tensor-parallel rank.
-                ops.append(Operand(module.bias, Kind.DENSE, weight.shape[0], 1, _ones_like_tokens(a), Reduction.ONCE))
+                ops.append(Operand(module.bias, Kind.BIAS, weight.shape[0], 1, _ones_like_tokens(a), Reduction.ONCE))
             return ops
         return tap_forward_impl(module, report, operands)
 

@@ -3,9 +3,10 @@
 A *use* is one place where a parameter acts on a batch of n samples (a layer call). Its per-sample
 gradient is determined by two operands with a token dim T:
   dense  (y = x W^T):      G_i = B_i^T A_i                      A [n, T, d_in], B [n, T, d_out]
+  bias   (y = x + b):      G_i = sum_t B_it                     B [n, T, d_out] (A: ones, never read)
   sparse (embedding rows): G_i[r] = sum_{t: id_it = r} B_it     ids [n, T] (-1: row not on this rank)
   diag   (norm weights):   G_i = sum_t B_it * A_it               A, B [n, T, d]
-A bias is a dense use with A = 1. A parameter used several times (tied embeddings, micro-batches)
+A parameter used several times (tied embeddings, micro-batches)
 has per-sample gradient = the sum over its uses, so its Gram is the sum of cross products over all
 pairs of uses.
 
@@ -30,6 +31,7 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 22
 class Kind(str, Enum):
     """How a parameter's per-sample gradient follows from a use's operands (see the module doc)."""
     DENSE = "dense"
+    BIAS = "bias"
     SPARSE = "sparse"
     DIAG = "diag"
 
@@ -47,7 +49,7 @@ class Use:
     rows: int                    # parameter rows on this rank (d_out; local vocab; d for diag)
     cols: int                    # parameter columns (d_in; hidden for sparse; 1 for diag)
     samples: slice               # which rows of the Gram this use's samples are
-    inputs: torch.Tensor         # dense/diag: A [n, T, cols or d]; sparse: ids [n, T]
+    inputs: torch.Tensor         # dense/diag: A [n, T, cols or d]; sparse: ids [n, T]; bias: ones [n, T, 1]
     grads: Optional[torch.Tensor] = None   # B [n, T, rows] (dense), [n, T, cols] (sparse), [n, T, d] (diag)
 
     @property
@@ -79,7 +81,7 @@ def materialise_cost(uses: list, total: int) -> float:
 
 
 def choose_path(uses: list, total: int, forced: Path = Path.AUTO) -> Path:
-    if any(u.kind == Kind.DIAG for u in uses):
+    if any(u.kind in (Kind.DIAG, Kind.BIAS) for u in uses):
         return Path.MATERIALISE  # a per-sample vector: forming it is the whole cost
     if forced != Path.AUTO:
         return forced
@@ -137,31 +139,65 @@ def ghost_gram(uses: list, total: int, dtype, chunk_elements: int = DEFAULT_CHUN
 
 
 # ---- materialised path -----------------------------------------------------------------------------
-def per_sample_rows(u: Use, r0: int, r1: int, dtype) -> torch.Tensor:
-    """Per-sample gradients of parameter rows [r0, r1): [n, r1 - r0, cols]."""
-    if u.kind == Kind.DENSE:
-        return torch.einsum("ntr,ntc->nrc", u.grads[:, :, r0:r1].to(dtype), u.inputs.to(dtype))
+class _SortedTokens:
+    """A sparse use's tokens sorted by row id, so that each block of rows is one contiguous range."""
+
+    def __init__(self, u: Use, dtype):
+        ids = u.inputs.reshape(-1)
+        valid = torch.nonzero(ids >= 0, as_tuple=True)[0]  # -1: a row on another rank, or the padding row
+        self.ids, order = torch.sort(ids[valid], stable=True)
+        token = valid[order]
+        self.sample = torch.div(token, u.tokens, rounding_mode="floor")
+        self.grads = u.grads.reshape(-1, u.cols)[token].to(dtype)
+
+    def add_to(self, block: torch.Tensor, first_sample: int, r0: int, r1: int) -> None:
+        """block [total, r1 - r0, cols] += this use's per-sample gradients of rows [r0, r1)."""
+        lo, hi = (int(x) for x in torch.searchsorted(self.ids, torch.tensor([r0, r1], device=self.ids.device)))
+        if hi > lo:
+            flat = (first_sample + self.sample[lo:hi]) * (r1 - r0) + (self.ids[lo:hi] - r0)
+            block.view(-1, block.shape[-1]).index_add_(0, flat, self.grads[lo:hi])
+
+
+def _vector_rows(u: Use, r0: int, r1: int, dtype) -> torch.Tensor:
+    """Per-sample gradients [n, r1 - r0, 1] of rows [r0, r1) of a bias or a norm weight."""
+    b = u.grads[:, :, r0:r1].to(dtype)
     if u.kind == Kind.DIAG:
-        return (u.grads[:, :, r0:r1].to(dtype) * u.inputs[:, :, r0:r1].to(dtype)).sum(1).unsqueeze(-1)
-    ids = u.inputs
-    inside = (ids >= r0) & (ids < r1)
-    sample = torch.arange(u.n, device=ids.device).unsqueeze(1).expand_as(ids)[inside]
-    flat_rows = sample * (r1 - r0) + (ids[inside] - r0)
-    out = torch.zeros(u.n * (r1 - r0), u.cols, dtype=dtype, device=ids.device)
-    out.index_add_(0, flat_rows, u.grads[inside].to(dtype))
-    return out.view(u.n, r1 - r0, u.cols)
+        b = b * u.inputs[:, :, r0:r1].to(dtype)
+    return b.sum(1).unsqueeze(-1)
 
 
 def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
-    """Yield per-sample gradient blocks [total, rows_in_block * cols], summed over uses."""
+    """Yield per-sample gradient blocks [total, rows_in_block * cols], summed over uses.
+
+    One buffer serves every block (each yielded block is overwritten by the next): the first use of a
+    sample writes its rows, later ones add, and sparse uses add their few tokens last."""
     rows, cols = uses[0].rows, uses[0].cols
-    step = max(1, chunk_elements // max(1, total * cols))
+    step = min(rows, max(1, chunk_elements // max(1, total * cols)))
     device = uses[0].inputs.device
+    sparse = [(u, _SortedTokens(u, dtype)) for u in uses if u.kind == Kind.SPARSE]
+    others = [u for u in uses if u.kind != Kind.SPARSE]
+    buffer = torch.empty(total * step * cols, dtype=dtype, device=device)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        block = torch.zeros(total, r1 - r0, cols, dtype=dtype, device=device)
-        for u in uses:
-            block[u.samples] += per_sample_rows(u, r0, r1, dtype)
+        block = buffer[:total * (r1 - r0) * cols].view(total, r1 - r0, cols)
+        written = torch.zeros(total, dtype=torch.bool)
+        for u in others:
+            out, fresh = block[u.samples], not bool(written[u.samples].any())
+            if u.kind == Kind.DENSE:
+                grads_t = u.grads[:, :, r0:r1].to(dtype).transpose(1, 2)        # [n, r, T]
+                if fresh:
+                    torch.bmm(grads_t, u.inputs.to(dtype), out=out)
+                else:
+                    out.baddbmm_(grads_t, u.inputs.to(dtype))
+            elif fresh:
+                out.copy_(_vector_rows(u, r0, r1, dtype))
+            else:
+                out.add_(_vector_rows(u, r0, r1, dtype))
+            written[u.samples] = True
+        if not bool(written.all()):
+            block[~written.to(device)] = 0
+        for u, tokens in sparse:
+            tokens.add_to(block, u.samples.start, r0, r1)
         yield block.reshape(total, -1)
 
 
@@ -169,7 +205,8 @@ def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEF
 def weighted_gradient(uses: list, weights: torch.Tensor, shape, dtype) -> torch.Tensor:
     """sum_i weights[i] G_i over every sample of every use: the parameter's gradient (this rank's shard)
     of a loss that weighs sample i by weights[i] (e.g. 1/k for the k selected samples, 0 elsewhere).
-    Only samples with a non-zero weight are touched: one GEMM over the selected rows per dense use."""
+    Only samples with a non-zero weight are touched, one at a time on the operands in place (a dense use
+    adds one GEMM per such sample): gathering the selected rows of a large output gradient costs more."""
     rows, cols = uses[0].rows, uses[0].cols
     grad = torch.zeros(rows, cols, dtype=dtype, device=uses[0].inputs.device)
     for u in uses:
@@ -177,15 +214,18 @@ def weighted_gradient(uses: list, weights: torch.Tensor, shape, dtype) -> torch.
         chosen = torch.nonzero(w, as_tuple=True)[0]
         if len(chosen) == 0:
             continue
-        scale = w[chosen].view(-1, 1, 1)
-        b = u.grads[chosen].to(dtype) * scale                       # [s, T, rows (dense, diag) or cols]
-        if u.kind == Kind.DENSE:
-            a = u.inputs[chosen].to(dtype)
-            grad += b.reshape(-1, rows).T @ a.reshape(-1, cols)
-        elif u.kind == Kind.DIAG:
-            grad += (b * u.inputs[chosen].to(dtype)).sum(dim=(0, 1)).unsqueeze(-1)
-        else:
+        if u.kind == Kind.SPARSE:
             ids = u.inputs[chosen].reshape(-1)
             inside = ids >= 0  # -1: a row on another tensor-parallel rank, or the padding row
+            b = torch.einsum("s,stc->stc", w[chosen], u.grads[chosen].to(dtype))  # tokens x embedding width
             grad.index_add_(0, ids[inside], b.reshape(-1, cols)[inside])
+            continue
+        for i, w_i in zip(chosen.tolist(), w[chosen].tolist()):
+            b = u.grads[i].to(dtype)                                      # [T, rows]
+            if u.kind == Kind.DENSE:
+                grad.addmm_(b.T, u.inputs[i].to(dtype), alpha=w_i)
+            elif u.kind == Kind.BIAS:
+                grad.add_(b.sum(0).unsqueeze(-1), alpha=w_i)
+            else:  # DIAG
+                grad.add_((b * u.inputs[i].to(dtype)).sum(0).unsqueeze(-1), alpha=w_i)
     return grad.reshape(shape)

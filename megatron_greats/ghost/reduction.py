@@ -71,7 +71,7 @@ class GramReduction:
                 if reduction == Reduction.SUM_VECTORS and self.tensor_group is not None:
                     with self.phase("allreduce"):
                         dist.all_reduce(block, group=self.tensor_group)  # every rank joins; rank 0 counts it
-                part += block @ block.T
+                part.addmm_(block, block.T)
         return None if reduction == Reduction.SUM_VECTORS and tensor_rank != 0 else part
 
     def finish(self, uses_of: dict, reductions: dict, total: int, device) -> torch.Tensor:

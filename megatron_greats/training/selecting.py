@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_greats.config import GRAM_METHODS
 from megatron_greats.parallel.state import Layout, device
 from megatron_greats.selection import METHODS, SelectorInputs, select
 
@@ -39,9 +40,8 @@ class Selector:
         sel = cfg.selection
         self.cfg, self.layout, self.method = cfg, layout, sel.method
         self.k, self.n = cfg.num_selected(layout.world_size), cfg.num_candidates(layout.world_size)
-        needs = METHODS[self.method].needs
-        self.needs_gram = "gram" in needs or "val_alignment" in needs
-        self.needs_scores = bool(needs)
+        self.needs_gram = self.method in GRAM_METHODS
+        self.needs_scores = bool(METHODS[self.method].needs)
         self.greats_options = {"self_term": sel.self_term, "batch_mean": sel.batch_mean}
 
     def eta(self, lr: float) -> float:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import sys
-
 import numpy as np
 import torch
 
+from megatron_greats.config import GRAM_METHODS
 from megatron_greats.parallel.state import Layout, any_rank, device
 from megatron_greats.selection import SelectorInputs
 from megatron_greats.training.candidates import CandidateStream, ReplicaBatches
@@ -141,14 +140,8 @@ class SinglePassStep(TwoPassStep):
 
 
 def step_strategy(cfg, data, layout: Layout, engine, executor, reference_module=None):
-    """The step of selection.update. single_pass needs a scoring pass with a backward (the methods that
-    score with the Gram); the others take two_pass steps, said once at start-up."""
-    single = cfg.selection.update == "single_pass"
-    if single and not Selector(cfg, layout).needs_gram:
-        single = False
-        if layout.is_logging_rank:
-            print(f"megatron_greats: note: selection.update=single_pass needs a method that scores with the "
-                  f"Gram (greats, first_order, gradnorm); selection.method={cfg.selection.method} takes "
-                  "two_pass steps", file=sys.stderr, flush=True)
+    """The step of selection.update. single_pass needs a scoring pass with a backward over every sample
+    (the methods that score with the Gram); the others always take an ordinary step (config help)."""
+    single = cfg.selection.update == "single_pass" and cfg.selection.method in GRAM_METHODS
     kind = SinglePassStep if single else TwoPassStep
     return kind(cfg, data, layout, engine, executor, reference_module=reference_module)
