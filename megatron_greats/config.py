@@ -29,6 +29,12 @@ class Key:
     help: str = ""
 
 
+def _eta_problem(v):
+    if isinstance(v, str):
+        return None if v == "auto" else "allowed: > 0, auto, or null"
+    return None if v > 0 else "allowed: > 0, auto, or null"
+
+
 def _one_of(*allowed):
     return lambda v: None if v in allowed else f"allowed: {', '.join(map(str, allowed))}"
 
@@ -48,6 +54,8 @@ def _non_negative(v):
 INT, FLOAT, STR, BOOL = (int,), (float, int), (str,), (bool,)
 # The names megatron_greats.selection.METHODS knows (kept here so validation needs no torch import).
 SELECTION_METHODS = ("greats", "first_order", "gradnorm", "maxloss", "rholoss", "uniform", "regular")
+PRECONDITIONERS = ("none", "adam")
+ALIGNMENTS = ("dot", "cosine")
 # Those whose scores need the Gram (a backward over the candidates): the ones selection.update applies to.
 GRAM_METHODS = ("greats", "first_order", "gradnorm")
 UPDATE_MODES = ("two_pass", "single_pass")
@@ -118,8 +126,20 @@ SCHEMA: dict = {
                          help="m validation samples per step, from the selection split (target domain, rotating)"),
         "score_micro_batch": Key(OPT_INT, None, lambda v: None if v > 0 else "allowed: > 0 or null",
                                  help="samples per scoring forward/backward (null: all N + m at once)"),
-        "eta": Key(OPT_FLOAT, None, lambda v: None if v > 0 else "allowed: > 0 or null",
-                   help="GREATS step size; null: the step's scheduled learning rate"),
+        "eta": Key(OPT_FLOAT + STR, None, _eta_problem,
+                   help="GREATS step size; null: the step's scheduled learning rate; auto: the optimizer's real "
+                        "per-sample step scale, lr (1 - beta1) / ((1 - beta1^t) k) with the adam preconditioner "
+                        "and lr / k without"),
+        "preconditioner": Key(STR, "none", _one_of(*PRECONDITIONERS),
+                              help="adam: score with AdamW's own diagonal D = 1 / (sqrt(v_hat) + eps), "
+                                   "phi_i = eta <D g_i, g_val> and interaction eta^2 <D g_i, D g_j>; none: raw "
+                                   "gradients (an SGD step)"),
+        "alignment": Key(STR, "dot", _one_of(*ALIGNMENTS),
+                         help="greats, first_order: cosine scores each candidate's unit gradient g_i / |g_i| "
+                              "(no bias toward large gradients); dot: g_i itself"),
+        "temperature": Key(FLOAT, 0.0, lambda v: None if v >= 0 else "allowed: >= 0",
+                           help="greats: 0 picks the largest gain; > 0 samples each pick with probability "
+                                "proportional to exp(gain / (temperature x the gains' standard deviation))"),
         "self_term": Key(BOOL, False, help="GREATS variant: subtract (eta^2/2)||g_i||^2"),
         "batch_mean": Key(BOOL, False, help="GREATS variant: eta / k (the update averages k gradients)"),
         "score_exclude": Key((list,), [], help="parameter-name patterns left out of the score"),
@@ -369,6 +389,15 @@ class Config:
             raise ConfigError(f"selection.update=single_pass with model.dropout={m.dropout}: the update reuses the "
                               "scoring pass, which runs without dropout; allowed: model.dropout=0, or "
                               "selection.update=two_pass")
+        if sel.eta == "auto" and sel.batch_mean:
+            raise ConfigError("selection.batch_mean=true with selection.eta=auto: auto already divides by k; "
+                              "allowed: one of them")
+        if sel.preconditioner == "adam" and t.optimizer != "adamw":
+            raise ConfigError(f"selection.preconditioner=adam with train.optimizer={t.optimizer}: it reads AdamW's "
+                              "second moment; allowed: train.optimizer=adamw, or selection.preconditioner=none")
+        if sel.alignment == "cosine" and sel.method not in ("greats", "first_order"):
+            raise ConfigError(f"selection.alignment=cosine with selection.method={sel.method}; allowed: "
+                              "greats or first_order")
         if not all(isinstance(x, str) for x in sel.score_exclude):
             raise ConfigError(f"selection.score_exclude={sel.score_exclude!r}; allowed: a list of name patterns")
         if world_size is None:

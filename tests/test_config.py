@@ -57,6 +57,13 @@ MEGATRON = ["data.source=megatron", "tokenizer.model=t.model"]
     (["selection.update=one_pass"], "allowed: two_pass, single_pass"),
     (["selection.update=single_pass", "zero.stage=3"], "allowed with single_pass (the default): zero.stage 0, 1 or 2"),
     (["zero.stage=3"], "selection.update=single_pass with zero.stage=3"),
+    (["selection.eta=fast"], "'selection.eta' has value 'fast'; allowed: > 0, auto, or null"),
+    (["selection.eta=-1"], "'selection.eta' has value -1; allowed: > 0, auto, or null"),
+    (["selection.preconditioner=shampoo"], "allowed: none, adam"),
+    (["selection.alignment=cosine", "selection.method=maxloss"], "allowed: greats or first_order"),
+    (["selection.eta=auto", "selection.batch_mean=true"], "auto already divides by k"),
+    (["selection.preconditioner=adam", "train.optimizer=sgd"], "it reads AdamW's second moment"),
+    (["selection.temperature=-0.5"], "allowed: >= 0"),
     (["selection.update=single_pass", "model.dropout=0.1"],
      "selection.update=single_pass with model.dropout=0.1: the update reuses the scoring pass"),
 ])

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from megatron_greats.selection import METHODS, greats_greedy, select
+from megatron_greats.selection import METHODS, SelectorInputs, greats_greedy, select, unit_gradients
 
 
 def utility(subset, val, gram, eta, self_term):
@@ -80,6 +80,38 @@ def test_batch_mean_is_eta_over_k():
     b = greats_greedy(val, gram, 4, 0.2, return_gains=True)
     assert a[0].tolist() == b[0].tolist()
     torch.testing.assert_close(a[1], b[1])
+
+
+def test_boltzmann_greedy_draws_each_pick_from_the_gains():
+    """temperature > 0: P(j) ~ exp(phi_j / (temperature * std(phi))) over the unselected, drawn with the
+    step's generator (the same seed gives the same picks); a tiny temperature is the argmax."""
+    val, gram = random_problem(n=10, d=6, seed=3)
+    argmax = greats_greedy(val, gram, 4, 0.2).tolist()
+    assert greats_greedy(val, gram, 4, 0.2, temperature=1e-6, generator=torch.Generator().manual_seed(0)).tolist() \
+        == argmax
+
+    def draw(seed, temperature=1.0):
+        return greats_greedy(val, gram, 4, 0.2, temperature=temperature,
+                             generator=torch.Generator().manual_seed(seed)).tolist()
+    assert draw(5) == draw(5)
+    draws = [draw(seed) for seed in range(40)]
+    assert len({tuple(d) for d in draws}) > 5  # a draw
+    assert max(range(10), key=[d[0] for d in draws].count) == argmax[0]  # that favours the largest gain
+    # the first pick's frequencies follow the softmax of phi / (temperature * std(phi))
+    phi = 0.2 * val
+    expected = torch.softmax(phi / (2.0 * phi.std()), dim=0)
+    firsts = torch.bincount(torch.tensor([draw(seed, 2.0)[0] for seed in range(2000)]), minlength=10) / 2000
+    assert float((firsts - expected).abs().max()) < 0.04
+
+
+def test_cosine_scores_are_those_of_unit_gradients():
+    g = torch.Generator().manual_seed(1)
+    grads = torch.randn(6, 4, generator=g, dtype=torch.float64) * torch.tensor([1, 10, 0.1, 3, 1, 5.0]).view(-1, 1)
+    val = torch.randn(4, generator=g, dtype=torch.float64)
+    unit = grads / grads.norm(dim=1, keepdim=True)
+    scored = unit_gradients(SelectorInputs(gram=grads @ grads.T, val_alignment=grads @ val))
+    torch.testing.assert_close(scored.gram, unit @ unit.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scored.val_alignment, unit @ val, rtol=1e-12, atol=1e-12)
 
 
 def test_baselines_by_name():

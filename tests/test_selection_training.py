@@ -26,25 +26,46 @@ def greats(data_cache, run_dir, *extra):
                           "selection.update=two_pass", *extra)
 
 
-def assert_selections_match_reference(run_dir, data_cache):
+def assert_selections_match_reference(run_dir, data_cache, adam: bool = False):
     """Each step's picks and gains against tests/workers/reference.py: per-sample gradients by ordinary
     backward passes of a 1-process copy of the model at the weights the step started from (the
     previous step's checkpoint, merged over tensor/pipeline shards), their Gram, and a plain greedy.
-    The candidates, validation samples and eta are those the run logged; eta must be the scheduled LR."""
+    The candidates, validation samples and eta are those the run logged; eta must be the scheduled LR.
+    adam: the run scores with selection.preconditioner=adam and eta=auto; the reference rebuilds Adam's
+    second moment from the logged selections of the earlier steps (not from the optimizer's state)."""
     from megatron_greats.training.schedule import lr_at
 
     records = read_selections(run_dir)
     t = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
+
+    def weights_after(step):
+        if step == 0:
+            return None
+        path = run_dir / f"weights_{step}.pt"
+        if not path.exists():
+            torch.save(full_weights(run_dir / "checkpoints" / f"step_{step}"), path)
+        return str(path)
+
+    selected_at = {}
+    for r in sorted(records, key=lambda r: (r["step"], r["replica"])):
+        selected_at.setdefault(r["step"], []).extend(r["selected"])
     spec = []
     for r in records:
-        step = r["step"]
-        assert r["eta"] == pytest.approx(lr_at(step - 1, t["lr"], t["min_lr"], t["warmup_steps"], t["steps"]), rel=1e-12)
-        weights = None
-        if step > 1:
-            weights = run_dir / f"weights_{step - 1}.pt"
-            torch.save(full_weights(run_dir / "checkpoints" / f"step_{step - 1}"), weights)
-        spec.append({"weights": None if weights is None else str(weights), "candidates": r["candidates"],
-                     "validation": r["validation"], "eta": r["eta"], "k": len(r["selected"])})
+        step, k = r["step"], len(r["selected"])
+        lr = lr_at(step - 1, t["lr"], t["min_lr"], t["warmup_steps"], t["steps"])
+        entry = {"weights": weights_after(step - 1), "candidates": r["candidates"], "validation": r["validation"],
+                 "eta": r["eta"], "k": k}
+        if not adam:
+            assert r["eta"] == pytest.approx(lr, rel=1e-12)
+        elif step == 1:  # no second moment yet: raw gradients, eta = lr / k
+            assert r["preconditioner"].startswith("none (step 0") and r["eta"] == pytest.approx(lr / k, rel=1e-12)
+        else:
+            assert r["preconditioner"] == "adam"
+            assert r["eta"] == pytest.approx(lr * (1 - t["beta1"]) / ((1 - t["beta1"] ** step) * k), rel=1e-12)
+            entry["adam"] = {"history": [{"weights": weights_after(u - 1), "ids": selected_at[u]}
+                                         for u in range(1, step)],
+                             "beta2": t["beta2"], "eps": t["adam_eps"], "clip": t["grad_clip"]}
+        spec.append(entry)
     reference = run_reference({"select": spec}, tiny_overrides(data_cache, run_dir / "reference"), run_dir)
     for r, ref in zip(records, reference["select"]):
         assert [r["candidates"][i] for i in ref["picked"]] == r["selected"], f"step {r['step']}"
@@ -118,6 +139,23 @@ def test_selection_at_a_layout_matches_the_reference(single_process_selection, d
         [r["selected"] for r in read_selections(single_process_selection)]
     assert_selections_match_reference(run_dir, data_cache)
     assert_single_pass_equals_two_pass(run_dir, data_cache, tmp_path / "single", nproc, *layout)
+
+
+@pytest.mark.parametrize("nproc, layout", [
+    (1, []),
+    (2, ["zero.stage=1"]),
+    (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+], ids=["1p", "dp2-zero1", "tp2-pp2"])
+def test_adam_preconditioned_selection_matches_the_reference(data_cache, tmp_path, nproc, layout):
+    """selection.preconditioner=adam, eta=auto: Adam's second moment read from the optimizer's state
+    (torch's per parameter, ZeRO's flat partitions, tensor/pipeline shards) must give the picks and
+    gains of a reference that rebuilds it from the gradients of the steps taken."""
+    run_dir = tmp_path / "adam"
+    overrides = greats(data_cache, run_dir, "selection.preconditioner=adam", "selection.eta=auto",
+                       "selection.update=single_pass", *layout)
+    proc = run_pretrain(overrides, nproc=nproc, launcher="python" if nproc == 1 else "torchrun")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_selections_match_reference(run_dir, data_cache, adam=True)
 
 
 @pytest.mark.parametrize("nproc, extra", [(1, []), (2, ["zero.stage=1"]), (2, ["zero.stage=2"])],

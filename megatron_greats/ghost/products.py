@@ -80,9 +80,11 @@ def materialise_cost(uses: list, total: int) -> float:
     return forming + total * total * rows * cols
 
 
-def choose_path(uses: list, total: int, forced: Path = Path.AUTO) -> Path:
+def choose_path(uses: list, total: int, forced: Path = Path.AUTO, preconditioned: bool = False) -> Path:
     if any(u.kind in (Kind.DIAG, Kind.BIAS) for u in uses):
         return Path.MATERIALISE  # a per-sample vector: forming it is the whole cost
+    if preconditioned and any(u.kind != Kind.DENSE for u in uses):
+        return Path.MATERIALISE  # a ghost path scales operands: dense uses only (preconditioning.py)
     if forced != Path.AUTO:
         return forced
     return Path.GHOST if ghost_cost(uses, total) <= materialise_cost(uses, total) else Path.MATERIALISE
@@ -138,6 +140,25 @@ def ghost_gram(uses: list, total: int, dtype, chunk_elements: int = DEFAULT_CHUN
     return gram
 
 
+def scaled_uses(uses: list, samples: slice, r: torch.Tensor, c: torch.Tensor, dtype) -> list:
+    """The dense uses with the samples in `samples` rescaled, B * r and A * c: their per-sample gradients
+    become (r c^T) * G_i (see preconditioning.py); the other samples' uses are unchanged."""
+    out = []
+    for u in uses:
+        lo, hi = max(u.samples.start, samples.start), min(u.samples.stop, samples.stop)
+        if hi <= lo:
+            out.append(u)
+            continue
+        a, b = lo - u.samples.start, hi - u.samples.start
+        if a > 0:
+            out.append(Use(u.kind, u.rows, u.cols, slice(u.samples.start, lo), u.inputs[:a], u.grads[:a]))
+        out.append(Use(u.kind, u.rows, u.cols, slice(lo, hi), u.inputs[a:b].to(dtype) * c.to(dtype),
+                       u.grads[a:b].to(dtype) * r.to(dtype)))
+        if b < u.n:
+            out.append(Use(u.kind, u.rows, u.cols, slice(hi, u.samples.stop), u.inputs[b:], u.grads[b:]))
+    return out
+
+
 # ---- materialised path -----------------------------------------------------------------------------
 class _SortedTokens:
     """A sparse use's tokens sorted by row id, so that each block of rows is one contiguous range."""
@@ -167,7 +188,8 @@ def _vector_rows(u: Use, r0: int, r1: int, dtype) -> torch.Tensor:
 
 
 def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
-    """Yield per-sample gradient blocks [total, rows_in_block * cols], summed over uses.
+    """Yield (r0, r1, per-sample gradients [total, r1 - r0, cols] of parameter rows [r0, r1)), summed
+    over uses.
 
     One buffer serves every block (each yielded block is overwritten by the next): the first use of a
     sample writes its rows, later ones add, and sparse uses add their few tokens last."""
@@ -198,7 +220,7 @@ def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEF
             block[~written.to(device)] = 0
         for u, tokens in sparse:
             tokens.add_to(block, u.samples.start, r0, r1)
-        yield block.reshape(total, -1)
+        yield r0, r1, block
 
 
 # ---- the weighted gradient of a parameter (single-pass update) --------------------------------------

@@ -121,14 +121,17 @@ class GhostRecorder:
 
     # ---- capture ----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def capture(self):
-        """Record supported layers' operands; parameters are frozen for the duration (see module doc)."""
+    def capture(self, preconditioning=None):
+        """Record supported layers' operands; parameters are frozen for the duration (see module doc).
+        preconditioning: optional Preconditioning (ghost/preconditioning.py): the Gram rows of its samples
+        hold D g_i instead of g_i; after gram(), its rank_one_errors() says what the ghost path fitted."""
         self.release()  # the previous capture's operands
         first = next(self.model.parameters())
         dtype = products.compute_dtype(first.dtype)  # the same on every rank: the all-reduce needs it
         self._store = CaptureStore(self.modules, self.captured, self.batch_dim, self._on_complete)
         self._reduction = GramReduction(self._order, self.path, self.chunk_elements, self.tensor_group,
                                         self.model_parallel_group, dtype, clock=self.clock)
+        self._reduction.preconditioning = preconditioning
         self._streaming, self._reduced, self._gram = True, set(), None
         with self._store.recording(self.model):
             yield self

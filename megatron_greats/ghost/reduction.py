@@ -40,6 +40,7 @@ class GramReduction:
         self.order, self.path, self.chunk_elements, self.dtype = order, Path(path), chunk_elements, dtype
         self.tensor_group, self.model_parallel_group, self.clock = tensor_group, model_parallel_group, clock
         self.streamed = None  # the Gram part of parameters reduced during backward
+        self.preconditioning = None  # optional: a Preconditioning (preconditioning.py) of some Gram rows
 
     def phase(self, name: str):
         return self.clock.phase(name) if self.clock is not None else contextlib.nullcontext()
@@ -63,15 +64,25 @@ class GramReduction:
         tensor_rank = self.tensor_rank
         if reduction == Reduction.ONCE and tensor_rank != 0:
             return None  # replicated over tensor-parallel ranks: rank 0 counts it
-        if products.choose_path(uses, total, self.path) == Path.GHOST:
+        pre = self.preconditioning
+        pre = pre if pre is not None and pre.covers(param) else None
+        rows, cols = uses[0].rows, uses[0].cols
+        if products.choose_path(uses, total, self.path, preconditioned=pre is not None) == Path.GHOST:
+            if pre is not None:  # exact for the rank-1 fit r c^T of D
+                r, c, _ = pre.factor(param, rows, cols)
+                uses = products.scaled_uses(uses, pre.samples, r, c, self.dtype)
             part = products.ghost_gram(uses, total, self.dtype, self.chunk_elements)
         else:
             part = torch.zeros(total, total, dtype=self.dtype, device=uses[0].inputs.device)
-            for block in products.materialised_blocks(uses, total, self.dtype, self.chunk_elements):
+            for r0, r1, block in products.materialised_blocks(uses, total, self.dtype, self.chunk_elements):
                 if reduction == Reduction.SUM_VECTORS and self.tensor_group is not None:
                     with self.phase("allreduce"):
                         dist.all_reduce(block, group=self.tensor_group)  # every rank joins; rank 0 counts it
-                part.addmm_(block, block.T)
+                if pre is not None:
+                    rows_of = block[pre.samples]
+                    rows_of *= pre.block(param, r0, r1, cols, rows_of.mean(dim=0))
+                flat = block.reshape(total, -1)
+                part.addmm_(flat, flat.T)
         return None if reduction == Reduction.SUM_VECTORS and tensor_rank != 0 else part
 
     def finish(self, uses_of: dict, reductions: dict, total: int, device) -> torch.Tensor:

@@ -11,15 +11,21 @@ This is the second-order Taylor estimate of the validation-loss drop of a step o
   self_term:   also subtract (eta^2 / 2) ||g_i||^2 from phi_i (the utility's diagonal term);
   batch_mean:  the training step averages the k selected gradients, so each one moves the weights
                by eta / k: use eta / k in place of eta.
+  temperature: > 0 makes each pick a draw (Boltzmann): P(j) ~ exp(phi_j / (temperature * s)) over the
+               unselected, with s the standard deviation of their phi (so the setting is free of the
+               scores' units); 0 is the deterministic argmax.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 
 def greats_greedy(val_alignment: torch.Tensor, gram: torch.Tensor, k: int, eta: float, *,
-                  self_term: bool = False, batch_mean: bool = False, return_gains: bool = False):
+                  self_term: bool = False, batch_mean: bool = False, temperature: float = 0.0,
+                  generator: Optional[torch.Generator] = None, return_gains: bool = False):
     """val_alignment [N] = <g_i, g_val>, gram [N, N] = <g_i, g_j>; returns LongTensor [k] in pick order
     (and the marginal gain of each pick, [k], with return_gains=True)."""
     n = val_alignment.shape[0]
@@ -37,7 +43,12 @@ def greats_greedy(val_alignment: torch.Tensor, gram: torch.Tensor, k: int, eta: 
     picked, gains = [], []
     for _ in range(k):
         masked = torch.where(available, phi, torch.full_like(phi, -torch.inf))
-        j = int(torch.argmax(masked))  # first maximal index: ties go to the lowest index
+        spread = float(phi[available].std()) if temperature > 0 and int(available.sum()) > 1 else 0.0
+        if spread > 0:
+            weights = torch.softmax(masked / (temperature * spread), dim=0)
+            j = int(torch.multinomial(weights.float().cpu(), 1, generator=generator))
+        else:
+            j = int(torch.argmax(masked))  # first maximal index: ties go to the lowest index
         picked.append(j)
         gains.append(phi[j].item())
         available[j] = False

@@ -31,6 +31,14 @@ class SelectorInputs:
         return all(bool(torch.isfinite(v).all()) for v in self.tensors().values())
 
 
+def unit_gradients(inputs: SelectorInputs) -> SelectorInputs:
+    """The scores of unit gradients g_i / |g_i| (selection.alignment=cosine): no bias toward candidates
+    with large gradients. |g_i| comes from the Gram's diagonal (preconditioned where the Gram is)."""
+    norms = torch.diagonal(inputs.gram).clamp(min=0).sqrt().clamp(min=torch.finfo(inputs.gram.dtype).tiny)
+    return SelectorInputs(losses=inputs.losses, gram=inputs.gram / torch.outer(norms, norms),
+                          val_alignment=inputs.val_alignment / norms, reference_losses=inputs.reference_losses)
+
+
 @dataclass(frozen=True)
 class Method:
     needs: tuple             # inputs the method reads: "gram", "val_alignment", "losses", "reference_losses"
@@ -55,8 +63,8 @@ def _uniform(k, n, generator):
 
 METHODS = {
     "greats": Method(("gram", "val_alignment"),
-                     lambda k, eta, gram, val_alignment, options, **_: _greats(k, eta, gram, val_alignment,
-                                                                                **options)),
+                     lambda k, eta, gram, val_alignment, options, generator, **_: _greats(
+                         k, eta, gram, val_alignment, generator=generator, **options)),
     "first_order": Method(("val_alignment",), lambda k, val_alignment, **_: top_k(val_alignment, k)),
     "gradnorm": Method(("gram",), lambda k, gram, **_: top_k(torch.diagonal(gram), k)),
     "maxloss": Method(("losses",), lambda k, losses, **_: top_k(losses, k)),

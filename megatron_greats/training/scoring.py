@@ -68,9 +68,10 @@ class ScoringPass:
         with self._scoring_mode():
             return self.executor.score(self.module, micro_batches(tokens, None), clock=self.clock)
 
-    def scores(self, batch: ScoredBatch) -> SelectorInputs:
-        """The candidates' losses, their Gram and their alignment with the mean validation gradient."""
-        with self._scoring_mode(), self.recorder.capture():
+    def scores(self, batch: ScoredBatch, preconditioning=None) -> SelectorInputs:
+        """The candidates' losses, their Gram and their alignment with the mean validation gradient
+        (with a Preconditioning of the candidates: <D g_i, D g_j> and <D g_i, g_val>)."""
+        with self._scoring_mode(), self.recorder.capture(preconditioning):
             losses = self.executor.score(self.module, micro_batches(batch.tokens, self.micro_batch),
                                          recorder=self.recorder, clock=self.clock)
         gram, c, v = self.recorder.gram(), batch.candidates, batch.validation

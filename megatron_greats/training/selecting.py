@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from megatron_greats.config import GRAM_METHODS
 from megatron_greats.parallel.state import Layout, device
-from megatron_greats.selection import METHODS, SelectorInputs, select
+from megatron_greats.selection import METHODS, SelectorInputs, select, unit_gradients
 
 # The ranking score reported for selected vs rejected candidates, per method.
 REPORTED_SCORE = {"greats": "val_alignment", "first_order": "val_alignment", "gradnorm": "grad_norm",
@@ -31,6 +31,8 @@ class StepChoice:
     picked: Optional[np.ndarray] = None   # positions of the picks among the candidates
     validation: Optional[np.ndarray] = None  # ids in the selection split scored against (Gram methods)
     eta: Optional[float] = None           # the greedy's step size (greats)
+    preconditioner: Optional[str] = None  # what scaled the scores: "adam", "none", or why none (Gram methods)
+    rank_one_error: Optional[float] = None  # the largest error of its rank-1 fits (ghost path), if any
     seconds: dict = field(default_factory=dict)
     skipped: bool = False                 # the scores held NaN/Inf on some replica: no selection, no update
 
@@ -42,10 +44,12 @@ class Selector:
         self.k, self.n = cfg.num_selected(layout.world_size), cfg.num_candidates(layout.world_size)
         self.needs_gram = self.method in GRAM_METHODS
         self.needs_scores = bool(METHODS[self.method].needs)
-        self.greats_options = {"self_term": sel.self_term, "batch_mean": sel.batch_mean}
+        self.greats_options = {"self_term": sel.self_term, "batch_mean": sel.batch_mean,
+                               "temperature": sel.temperature}
+        self.cosine = sel.alignment == "cosine"
 
-    def eta(self, lr: float) -> float:
-        return self.cfg.selection.eta if self.cfg.selection.eta is not None else lr
+    def prepared(self, inputs: SelectorInputs) -> SelectorInputs:
+        return unit_gradients(inputs) if self.cosine and inputs.gram is not None else inputs
 
     def select(self, step: int, eta: float, inputs: SelectorInputs) -> tuple:
         """(picked positions [k], gains [k]) on every rank of the model-parallel group; picked[0] < 0
@@ -61,7 +65,7 @@ class Selector:
             seed = np.random.SeedSequence([self.cfg.seed, step, self.layout.data_rank]).generate_state(1)[0]
             generator = torch.Generator().manual_seed(int(seed))
             choice = select(self.method, self.k, self.n, eta=eta, generator=generator,
-                            greats_options=self.greats_options, **inputs.tensors())
+                            greats_options=self.greats_options, **self.prepared(inputs).tensors())
             picked.copy_(choice.picked)
             gains.copy_(choice.scores.to(torch.float64))
         group = ps.get_model_parallel_group()

@@ -20,6 +20,7 @@ from megatron_greats.parallel.state import Layout, any_rank, device
 from megatron_greats.selection import SelectorInputs
 from megatron_greats.training.candidates import CandidateStream, ReplicaBatches
 from megatron_greats.training.executors import data_parallel_mean
+from megatron_greats.training.preconditioning import StepScaler
 from megatron_greats.training.scoring import ScoredBatch, ScoringPass
 from megatron_greats.training.selecting import Selector, StepChoice
 from megatron_greats.training.telemetry import PhaseClock
@@ -44,6 +45,7 @@ class TwoPassStep:
         self.stream = CandidateStream(len(data.train), len(data.selection), per_replica, sel.val_batch, layout,
                                       cfg.seed)
         self.batches = ReplicaBatches(layout, cfg.train.micro_batch)
+        self.scaler = StepScaler(cfg, engine, self.selector.k)
         self.scoring = self.reference = None
         if self.selector.needs_scores:
             gram = self.selector.needs_gram
@@ -90,9 +92,11 @@ class TwoPassStep:
                               picked=np.arange(len(candidates)))
         validation = self.stream.validation(step) if selector.needs_gram else None
         self.clock.take()
-        inputs = self.score(candidates, validation)
+        scale = self.scaler.for_step(lr, self.scoring.recorder.parameters() if selector.needs_gram else [],
+                                     slice(0, len(candidates)))
+        inputs = self.score(candidates, validation, scale.preconditioning)
         scoring = self.clock.take()
-        eta = selector.eta(lr)
+        eta = scale.eta
         with self.clock.phase("selection"):
             picked, gains = selector.select(step, eta, inputs)
             skipped = any_rank(bool(picked[0] < 0), device())  # every replica skips the step together
@@ -102,14 +106,17 @@ class TwoPassStep:
             return StepChoice(ids=np.zeros(0, dtype=np.int64), candidates=candidates, skipped=True, seconds=seconds)
         return StepChoice(ids=candidates[picked], candidates=candidates, gains=gains, picked=picked, scores=scores,
                           seconds=seconds, validation=validation,
-                          eta=eta if selector.method == "greats" else None)
+                          eta=eta if selector.method == "greats" else None,
+                          preconditioner=scale.label if selector.needs_gram else None,
+                          rank_one_error=scale.rank_one_error())
 
-    def score(self, candidates: np.ndarray, validation) -> SelectorInputs:
+    def score(self, candidates: np.ndarray, validation, preconditioning=None) -> SelectorInputs:
         if self.scoring is None:
             return SelectorInputs()
         tokens = self.data.train.get(candidates)
         if validation is not None:
-            inputs = self.scoring.scores(ScoredBatch.of(tokens, self.data.selection.get(validation)))
+            inputs = self.scoring.scores(ScoredBatch.of(tokens, self.data.selection.get(validation)),
+                                         preconditioning)
         else:
             inputs = SelectorInputs(losses=self.scoring.losses(tokens))
         if self.reference is not None:
@@ -133,8 +140,8 @@ class SinglePassStep(TwoPassStep):
         self.executor.apply_gradients(self.scoring.recorder.weighted_gradients(weights))
         return data_parallel_mean(self.scored_losses[torch.as_tensor(choice.picked)].mean(), self.layout)
 
-    def score(self, candidates, validation) -> SelectorInputs:
-        inputs = super().score(candidates, validation)
+    def score(self, candidates, validation, preconditioning=None) -> SelectorInputs:
+        inputs = super().score(candidates, validation, preconditioning)
         self.scored_losses = inputs.losses
         return inputs
 

@@ -119,7 +119,7 @@ class Telemetry:
 
 class SelectionLog:
     """selection.jsonl (per step and replica: candidates, validation ids, selected ids in pick order, gains,
-    eta) and the TensorBoard selection/* scalars and histograms, gathered from every replica to the
+    eta, the preconditioner and the largest relative error of its rank-1 fits on the ghost path) and the TensorBoard selection/* scalars and histograms, gathered from every replica to the
     logging rank."""
 
     def __init__(self, telemetry: Telemetry, train_samples, layout):
@@ -134,7 +134,8 @@ class SelectionLog:
                 "gains": [float(g) for g in choice.gains], "picked": choice.picked.tolist(),
                 "scores": None if choice.scores is None else [float(x) for x in choice.scores],
                 "validation": None if choice.validation is None else choice.validation.tolist(),
-                "eta": choice.eta, "seconds": choice.seconds}
+                "eta": choice.eta, "preconditioner": choice.preconditioner,
+                "rank_one_error": choice.rank_one_error, "seconds": choice.seconds}
         records = [mine]
         if self.layout.data > 1:
             from megatron.core import parallel_state as ps
@@ -146,7 +147,7 @@ class SelectionLog:
             return
         self.telemetry.append_jsonl(self.telemetry.selection_path, [
             {**{k: r[k] for k in ("step", "replica", "candidates", "validation", "selected", "gains", "eta",
-                                  "seconds")},
+                                  "preconditioner", "rank_one_error", "seconds")},
              "selected_domains": [self.domain_names[d] for d in self.samples.domains(np.asarray(r["selected"]))]}
             for r in records])
         self._summaries(step, records)

@@ -12,7 +12,10 @@ SPEC_JSON:
           plain SGD step (no momentum, no weight decay) with clipping to `clip` (0: none);
   select: per-sample gradients of candidates (train split) and validation samples (the selection
           split: the selector's own, never val or test), one backward per sample, their Gram, and the
-          GREATS greedy in a plain loop.
+          GREATS greedy in a plain loop. With "adam": {"history": [{"weights", "ids"}, ...], "beta2",
+          "eps", "clip"} the candidates' gradients are first multiplied by Adam's D for the coming
+          step, rebuilt from scratch: v summed over the history's clipped mean gradients, then
+          v_t = beta2 v + (1 - beta2) gbar^2 with gbar the candidates' mean gradient, bias-corrected.
 Writes {"initial": state, "steps": [{"grad_norm", "weights"}], "select": [{"picked", "gains"}]} to OUT.
 """
 
@@ -70,15 +73,36 @@ def greedy(alignment, gram, k, eta):
     return picked, gains
 
 
-def select(model, data, candidates, validation, eta, k):
-    tokens = torch.cat([data.train.get(np.asarray(candidates)), data.selection.get(np.asarray(validation))])
+def flat_gradient(model, tokens, clip=0.0):
+    """The gradient of the mean per-sample loss over tokens, flat, in float64 (clipped to `clip`)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(tokens.shape[0]):
-        model.zero_grad(set_to_none=True)
-        per_sample_losses(model, tokens[i:i + 1]).sum().backward()
-        rows.append(torch.cat([p.grad.reshape(-1).double() for p in params]))
+    model.zero_grad(set_to_none=True)
+    per_sample_losses(model, tokens).mean().backward()
+    g = torch.cat([p.grad.reshape(-1).double() for p in params])
+    norm = float(g.norm())
+    return g * (clip / (norm + 1e-6) if clip > 0 and norm + 1e-6 > clip else 1.0)
+
+
+def adam_second_moment(model, data, initial, adam):
+    v = None
+    for past in adam["history"]:
+        load(model, initial, past["weights"])
+        g = flat_gradient(model, data.train.get(np.asarray(past["ids"])), adam["clip"])
+        v = (1 - adam["beta2"]) * g ** 2 if v is None else adam["beta2"] * v + (1 - adam["beta2"]) * g ** 2
+    return v
+
+
+def adam_diagonal(v, t, beta2, eps):
+    """D(gbar) for the coming step t: Adam's v_t = beta2 v + (1 - beta2) gbar^2, bias-corrected."""
+    return lambda gbar: 1.0 / (((beta2 * v + (1 - beta2) * gbar ** 2) / (1 - beta2 ** t)).sqrt() + eps)
+
+
+def select(model, data, candidates, validation, eta, k, diagonal=None):
+    tokens = torch.cat([data.train.get(np.asarray(candidates)), data.selection.get(np.asarray(validation))])
+    rows = [flat_gradient(model, tokens[i:i + 1]) for i in range(tokens.shape[0])]
     g = torch.stack(rows)
+    if diagonal is not None:
+        g[:len(candidates)] *= diagonal(g[:len(candidates)].mean(dim=0))
     gram = (g @ g.T).tolist()
     n = len(candidates)
     alignment = [sum(gram[i][n:]) / len(validation) for i in range(n)]
@@ -100,8 +124,12 @@ def main():
         result["steps"].append({"grad_norm": norm, "weights": {k: v.detach().clone() for k, v in
                                                                  model.state_dict().items() if torch.is_tensor(v)}})
     for s in spec.get("select", []):
+        diagonal, adam = None, s.get("adam")
+        if adam is not None:
+            diagonal = adam_diagonal(adam_second_moment(model, data, initial, adam), len(adam["history"]) + 1,
+                                     adam["beta2"], adam["eps"])
         load(model, initial, s["weights"])
-        picked, gains = select(model, data, s["candidates"], s["validation"], s["eta"], s["k"])
+        picked, gains = select(model, data, s["candidates"], s["validation"], s["eta"], s["k"], diagonal)
         result["select"].append({"picked": picked, "gains": gains})
     torch.save(result, out)
 
