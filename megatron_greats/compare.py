@@ -1,11 +1,19 @@
-"""Selection methods side by side: several seeds each, equal update steps and k, one output folder.
+"""Selection methods and variants side by side: several seeds each, equal update steps, k and LR
+schedule, one output folder.
 
     python -m megatron_greats.compare --out DIR [--quick] [--seeds S] [--methods m1,m2,...]
+                                      [--arm "NAME: key=value key=value" ...] [--init-checkpoint STEP_DIR]
                                       [--reference-checkpoint STEP_DIR] [-- key=value ...]
 
-Runs launch/pretrain.py once per (method, seed), one after the other (so wall times compare), into
-DIR/runs/<method>/seed<S>; a finished run is not run again. Then writes DIR/summary.md and
-DIR/summary.json, and PNG plots in DIR/plots. TensorBoard: tensorboard --logdir DIR/runs.
+An arm is a method (named by it) or a variant given with --arm, e.g.
+    --arm "greats-adam: selection.preconditioner=adam selection.eta=auto"
+Runs launch/pretrain.py once per (arm, seed), one after the other (so wall times compare), into
+DIR/runs/<arm>/seed<S>; a finished run is not run again. --init-checkpoint starts every run from the
+weights of a checkpoint (continued pretraining: fresh optimizer and schedule). Then writes
+DIR/summary.md and DIR/summary.json, and PNG plots in DIR/plots. The numbers that decide are on the
+test split: final test loss, wins against Regular seed by seed, and the steps and wall time to reach
+Regular's final test loss; the val split is beside them (choose variants on val, report on test).
+TensorBoard: tensorboard --logdir DIR/runs.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -24,11 +34,22 @@ from megatron_greats.report import read_jsonl, read_run
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_METHODS = ("regular", "greats", "first_order", "gradnorm", "maxloss")
 DEFAULT_CONFIG = "configs/tiny-cpu.yaml"
-# The default size fits the 45-minute budget on 2 CPU cores: 15 runs of 200 steps.
-DEFAULT_TRAIN = ["train.steps=200", "train.warmup_steps=20", "train.eval_interval=20", "train.save_interval=200"]
+# Long enough that Regular's test curve has flattened on the embedded default (600 steps).
+DEFAULT_TRAIN = ["train.steps=600", "train.warmup_steps=30", "train.eval_interval=50", "train.save_interval=600"]
 QUICK_TRAIN = ["train.steps=4", "train.warmup_steps=0", "train.eval_interval=2", "train.save_interval=4",
                "train.eval_batches=1"]
-PLOTS = ("val_loss_vs_step.png", "val_loss_vs_wall_time.png", "selected_target_share_vs_step.png")
+PLOTS = ("test_loss_vs_step.png", "test_loss_vs_wall_time.png", "val_loss_vs_step.png",
+         "selected_target_share_vs_step.png")
+ARM_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def parse_arm(text: str) -> tuple:
+    """'NAME: key=value key=value' -> (NAME, [key=value, ...])."""
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not ARM_NAME.match(name) or not rest.strip():
+        raise ValueError(f"--arm {text!r}; allowed: 'NAME: key=value ...' with NAME of letters, digits, _ . -")
+    return name, shlex.split(rest)
 
 
 # ---- running ------------------------------------------------------------------------------------------
@@ -40,8 +61,9 @@ def is_finished(run_dir: Path, steps: int) -> bool:
     return any(m.get("step") == steps and "val/loss" in m for m in read_jsonl(run_dir / "metrics.jsonl"))
 
 
-def train_all(out: Path, config: str, methods: list, seeds: list, overrides: list, steps: int) -> None:
-    jobs = [(m, s) for m in methods for s in seeds]
+def train_all(out: Path, config: str, arms: dict, seeds: list, overrides: list, steps: int) -> None:
+    """arms: name -> its own overrides (after the common ones)."""
+    jobs = [(a, s) for a in arms for s in seeds]
     started = time.time()
     for index, (method, seed) in enumerate(jobs, 1):
         run_dir = run_dir_of(out, method, seed)
@@ -50,9 +72,8 @@ def train_all(out: Path, config: str, methods: list, seeds: list, overrides: lis
             continue
         print(f"[compare] {index}/{len(jobs)} {method} seed {seed} -> {run_dir} "
               f"({time.time() - started:.0f} s so far)", flush=True)
-        cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", config, *overrides,
-               f"run_dir={run_dir}", f"seed={seed}", f"selection.method={method}", "train.resume=true",
-               "train.progress=false"]
+        cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", config, *overrides, *arms[method],
+               f"run_dir={run_dir}", f"seed={seed}", "train.resume=true", "train.progress=false"]
         proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             errors = [line for line in proc.stderr.splitlines() if line.startswith("megatron_greats: error:")]
@@ -78,18 +99,20 @@ def _nan_seeds(per_seed: dict, value) -> list:
 
 
 def summarize(out: Path, methods: list, seeds: list) -> tuple:
-    """(summary, per-method per-seed curves)"""
+    """(summary, per-arm per-seed curves); methods: the arm names."""
     runs = {m: {s: read_run(run_dir_of(out, m, s)) for s in seeds} for m in methods}
     baseline = "regular" if "regular" in runs else methods[0]
-    target_val, _ = _mean_std([r["val"][-1] for r in runs[baseline].values()])
+    target_test, _ = _mean_std([r["test"][-1] for r in runs[baseline].values()])
     summary = {"target_domain": next(iter(runs[baseline].values()))["target"], "seeds": seeds,
-               "baseline": baseline, "baseline_final_val": target_val, "methods": {}}
+               "baseline": baseline, "baseline_final_test": target_test, "methods": {}}
     for method, per_seed in runs.items():
         reach_steps, reach_seconds = [], []
         for r in per_seed.values():
-            hit = next((i for i, v in enumerate(r["val"]) if v <= target_val), None)
+            hit = next((i for i, v in enumerate(r["test"]) if v <= target_test), None)
             reach_steps.append(None if hit is None else r["eval_steps"][hit])
             reach_seconds.append(None if hit is None else r["eval_seconds"][hit])
+        # seed by seed against the baseline at the same step (same seed: same data stream and init)
+        gaps = [r["test"][-1] - runs[baseline][seed]["test"][-1] for seed, r in per_seed.items()]
         final_val, final_val_std = _mean_std([r["val"][-1] for r in per_seed.values()])
         final_test, final_test_std = _mean_std([r["test"][-1] for r in per_seed.values()])
         wall, wall_std = _mean_std([r["eval_seconds"][-1] for r in per_seed.values()])
@@ -97,13 +120,17 @@ def summarize(out: Path, methods: list, seeds: list) -> tuple:
         steps_mean, steps_std = _mean_std(reach_steps)
         seconds_mean, seconds_std = _mean_std(reach_seconds)
         summary["methods"][method] = {
+            "method": next(iter(per_seed.values()))["method"],
             "final_val": final_val, "final_val_std": final_val_std, "final_test": final_test,
             "final_test_std": final_test_std, "steps": next(iter(per_seed.values()))["eval_steps"][-1],
             "wall_s": wall, "wall_s_std": wall_std, "target_share": share, "target_share_std": share_std,
             "reached": sum(s is not None for s in reach_steps), "reach_steps": reach_steps,
             "reach_steps_mean": steps_mean, "reach_steps_std": steps_std,
             "reach_seconds_mean": seconds_mean, "reach_seconds_std": seconds_std,
+            "per_seed_final_test": [r["test"][-1] for r in per_seed.values()],
             "per_seed_final_val": [r["val"][-1] for r in per_seed.values()],
+            "test_gap_per_seed": gaps, "wins": sum(g < 0 for g in gaps),
+            "worst_gap": max(gaps) if gaps else None,
             "nan_seeds": {"final_val": _nan_seeds(per_seed, lambda r: r["val"][-1]),
                           "final_test": _nan_seeds(per_seed, lambda r: r["test"][-1]),
                           "wall_s": _nan_seeds(per_seed, lambda r: r["eval_seconds"][-1]),
@@ -126,27 +153,30 @@ def markdown(summary: dict, command: str) -> str:
 
     lines = [f"# Selection methods compared ({n} seeds: {', '.join(map(str, summary['seeds']))})", "",
              f"Command: `{command}`", "",
-             f"Target domain: `{target}`. Mean ± standard deviation over seeds. \"Reach\": the first evaluation "
-             f"at which a run's {target} val loss is at or below {base}'s final val loss "
-             f"({summary['baseline_final_val']:.4f}, mean over seeds); runs that never reach it are left out "
-             "of the mean and counted. A seed whose value is NaN (a diverged run) makes its cell nan, naming "
-             "the seed, instead of being left out of the mean.", "",
-             f"| method | final {target} val loss | final {target} test loss | steps | wall time (s) | "
-             f"steps to reach {base}'s final val | wall time to reach (s) | runs that reach | "
-             f"{target} share of trained samples |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"Target domain: `{target}`. Mean ± standard deviation over seeds; the test split decides, val is "
+             f"beside it. \"Wins\": seeds whose final test loss is below {base}'s with the same seed (same data "
+             f"stream and initial weights); \"worst\": the largest final test gap against {base}, seed by seed "
+             f"(positive: worse). \"Reach\": the first evaluation at which a run's test loss is at or below "
+             f"{base}'s final test loss ({summary['baseline_final_test']:.4f}, mean over seeds); runs that never "
+             "reach it are left out of the mean and counted. A seed whose value is NaN (a diverged run) makes its "
+             "cell nan, naming the seed, instead of being left out of the mean.", "",
+             f"| arm | final {target} test loss | final {target} val loss | wins vs {base} (test) | worst vs {base} | "
+             f"steps | steps to reach {base}'s final test | wall time to reach (s) | runs that reach | "
+             f"wall time (s) | {target} share of trained samples |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, m in summary["methods"].items():
         nan = m["nan_seeds"]
         if m["target_share"] is None or math.isnan(m["target_share"]):
             share = pm(m["target_share"], m["target_share_std"], ".1f", nan["target_share"])
         else:
             share = f"{100 * m['target_share']:.1f}% ± {100 * m['target_share_std']:.1f}%"
-        lines.append(f"| {method} | {pm(m['final_val'], m['final_val_std'], '.4f', nan['final_val'])} | "
-                     f"{pm(m['final_test'], m['final_test_std'], '.4f', nan['final_test'])} | {m['steps']} | "
-                     f"{pm(m['wall_s'], m['wall_s_std'], '.0f', nan['wall_s'])} | "
+        worst = "n/a" if m["worst_gap"] is None else f"{m['worst_gap']:+.4f}"
+        lines.append(f"| {method} | {pm(m['final_test'], m['final_test_std'], '.4f', nan['final_test'])} | "
+                     f"{pm(m['final_val'], m['final_val_std'], '.4f', nan['final_val'])} | "
+                     f"{m['wins']}/{n} | {worst} | {m['steps']} | "
                      f"{pm(m['reach_steps_mean'], m['reach_steps_std'], '.0f')} | "
                      f"{pm(m['reach_seconds_mean'], m['reach_seconds_std'], '.0f', nan['reach_seconds'])} | "
-                     f"{m['reached']}/{n} | {share} |")
+                     f"{m['reached']}/{n} | {pm(m['wall_s'], m['wall_s_std'], '.0f', nan['wall_s'])} | {share} |")
     lines += ["", "Plots: " + ", ".join(f"`plots/{p}`" for p in PLOTS), ""]
     return "\n".join(lines)
 
@@ -181,9 +211,10 @@ def plot(out: Path, runs: dict, summary: dict) -> list:
         ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2, color=line.get_color())
 
     figures = [
-        (PLOTS[0], "update step", f"{target} val loss", lambda r: (r["eval_steps"], r["val"])),
-        (PLOTS[1], "wall time (s)", f"{target} val loss", lambda r: (r["eval_seconds"], r["val"])),
-        (PLOTS[2], "update step", f"{target} share of trained samples\n(rolling mean over 10 steps)",
+        (PLOTS[0], "update step", f"{target} test loss", lambda r: (r["eval_steps"], r["test"])),
+        (PLOTS[1], "wall time (s)", f"{target} test loss", lambda r: (r["eval_seconds"], r["test"])),
+        (PLOTS[2], "update step", f"{target} val loss", lambda r: (r["eval_steps"], r["val"])),
+        (PLOTS[3], "update step", f"{target} share of trained samples\n(rolling mean over 10 steps)",
          lambda r: (r["share_steps"], _rolling(r["share"], 10))),
     ]
     for name, xlabel, ylabel, series in figures:
@@ -192,9 +223,9 @@ def plot(out: Path, runs: dict, summary: dict) -> list:
             pairs = [series(r) for r in per_seed.values()]
             if all(len(x) for x, _ in pairs):
                 band(ax, [x for x, _ in pairs], [y for _, y in pairs], method)
-        if name != PLOTS[2]:
-            ax.axhline(summary["baseline_final_val"], color="gray", linestyle=":", linewidth=1,
-                       label=f"{summary['baseline']} final")
+        if name in PLOTS[:2]:
+            ax.axhline(summary["baseline_final_test"], color="gray", linestyle=":", linewidth=1,
+                       label=f"{summary['baseline']} final test")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(f"mean over {len(summary['seeds'])} seeds (band: min-max)")
@@ -217,6 +248,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; --quick: 2)")
     parser.add_argument("--first-seed", type=int, default=1234)
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser.add_argument("--arm", action="append", default=[], metavar='"NAME: key=value ..."',
+                        help="a variant with its own overrides (repeatable), e.g. "
+                             "\"greats-adam: selection.preconditioner=adam selection.eta=auto\"")
+    parser.add_argument("--init-checkpoint", default=None,
+                        help="a step_N checkpoint folder: every run starts from its weights (continued pretraining)")
     parser.add_argument("--reference-checkpoint", default=None,
                         help="a step_N checkpoint folder of the same model: adds rholoss")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run (after --)")
@@ -227,7 +263,7 @@ def main(argv=None) -> int:
 
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in SELECTION_METHODS]
-    if bad or not methods:
+    if bad or not (methods or args.arm):
         print(f"megatron_greats: error: --methods {args.methods!r}: unknown {', '.join(bad) or '(none given)'}; "
               f"allowed: a comma-separated list of {', '.join(SELECTION_METHODS)}", file=sys.stderr)
         return 2
@@ -244,22 +280,37 @@ def main(argv=None) -> int:
         print("megatron_greats: error: --methods includes rholoss but no --reference-checkpoint is given; "
               "allowed: --reference-checkpoint STEP_DIR", file=sys.stderr)
         return 2
+    if args.init_checkpoint:
+        overrides.append(f"train.init_checkpoint={args.init_checkpoint}")
+    arms = {m: [f"selection.method={m}"] for m in methods}
+    for text in args.arm:
+        try:
+            name, extra = parse_arm(text)
+        except ValueError as e:
+            print(f"megatron_greats: error: {e}", file=sys.stderr)
+            return 2
+        if name in arms:
+            print(f"megatron_greats: error: --arm {name!r} is named twice; allowed: one name per arm", file=sys.stderr)
+            return 2
+        arms[name] = extra
     config = str(REPO / args.config)  # (an absolute args.config stays itself)
     try:  # every run's config is checked before the first one trains
-        cfgs = [load_config(config, [*overrides, f"selection.method={m}"]) for m in methods]
+        cfgs = [load_config(config, [*overrides, *extra]) for extra in arms.values()]
     except GreatsError as e:
         print(f"megatron_greats: error: {e}", file=sys.stderr)
         return e.exit_code
     steps = cfgs[0].train.steps
     out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     seeds = list(range(args.first_seed, args.first_seed + seeds_count))
-    print(f"[compare] {len(methods)} methods x {len(seeds)} seeds, {steps} steps each, into {out}", flush=True)
-    train_all(out, config, methods, seeds, overrides, steps)
-    summary, runs = summarize(out, methods, seeds)
+    print(f"[compare] {len(arms)} arms x {len(seeds)} seeds, {steps} steps each, into {out}", flush=True)
+    train_all(out, config, arms, seeds, overrides, steps)
+    summary, runs = summarize(out, list(arms), seeds)
     command = "bash launch/compare.sh " + " ".join(
         ([f"--out {args.out}"] if args.out else []) + (["--quick"] if args.quick else [])
         + ([f"--seeds {args.seeds}"] if args.seeds is not None else [])
         + ([f"--methods {args.methods}"] if args.methods != ",".join(DEFAULT_METHODS) else [])
+        + [f"--arm {shlex.quote(a)}" for a in args.arm]
+        + ([f"--init-checkpoint {args.init_checkpoint}"] if args.init_checkpoint else [])
         + ([f"--reference-checkpoint {args.reference_checkpoint}"] if args.reference_checkpoint else [])
         + (["--", *args.overrides] if args.overrides else []))
     text = markdown(summary, command.strip())

@@ -173,6 +173,10 @@ SCHEMA: dict = {
         "max_skipped_steps": Key(INT, 20, _at_least(1),
                                  help="stop (with a checkpoint) after this many non-finite steps in a row"),
         "resume": Key(BOOL, True, help="resume from run_dir/checkpoints when a checkpoint is there"),
+        "init_checkpoint": Key(OPT_STR, None,
+                               help="start from the weights of this step_N checkpoint folder (same model and "
+                                    "parallel.tensor, any pipeline size); fresh optimizer, schedule and data "
+                                    "stream: continued pretraining. A resumed run continues from its own checkpoint"),
         "progress": Key(BOOL, True, help="show a progress bar on rank 0"),
     },
 }

@@ -102,6 +102,8 @@ CASES = {
     "k not divisible into micro-batches": (["train.micro_batch=3"], ["train.global_batch=8 is not divisible"], 1),
     "scoring micro-batch not dividing N + m": ([*GREATS, "selection.score_micro_batch=4"],
                                                ["selection.score_micro_batch=4", "allowed: a divisor of 19"], 1),
+    "init checkpoint missing": (lambda d, t: [f"train.init_checkpoint={t / 'no_step'}"],
+                                ["train.init_checkpoint", "no_step", "is not a folder"], 1),
     "rholoss without a reference": (["selection.method=rholoss", "selection.candidates=16"],
                                     ["selection.reference_checkpoint"], 1),
     "pipeline with ZeRO-2": (["parallel.pipeline=2", "zero.stage=2"], ["allowed with pipeline parallelism: 0 or 1"], 1),

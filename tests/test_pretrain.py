@@ -187,3 +187,27 @@ def test_evaluate_restores_the_training_mode_when_the_forward_fails():
     with pytest.raises(RuntimeError, match="forward failed"):
         executor.evaluate([batch])
     assert module.training
+
+
+def test_init_checkpoint_starts_from_its_weights_with_a_fresh_optimizer(data_cache, tmp_path):
+    """Continued pretraining: a Regular base run, then a GREATS run (Adam preconditioner) that starts from
+    the base's weights. At a learning rate of 1e-9 its first step leaves them in place, while its own
+    initialisation is far from them; the optimizer is new: the selector reports no second moment at its
+    step 1."""
+    base = tmp_path / "base"
+    proc = run_pretrain(tiny_overrides(data_cache, base, "train.steps=2", "train.save_interval=2",
+                                       "selection.method=regular"), launcher="python")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start = base / "checkpoints" / "step_2"
+    tiny_lr = ["train.steps=1", "train.save_interval=1", "train.lr=1e-9", "train.min_lr=1e-10",
+               "train.warmup_steps=0", "selection.method=greats", "selection.candidates=16",
+               "selection.preconditioner=adam", "selection.eta=auto"]
+    runs = {}
+    for name, extra in (("continued", [f"train.init_checkpoint={start}"]), ("fresh", [])):
+        proc = run_pretrain(tiny_overrides(data_cache, tmp_path / name, *tiny_lr, *extra), launcher="python")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = full_weights(tmp_path / name / "checkpoints" / "step_1")
+    base_weights = full_weights(start)
+    assert relative_gap(runs["continued"], base_weights, base_weights) < 1e-6
+    assert relative_gap(runs["fresh"], base_weights, base_weights) > 1e-3
+    assert read_selections(tmp_path / "continued")[0]["preconditioner"].startswith("none (step 0")

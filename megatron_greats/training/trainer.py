@@ -63,7 +63,10 @@ def load_data(cfg, show_progress: bool):
 def build_engine(cfg, vocab_size: int, layout: Layout):
     import deepspeed
 
-    model = build_model(cfg, vocab_size, layout)
+    if cfg.train.init_checkpoint is None:
+        model = build_model(cfg, vocab_size, layout)
+    else:  # weights only, before DeepSpeed copies them into its optimizer partitions
+        model = model_from_checkpoint(cfg, vocab_size, layout, Path(cfg.train.init_checkpoint), "train.init_checkpoint")
     torch.manual_seed(cfg.seed)  # dropout stream, after the per-layer initialisation seeds
     t = cfg.train
     factor = ScheduleFactor(t.lr, t.min_lr, t.warmup_steps, t.steps)
@@ -80,8 +83,17 @@ def build_engine(cfg, vocab_size: int, layout: Layout):
 
 def load_reference_model(cfg, vocab_size: int, layout: Layout) -> torch.nn.Module:
     """RHO-Loss' reference model, built for this run's layout (with a pipeline: this stage's
-    PipelineModule, which the scoring schedule runs), weights from a step_N checkpoint folder of a run
-    of the same model and tensor-parallel size, at any pipeline size.
+    PipelineModule, which the scoring schedule runs), weights from selection.reference_checkpoint."""
+    model = model_from_checkpoint(cfg, vocab_size, layout, Path(cfg.selection.reference_checkpoint),
+                                  "selection.reference_checkpoint")
+    if layout.pipeline > 1:
+        model.seed_layers = False  # eval only: its forward must not reseed the training's random streams
+    return model.eval()
+
+
+def model_from_checkpoint(cfg, vocab_size: int, layout: Layout, folder: Path, key: str) -> torch.nn.Module:
+    """The model built for this run's layout, weights from a step_N checkpoint folder of a run of the
+    same model and tensor-parallel size, at any pipeline size (`key` names the setting in errors).
 
     DeepSpeed writes a model without a pipeline whole, as mp_rank_<tp>_model_states.pt (keys
     `layers.<i>.<name>`), and a pipeline one per layer, as layer_<i>-model_<tp>-model_states.pt (keys
@@ -92,12 +104,11 @@ def load_reference_model(cfg, vocab_size: int, layout: Layout) -> torch.nn.Modul
 
     from megatron_greats.model import ModelSpec, layer_specs
 
-    folder = Path(cfg.selection.reference_checkpoint)
-    what = f"selection.reference_checkpoint '{folder}'"
+    what = f"{key} '{folder}'"
     allowed = "a step_N checkpoint folder of a run of the same model and parallel.tensor (any parallel.pipeline)"
     if not folder.is_dir():
         raise ConfigError(f"{what} is not a folder; allowed: {allowed}")
-    saved = checkpoint.read_shape(folder, allowed, what="selection.reference_checkpoint")
+    saved = checkpoint.read_shape(folder, allowed, what=key)
     shape = checkpoint.shape_of(cfg)
     key = checkpoint.shape_difference(saved, shape, ignore=("parallel.pipeline",))
     if key is not None:
@@ -119,7 +130,6 @@ def load_reference_model(cfg, vocab_size: int, layout: Layout) -> torch.nn.Modul
     mine = files(layout.tensor_rank)
     model = build_model(cfg, vocab_size, layout)
     if layout.pipeline > 1:  # this stage's layers; a tied layer's module also where only its forward_fn is used
-        model.seed_layers = False  # eval only: its forward must not reseed the training's random streams
         local = {i: model.tied_modules[specs[i].key] if isinstance(specs[i], TiedLayerSpec) else
                  model.forward_funcs[i - model._local_start] for i in range(model._local_start, model._local_stop)}
     else:  # SequentialGPT holds each module once, in the order of first use
@@ -138,7 +148,7 @@ def load_reference_model(cfg, vocab_size: int, layout: Layout) -> torch.nn.Modul
         except RuntimeError as e:
             raise ConfigError(f"{what} holds another model shape in {path.name} ({str(e).splitlines()[0][:200]}); "
                               f"allowed: {allowed}") from None
-    return model.to(device()).eval()
+    return model.to(device())
 
 
 def _layer_owners(specs: list) -> list:
