@@ -399,6 +399,12 @@ class Config:
         if sel.preconditioner == "adam" and t.optimizer != "adamw":
             raise ConfigError(f"selection.preconditioner=adam with train.optimizer={t.optimizer}: it reads AdamW's "
                               "second moment; allowed: train.optimizer=adamw, or selection.preconditioner=none")
+        if sel.preconditioner == "adam" and sel.method not in GRAM_METHODS:
+            raise ConfigError(f"selection.preconditioner=adam with selection.method={sel.method}: it scales the "
+                              f"Gram; allowed: {', '.join(GRAM_METHODS)}")
+        if sel.temperature > 0 and sel.method != "greats":
+            raise ConfigError(f"selection.temperature={sel.temperature} with selection.method={sel.method}: it "
+                              "draws the GREATS greedy's picks; allowed: selection.method=greats, or temperature 0")
         if sel.alignment == "cosine" and sel.method not in ("greats", "first_order"):
             raise ConfigError(f"selection.alignment=cosine with selection.method={sel.method}; allowed: "
                               "greats or first_order")

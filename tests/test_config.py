@@ -64,6 +64,8 @@ MEGATRON = ["data.source=megatron", "tokenizer.model=t.model"]
     (["selection.eta=auto", "selection.batch_mean=true"], "auto already divides by k"),
     (["selection.preconditioner=adam", "train.optimizer=sgd"], "it reads AdamW's second moment"),
     (["selection.temperature=-0.5"], "allowed: >= 0"),
+    (["selection.temperature=0.5", "selection.method=first_order"], "draws the GREATS greedy's picks"),
+    (["selection.preconditioner=adam", "selection.method=maxloss"], "it scales the Gram; allowed: greats"),
     (["selection.update=single_pass", "model.dropout=0.1"],
      "selection.update=single_pass with model.dropout=0.1: the update reuses the scoring pass"),
 ])

@@ -326,3 +326,25 @@ def test_norm_kind_comes_from_the_type(norm):
     gram, params = recorded_gram(model, token_losses, x, y, batch_dim=1)
     assert {id(p) for p in params} == {id(p) for p in model.parameters()}
     assert relative_error(gram, reference_gram(model, token_losses, x, y, params)) < 1e-9
+
+
+def test_materialised_blocks_sum_uses_whatever_samples_they_share():
+    """Uses covering overlapping, disjoint and missing sample ranges: each row is the sum of the uses that
+    cover it, 0 where none does (the reused block buffer must never leak an earlier block)."""
+    from megatron_greats.ghost.products import Kind, Use, materialised_blocks
+
+    gen = torch.Generator().manual_seed(0)
+
+    def dense(samples):
+        n = samples.stop - samples.start
+        return Use(Kind.DENSE, 5, 3, samples, torch.randn(n, 4, 3, generator=gen, dtype=torch.float64),
+                   torch.randn(n, 4, 5, generator=gen, dtype=torch.float64))
+
+    uses = [dense(slice(0, 3)), dense(slice(1, 5)), dense(slice(5, 6))]
+    total = 8  # samples 6 and 7: no use
+    expected = torch.zeros(total, 5, 3, dtype=torch.float64)
+    for u in uses:
+        expected[u.samples] += torch.einsum("ntr,ntc->nrc", u.grads, u.inputs)
+    got = torch.cat([block.clone() for _, _, block in materialised_blocks(uses, total, torch.float64,
+                                                                          chunk_elements=2 * total * 3)], dim=1)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)

@@ -6,9 +6,8 @@ gradient is determined by two operands with a token dim T:
   bias   (y = x + b):      G_i = sum_t B_it                     B [n, T, d_out] (A: ones, never read)
   sparse (embedding rows): G_i[r] = sum_{t: id_it = r} B_it     ids [n, T] (-1: row not on this rank)
   diag   (norm weights):   G_i = sum_t B_it * A_it               A, B [n, T, d]
-A parameter used several times (tied embeddings, micro-batches)
-has per-sample gradient = the sum over its uses, so its Gram is the sum of cross products over all
-pairs of uses.
+A parameter used several times (tied embeddings, micro-batches) has per-sample gradient = the sum
+over its uses, so its Gram is the sum of cross products over all pairs of uses.
 
 Two exact paths per parameter:
   ghost:        token-pair products, cost ~ n^2 T^2 (d_in + d_out), memory bounded by row chunks;
@@ -204,7 +203,10 @@ def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEF
         block = buffer[:total * (r1 - r0) * cols].view(total, r1 - r0, cols)
         written = torch.zeros(total, dtype=torch.bool)
         for u in others:
-            out, fresh = block[u.samples], not bool(written[u.samples].any())
+            out, seen = block[u.samples], written[u.samples]
+            fresh = not bool(seen.any())
+            if not fresh and not bool(seen.all()):  # partly written: the rest starts from zero
+                out[~seen.to(device)] = 0
             if u.kind == Kind.DENSE:
                 grads_t = u.grads[:, :, r0:r1].to(dtype).transpose(1, 2)        # [n, r, T]
                 if fresh:

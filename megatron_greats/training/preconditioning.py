@@ -10,8 +10,10 @@ and `selection.eta: auto` is the real per-sample step scale, lr_t (1 - beta1) / 
 D is that of the coming step: v_t = beta2 v + (1 - beta2) g^2 with v the optimizer's state and g the
 candidates' mean gradient (formed per block of the per-sample gradients, ghost/preconditioning.py), so
 a coordinate Adam has not seen yet gets 1 / |g| as Adam's own step will, not 1 / eps. Before the first
-step there is no state: no preconditioner (the telemetry says so). Reading v: ZeRO-0 keeps torch's AdamW state per parameter; ZeRO-1/2 and the bf16 optimizer
-keep flat fp32 partitions over the data-parallel ranks, which DeepSpeed maps back to each parameter
+step there is no state: no preconditioner (the telemetry says so).
+
+Reading v: ZeRO-0 keeps torch's AdamW state per parameter; ZeRO-1/2 and the bf16 optimizer keep flat
+fp32 partitions over the data-parallel ranks, which DeepSpeed maps back to each parameter
 (`_hp_mapping`): each rank fills its fragments into one buffer and a single all-reduce over the
 data-parallel group assembles every parameter (this rank's tensor/pipeline shard of it).
 """

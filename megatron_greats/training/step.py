@@ -92,8 +92,9 @@ class TwoPassStep:
                               picked=np.arange(len(candidates)))
         validation = self.stream.validation(step) if selector.needs_gram else None
         self.clock.take()
-        scale = self.scaler.for_step(lr, self.scoring.recorder.parameters() if selector.needs_gram else [],
-                                     slice(0, len(candidates)))
+        with self.clock.phase("allreduce"):  # Adam's state, gathered over data-parallel ranks under ZeRO
+            scale = self.scaler.for_step(lr, self.scoring.recorder.parameters() if selector.needs_gram else [],
+                                         slice(0, len(candidates)))
         inputs = self.score(candidates, validation, scale.preconditioning)
         scoring = self.clock.take()
         eta = scale.eta
