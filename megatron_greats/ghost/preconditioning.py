@@ -55,16 +55,19 @@ class Preconditioning:
         if param in self.diagonal:
             return self.diagonal[param].reshape(-1, cols)[r0:r1]
         v = self.second_moment[param].reshape(-1, cols)[r0:r1].to(candidate_mean.dtype)
-        predicted = self.beta2 * v + (1.0 - self.beta2) * candidate_mean.square()
-        return 1.0 / ((predicted / (1.0 - self.beta2 ** self.step)).sqrt() + self.eps)
+        return self._adam(v, candidate_mean.square())
 
     def matrix(self, param, rows: int, cols: int) -> torch.Tensor:
         """D as [rows, cols] without the coming step's gradient (the ghost path never forms it):
         the given D, or Adam's from beta2 v alone."""
         if param in self.diagonal:
             return self.diagonal[param].reshape(rows, cols)
-        v = self.second_moment[param].reshape(rows, cols).to(torch.float64)
-        return 1.0 / ((self.beta2 * v / (1.0 - self.beta2 ** self.step)).sqrt() + self.eps)
+        return self._adam(self.second_moment[param].reshape(rows, cols).to(torch.float64), 0.0)
+
+    def _adam(self, v: torch.Tensor, gradient_square) -> torch.Tensor:
+        """1 / (sqrt(v_t / (1 - beta2^t)) + eps) with v_t = beta2 v + (1 - beta2) g^2."""
+        predicted = self.beta2 * v + (1.0 - self.beta2) * gradient_square
+        return 1.0 / ((predicted / (1.0 - self.beta2 ** self.step)).sqrt() + self.eps)
 
     def factor(self, param, rows: int, cols: int) -> tuple:
         if param not in self.factors:

@@ -52,10 +52,9 @@ class PlainExecutor:
 
     def apply_gradients(self, grads: dict) -> None:
         engine = self.engine
-        # A backward of sum_p <p, g_p> has gradient g_p: ZeRO's gradient hooks see it as any other.
-        surrogate = sum((p * g.to(p.dtype)).sum() for p, g in grads.items())
         engine.set_gradient_accumulation_boundary(True)  # one backward carries the whole step
-        engine.backward(surrogate, scale_wrt_gas=False)  # already the mean: no 1/gradient-accumulation
+        # already the mean: no 1/gradient-accumulation
+        engine.backward(pipeline_schedules.surrogate_loss(grads), scale_wrt_gas=False)
         engine.step()
 
     @torch.no_grad()

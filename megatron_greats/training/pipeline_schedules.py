@@ -192,6 +192,12 @@ def score(engine, run: ScoringRun) -> Optional[torch.Tensor]:
 
 
 # ---- the single-pass update: gradients formed elsewhere, then DeepSpeed's reduction and step --------
+def surrogate_loss(grads: dict) -> torch.Tensor:
+    """sum_p <p, g_p>: its backward gives each parameter the gradient g_p, so DeepSpeed's gradient hooks
+    (ZeRO, bf16 master gradients) see the given gradients as they see any other."""
+    return sum((p * g.to(p.dtype)).sum() for p, g in grads.items())
+
+
 class ApplyGradients(ds_schedule.PipeInstruction):
     """Put the run's gradients into this stage's parameters."""
 
@@ -216,13 +222,12 @@ class ApplyRun:
 
 
 def _exec_apply_gradients(engine):
-    # A backward of sum_p <p, g_p> (gradient g_p), as DeepSpeed's BackwardPass runs a stage's backward:
-    # the optimizer's hooks and bf16 master gradients see the gradients as they see any other.
+    # the surrogate's backward, as DeepSpeed's BackwardPass runs a stage's backward
     grads = engine.greats_run.grads
     if engine.using_bf16_optimizer:
         engine.optimizer.clear_lp_grads()
     if grads:
-        torch.autograd.backward(sum((p * g.to(p.dtype)).sum() for p, g in grads.items()))
+        torch.autograd.backward(surrogate_loss(grads))
     if engine.using_bf16_optimizer:
         engine.optimizer.update_hp_grads(clear_lp_grads=False)
 

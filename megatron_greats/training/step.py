@@ -54,6 +54,8 @@ class TwoPassStep:
                                        keep_operands=self.keep_operands)
         if reference_module is not None:
             self.reference = ScoringPass(reference_module, layout, executor, gram=False)
+        # what the Gram covers (fixed for the run): where a preconditioner is read
+        self.gram_params = self.scoring.recorder.parameters() if self.selector.needs_gram else []
         self.use_clock(PhaseClock())
 
     def use_clock(self, clock: PhaseClock) -> None:
@@ -93,8 +95,7 @@ class TwoPassStep:
         validation = self.stream.validation(step) if selector.needs_gram else None
         self.clock.take()
         with self.clock.phase("allreduce"):  # Adam's state, gathered over data-parallel ranks under ZeRO
-            scale = self.scaler.for_step(lr, self.scoring.recorder.parameters() if selector.needs_gram else [],
-                                         slice(0, len(candidates)))
+            scale = self.scaler.for_step(lr, self.gram_params, slice(0, len(candidates)))
         inputs = self.score(candidates, validation, scale.preconditioning)
         scoring = self.clock.take()
         eta = scale.eta
