@@ -58,6 +58,9 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides, world_size=launcher_world_size())
+        if os.environ.get("RANK", "0") == "0":
+            for note in cfg.unread_selection_keys():
+                print(f"megatron_greats: note: {note}", file=sys.stderr, flush=True)
         from megatron_greats.training.trainer import pretrain
 
         summary = pretrain(cfg)

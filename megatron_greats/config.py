@@ -59,6 +59,17 @@ ALIGNMENTS = ("dot", "cosine")
 # Those whose scores need the Gram (a backward over the candidates): the ones selection.update applies to.
 GRAM_METHODS = ("greats", "first_order", "gradnorm")
 UPDATE_MODES = ("two_pass", "single_pass")
+# The selection keys only some methods read. A config may set them for greats and still be run with
+# selection.method=regular (quickstart, compare): such a run notes the unread keys instead of refusing.
+METHODS_READING = {
+    "eta": ("greats",),
+    "preconditioner": GRAM_METHODS,
+    "alignment": ("greats", "first_order"),
+    "temperature": ("greats",),
+    "self_term": ("greats",),
+    "batch_mean": ("greats",),
+    "score_exclude": GRAM_METHODS,
+}
 OPT_INT, OPT_FLOAT, OPT_STR = (int, type(None)), (float, int, type(None)), (str, type(None))
 
 SCHEMA: dict = {
@@ -339,6 +350,14 @@ class Config:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tensor * self.parallel.pipeline)
 
+    def unread_selection_keys(self) -> list[str]:
+        """One line per selection key set away from its default that selection.method does not read."""
+        sel, schema = self.selection, SCHEMA["selection"]
+        return [f"selection.{key}={getattr(sel, key)!r} is not read by selection.method={sel.method} (it applies to "
+                f"{', '.join(methods)}); this run does not use it"
+                for key, methods in METHODS_READING.items()
+                if sel.method not in methods and getattr(sel, key) != schema[key].default]
+
     def check_combinations(self, world_size: Optional[int]) -> None:
         m, p, t = self.model, self.parallel, self.train
         if m.hidden_size % m.num_heads:
@@ -396,18 +415,9 @@ class Config:
         if sel.eta == "auto" and sel.batch_mean:
             raise ConfigError("selection.batch_mean=true with selection.eta=auto: auto already divides by k; "
                               "allowed: one of them")
-        if sel.preconditioner == "adam" and t.optimizer != "adamw":
+        if sel.preconditioner == "adam" and t.optimizer != "adamw" and sel.method in GRAM_METHODS:
             raise ConfigError(f"selection.preconditioner=adam with train.optimizer={t.optimizer}: it reads AdamW's "
                               "second moment; allowed: train.optimizer=adamw, or selection.preconditioner=none")
-        if sel.preconditioner == "adam" and sel.method not in GRAM_METHODS:
-            raise ConfigError(f"selection.preconditioner=adam with selection.method={sel.method}: it scales the "
-                              f"Gram; allowed: {', '.join(GRAM_METHODS)}")
-        if sel.temperature > 0 and sel.method != "greats":
-            raise ConfigError(f"selection.temperature={sel.temperature} with selection.method={sel.method}: it "
-                              "draws the GREATS greedy's picks; allowed: selection.method=greats, or temperature 0")
-        if sel.alignment == "cosine" and sel.method not in ("greats", "first_order"):
-            raise ConfigError(f"selection.alignment=cosine with selection.method={sel.method}; allowed: "
-                              "greats or first_order")
         if not all(isinstance(x, str) for x in sel.score_exclude):
             raise ConfigError(f"selection.score_exclude={sel.score_exclude!r}; allowed: a list of name patterns")
         if world_size is None:

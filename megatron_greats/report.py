@@ -65,12 +65,13 @@ def side_by_side(run_dirs) -> str:
     def fmt(x, spec):
         return "n/a" if x is None else format(x, spec)
 
+    # Test first: the selector never sees it. Val (chosen settings are judged on it) comes after.
     lines = [row("", names)]
     steps = sorted(set.intersection(*(set(r["evals"]) for r in runs)))
     for step in steps:
-        lines.append(row(f"{target} val loss at step {step}", [fmt(r["evals"][step][0], ".4f") for r in runs]))
-    lines.append(row(f"{target} test loss at step {steps[-1] if steps else '-'}",
-                     [fmt(r["evals"][steps[-1]][1] if steps else None, ".4f") for r in runs]))
+        lines.append(row(f"{target} test loss at step {step}", [fmt(r["evals"][step][1], ".4f") for r in runs]))
+    lines.append(row(f"{target} val loss at step {steps[-1] if steps else '-'}",
+                     [fmt(r["evals"][steps[-1]][0] if steps else None, ".4f") for r in runs]))
     lines.append(row("wall time of training (s)", [fmt(r["seconds"], ".1f") for r in runs]))
     lines.append(row(f"{target} share of trained samples", [fmt(r["target_share"], ".1%") for r in runs]))
     return "\n".join(lines)

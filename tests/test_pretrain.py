@@ -33,6 +33,11 @@ LAYOUTS = {
 }
 
 
+def run_dir_target(run_dir: Path) -> str:
+    import yaml
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["target_domain"]
+
+
 def step_weights(run_dir: Path, steps: int) -> list:
     return [full_weights(run_dir / "checkpoints" / f"step_{s}") for s in range(1, steps + 1)]
 
@@ -133,6 +138,15 @@ def test_outputs_tensorboard_and_resume(data_cache, tmp_path):
     assert all(np.isfinite(m["train/loss"]) for m in metrics)
     assert (run_dir / "config.yaml").exists()
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"step_2", "step_4", "step_6", "latest"}
+
+    # The quickstart's side-by-side table: test loss first, at every evaluation, as metrics.jsonl has it.
+    from megatron_greats.report import side_by_side
+    rows = side_by_side([run_dir, run_dir]).splitlines()
+    evals = [m for m in metrics if "test/loss" in m]
+    assert [r.split()[:5] for r in rows[1:4]] == [[run_dir_target(run_dir), "test", "loss", "at", "step"]] * 3
+    assert [float(r.split()[-1]) for r in rows[1:4]] == pytest.approx([m["test/loss"] for m in evals], abs=1e-4)
+    assert rows[4].split()[1:3] == ["val", "loss"]
+    assert float(rows[4].split()[-1]) == pytest.approx(evals[-1]["val/loss"], abs=1e-4)
 
     # Resume: roll the run back to its step-4 checkpoint, rerun the same command, get the same steps 5, 6.
     resumed = tmp_path / "resumed"
