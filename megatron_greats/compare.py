@@ -98,6 +98,12 @@ def _nan_seeds(per_seed: dict, value) -> list:
     return [seed for seed, r in per_seed.items() if value(r) is not None and math.isnan(value(r))]
 
 
+def _test_within(run: dict, seconds: float):
+    """Test loss at the last evaluation done within `seconds` of training wall time (None: none was)."""
+    done = [t for t, at in zip(run["test"], run["eval_seconds"]) if at <= seconds]
+    return done[-1] if done else None
+
+
 def summarize(out: Path, methods: list, seeds: list) -> tuple:
     """(summary, per-arm per-seed curves); methods: the arm names."""
     runs = {m: {s: read_run(run_dir_of(out, m, s)) for s in seeds} for m in methods}
@@ -113,6 +119,11 @@ def summarize(out: Path, methods: list, seeds: list) -> tuple:
             reach_seconds.append(None if hit is None else r["eval_seconds"][hit])
         # seed by seed against the baseline at the same step (same seed: same data stream and init)
         gaps = [r["test"][-1] - runs[baseline][seed]["test"][-1] for seed, r in per_seed.items()]
+        # and at equal wall time: the last evaluation within the baseline's whole run, same seed
+        at_wall = [_test_within(r, runs[baseline][seed]["eval_seconds"][-1]) for seed, r in per_seed.items()]
+        wall_gaps = [None if v is None else v - runs[baseline][seed]["test"][-1]
+                     for v, seed in zip(at_wall, per_seed)]
+        at_wall_mean, at_wall_std = _mean_std(at_wall)
         final_val, final_val_std = _mean_std([r["val"][-1] for r in per_seed.values()])
         final_test, final_test_std = _mean_std([r["test"][-1] for r in per_seed.values()])
         wall, wall_std = _mean_std([r["eval_seconds"][-1] for r in per_seed.values()])
@@ -130,6 +141,9 @@ def summarize(out: Path, methods: list, seeds: list) -> tuple:
             "per_seed_final_test": [r["test"][-1] for r in per_seed.values()],
             "per_seed_final_val": [r["val"][-1] for r in per_seed.values()],
             "test_gap_per_seed": gaps, "wins": sum(g < 0 for g in gaps),
+            "test_at_baseline_wall_per_seed": at_wall, "test_at_baseline_wall": at_wall_mean,
+            "test_at_baseline_wall_std": at_wall_std,
+            "wins_at_baseline_wall": sum(g is not None and g < 0 for g in wall_gaps),
             "worst_gap": max(gaps) if gaps else None,
             "nan_seeds": {"final_val": _nan_seeds(per_seed, lambda r: r["val"][-1]),
                           "final_test": _nan_seeds(per_seed, lambda r: r["test"][-1]),
@@ -158,12 +172,15 @@ def markdown(summary: dict, command: str) -> str:
              f"stream and initial weights); \"worst\": the largest final test gap against {base}, seed by seed "
              f"(positive: worse). \"Reach\": the first evaluation at which a run's test loss is at or below "
              f"{base}'s final test loss ({summary['baseline_final_test']:.4f}, mean over seeds); runs that never "
-             "reach it are left out of the mean and counted. A seed whose value is NaN (a diverged run) makes its "
+             "reach it are left out of the mean and counted. \"At equal wall time\": the test loss of each run's "
+             f"last evaluation within {base}'s whole run time with the same seed, and the seeds on which it is "
+             f"below {base}'s final test loss. A seed whose value is NaN (a diverged run) makes its "
              "cell nan, naming the seed, instead of being left out of the mean.", "",
              f"| arm | final {target} test loss | final {target} val loss | wins vs {base} (test) | worst vs {base} | "
              f"steps | steps to reach {base}'s final test | wall time to reach (s) | runs that reach | "
-             f"wall time (s) | {target} share of trained samples |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"wall time (s) | test loss at equal wall time | wins at equal wall time | "
+             f"{target} share of trained samples |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, m in summary["methods"].items():
         nan = m["nan_seeds"]
         if m["target_share"] is None or math.isnan(m["target_share"]):
@@ -176,7 +193,9 @@ def markdown(summary: dict, command: str) -> str:
                      f"{m['wins']}/{n} | {worst} | {m['steps']} | "
                      f"{pm(m['reach_steps_mean'], m['reach_steps_std'], '.0f')} | "
                      f"{pm(m['reach_seconds_mean'], m['reach_seconds_std'], '.0f', nan['reach_seconds'])} | "
-                     f"{m['reached']}/{n} | {pm(m['wall_s'], m['wall_s_std'], '.0f', nan['wall_s'])} | {share} |")
+                     f"{m['reached']}/{n} | {pm(m['wall_s'], m['wall_s_std'], '.0f', nan['wall_s'])} | "
+                     f"{pm(m['test_at_baseline_wall'], m['test_at_baseline_wall_std'], '.4f')} | "
+                     f"{m['wins_at_baseline_wall']}/{n} | {share} |")
     lines += ["", "Plots: " + ", ".join(f"`plots/{p}`" for p in PLOTS), ""]
     return "\n".join(lines)
 
@@ -308,6 +327,7 @@ def main(argv=None) -> int:
     command = "bash launch/compare.sh " + " ".join(
         ([f"--out {args.out}"] if args.out else []) + (["--quick"] if args.quick else [])
         + ([f"--seeds {args.seeds}"] if args.seeds is not None else [])
+        + ([f"--first-seed {args.first_seed}"] if args.first_seed != parser.get_default("first_seed") else [])
         + ([f"--methods {args.methods}"] if args.methods != ",".join(DEFAULT_METHODS) else [])
         + [f"--arm {shlex.quote(a)}" for a in args.arm]
         + ([f"--init-checkpoint {args.init_checkpoint}"] if args.init_checkpoint else [])
