@@ -22,7 +22,9 @@ TINY_DATA = ["data.max_docs_per_domain=30", "tokenizer.vocab_size=512"]
 TINY_MODEL = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.seq_len=32"]
 TINY_TRAIN = ["train.global_batch=8", "train.micro_batch=2", "train.steps=5", "train.eval_interval=0",
               "train.eval_batches=1", "train.save_interval=0", "train.progress=false", "train.warmup_steps=1",
-              "selection.method=regular", "selection.candidates=null"]
+              "selection.method=regular", "selection.candidates=null",
+              # plain GREATS unless a test asks for a variant (the config's default is a tuned one)
+              "selection.preconditioner=none", "selection.eta=null", "selection.score_exclude=[]"]
 
 
 def free_port() -> int:
