@@ -225,3 +225,13 @@ def test_init_checkpoint_starts_from_its_weights_with_a_fresh_optimizer(data_cac
     assert relative_gap(runs["continued"], base_weights, base_weights) < 1e-6
     assert relative_gap(runs["fresh"], base_weights, base_weights) > 1e-3
     assert read_selections(tmp_path / "continued")[0]["preconditioner"].startswith("none (step 0")
+
+
+def test_a_key_the_method_does_not_read_is_noted_at_start(data_cache, tmp_path):
+    """The quickstart's Regular run on a config tuned for GREATS: it runs, and says which keys it does not use."""
+    proc = run_pretrain(tiny_overrides(data_cache, tmp_path, "train.steps=1", "selection.preconditioner=adam"),
+                        launcher="python")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("megatron_greats: note:")]
+    assert notes == ["megatron_greats: note: selection.preconditioner='adam' is not read by selection.method=regular "
+                     "(it applies to greats, first_order, gradnorm); this run does not use it"]
