@@ -54,11 +54,11 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", module="megatron")  # optional-dependency notices (apex, TE, ...)
 
     from megatron_greats.config import load_config
-    from megatron_greats.parallel.state import launcher_world_size
+    from megatron_greats.parallel.state import launcher_rank, launcher_world_size
 
     try:
         cfg = load_config(args.config, args.overrides, world_size=launcher_world_size())
-        if os.environ.get("RANK", "0") == "0":
+        if launcher_rank() == 0:  # once per job, not once per rank
             for note in cfg.unread_selection_keys():
                 print(f"megatron_greats: note: {note}", file=sys.stderr, flush=True)
         from megatron_greats.training.trainer import pretrain

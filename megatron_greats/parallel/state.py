@@ -68,6 +68,14 @@ def launcher_world_size() -> int:
     return 1
 
 
+def launcher_rank() -> int:
+    """Global rank as the launcher announced it (torchrun/deepspeed or MPI), before any process group exists."""
+    for var in _LAUNCHER_RANK_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """torch.distributed through DeepSpeed (env://, or MPI discovery through mpi4py under mpirun)."""
     import deepspeed
