@@ -35,6 +35,19 @@ def test_compare_quick_writes_summary_plots_and_tensorboard(data_cache, tmp_path
         assert len(m["per_seed_final_val"]) == 2 and len(m["test_gap_per_seed"]) == 2
     assert summary["methods"]["greats-adam"]["method"] == "greats"
     assert summary["methods"]["regular"]["test_gap_per_seed"] == [0.0, 0.0]
+    # equal wall time, from the raw metrics: the last evaluation within regular's run on the same seed
+    def evals(method, seed):
+        lines = (out / "runs" / method / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()
+        return [m for m in map(json.loads, lines) if "test/loss" in m]
+    for method in arms:
+        expected = []
+        for seed in (1234, 1235):
+            budget = evals("regular", seed)[-1]["train/elapsed_s"]
+            within = [m["test/loss"] for m in evals(method, seed) if m["train/elapsed_s"] <= budget]
+            expected.append(within[-1] if within else None)
+        assert summary["methods"][method]["test_at_baseline_wall_per_seed"] == expected, method
+    assert summary["methods"]["regular"]["test_at_baseline_wall_per_seed"] == \
+        summary["methods"]["regular"]["per_seed_final_test"]
     config = yaml.safe_load((out / "runs" / "greats-adam" / "seed1234" / "config.yaml").read_text())
     assert config["selection"]["preconditioner"] == "adam" and config["selection"]["eta"] == "auto"
     text = (out / "summary.md").read_text()
