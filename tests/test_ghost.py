@@ -128,26 +128,73 @@ def test_transformer_with_attention_norms_and_tied_embeddings(dtype, path, batch
     assert relative_error(gram, ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("update_from", ["operands", "blocks", "auto"])
 @pytest.mark.parametrize("batch_dim", [0, 1])
-def test_weighted_gradients_equal_a_backward_of_the_weighted_loss(batch_dim):
-    """From the captured operands alone: sum_i w_i g_i for every parameter (dense, biases, norms, token
-    and position embeddings, the tied output layer through both uses), against an ordinary backward of
-    sum_i w_i loss_i; an excluded parameter is still captured with keep_operands=True."""
+def test_weighted_gradients_equal_a_backward_of_the_weighted_loss(batch_dim, update_from):
+    """From what the capture keeps (operands, or the per-sample gradients the Gram was formed from):
+    sum_i w_i g_i for every parameter (dense, biases, norms, token and position embeddings, the tied
+    output layer through both uses), against an ordinary backward of sum_i w_i loss_i; an excluded
+    parameter is still captured with keep_operands=True."""
     torch.manual_seed(2)
     model = TinyTransformer(batch_dim=batch_dim).double()
     tokens = torch.randint(0, 40, (6, 7))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     weights = torch.tensor([0.5, 0.0, 0.0, 0.25, 0.25, 0.0], dtype=torch.float64)  # 3 selected samples
-    rec = GhostRecorder(model, exclude=["pos.*"], batch_dim=batch_dim, keep_operands=True)
+    rec = GhostRecorder(model, exclude=["pos.*"], batch_dim=batch_dim, keep_operands=True,
+                        path="materialise", update_from=update_from)
     with rec.capture():
         rec.backward(token_losses(model(inputs), labels))
     rec.gram()  # the Gram does not use the operands up
+    sources = rec.update_sources()
+    assert sources["pos.weight"] == "operands"  # not scored: no blocks
+    expected = {"operands": {"operands"}, "blocks": {"blocks"}}.get(update_from, {"blocks", "operands"})
+    assert {v for k, v in sources.items() if k != "pos.weight"} <= expected
+    if update_from == "blocks":
+        assert sources["blocks.0.qkv.weight"] == "blocks"
+    if update_from == "auto":  # here T = 6 < d: a weight's blocks outweigh its operands, a bias's do not
+        assert sources["blocks.0.qkv.weight"] == "operands" and sources["blocks.0.qkv.bias"] == "blocks"
     grads = rec.weighted_gradients(weights)
     model.zero_grad()
     (token_losses(model(inputs), labels) * weights).sum().backward()
     assert set(grads) == set(model.parameters())
     for name, p in model.named_parameters():
         assert relative_error(grads[p], p.grad) < 1e-12, name
+
+
+@pytest.mark.parametrize("path", ["ghost", "materialise"])
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_averaged_samples_are_one_row_and_blocks_stay_exact(path, micro_batches):
+    """capture(averaged=last samples): the Gram holds their mean gradient as one row, against torch.func
+    (the Gram of the candidates, each candidate with the mean, the mean with itself); the update from
+    kept blocks is unchanged by it (the averaged rows are never read) and weights on them are refused."""
+    torch.manual_seed(6)
+    model = TinyTransformer().double()
+    tokens = torch.randint(0, 40, (6, 7))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    rec = GhostRecorder(model, path=path, keep_operands=True, update_from="blocks")
+    size = 6 // micro_batches
+    with rec.capture(averaged=slice(4, 6)):
+        for index in range(micro_batches):
+            if micro_batches > 1:
+                rec.begin_micro_batch(index, size)
+            part = slice(size * index, size * (index + 1))
+            rec.backward(token_losses(model(inputs[part]), labels[part]))
+    gram = rec.gram()
+    full = reference_gram(model, token_losses, inputs, labels, rec.parameters())
+    expected = torch.empty(5, 5, dtype=torch.float64)
+    expected[:4, :4] = full[:4, :4]
+    expected[:4, 4] = expected[4, :4] = full[:4, 4:].mean(dim=1)
+    expected[4, 4] = full[4:, 4:].mean()
+    assert gram.shape == (5, 5)
+    assert relative_error(gram, expected) < 1e-9
+    weights = torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64)
+    grads = rec.weighted_gradients(weights)
+    model.zero_grad()
+    (token_losses(model(inputs), labels) * weights).sum().backward()
+    for name, p in model.named_parameters():
+        assert relative_error(grads[p], p.grad) < 1e-12, name
+    with pytest.raises(ValueError, match="weights on the averaged samples 4..5"):
+        rec.weighted_gradients(torch.tensor([0.0, 0.5, 0.0, 0.0, 0.5, 0.0], dtype=torch.float64))
 
 
 def test_include_exclude_patterns_cover_exactly_the_named_parameters():
@@ -216,6 +263,8 @@ def test_bad_arguments():
         GhostRecorder(MLP(), path="fast")
     with pytest.raises(ValueError, match="batch_dim=2"):
         GhostRecorder(MLP(), batch_dim=2)
+    with pytest.raises(ValueError, match="update_from='grads'; allowed: auto, blocks, operands"):
+        GhostRecorder(MLP(), update_from="grads")
 
 
 # ---- coverage: parameters no rule records are named, never silently left out ----------------------

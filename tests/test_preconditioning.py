@@ -142,3 +142,33 @@ def test_preconditioning_leaves_unscaled_rows_alone():
     gram, _ = capture(model, loss_fn, inputs, targets, Preconditioning(rows, diagonal=random_diagonals(params, 5)))
     plain, _ = capture(model, loss_fn, inputs, targets, None)
     assert relative_error(gram[3:, 3:], plain[3:, 3:]) < 1e-12
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_kept_blocks_are_the_unscaled_gradients(micro_batches):
+    """With the update kept as per-sample gradients (single_pass), the Gram rows of the candidates are
+    D g_i while the update is formed from the plain g_i; the validation samples are one averaged row."""
+    model, loss_fn, inputs, targets = _transformer(8)
+    params = GhostRecorder(model).parameters()
+    diagonals = random_diagonals(params, seed=9)
+    rows = slice(0, 4)
+    rec = GhostRecorder(model, path="materialise", keep_operands=True, update_from="blocks")
+    size = 6 // micro_batches
+    with rec.capture(preconditioning=Preconditioning(rows, diagonal=diagonals), averaged=slice(4, 6)):
+        for index in range(micro_batches):
+            if micro_batches > 1:
+                rec.begin_micro_batch(index, size)
+            part = slice(size * index, size * (index + 1))
+            rec.backward(loss_fn(model(inputs[part]), targets[part]))
+    gram = rec.gram()
+    full = scaled_reference(per_sample_gradients(model, loss_fn, inputs, targets, params),
+                            [diagonals[p] for p in params], rows)
+    assert relative_error(gram[:4, :4], full[:4, :4]) < 1e-9
+    assert relative_error(gram[:4, 4], full[:4, 4:].mean(dim=1)) < 1e-9
+    assert set(rec.update_sources().values()) == {"blocks"}
+    weights = torch.tensor([0.25, 0.0, 0.75, 0.0, 0.0, 0.0], dtype=torch.float64)
+    grads = rec.weighted_gradients(weights)
+    model.zero_grad()
+    (loss_fn(model(inputs), targets) * weights).sum().backward()
+    for p in params:
+        assert relative_error(grads[p], p.grad) < 1e-12

@@ -42,6 +42,17 @@ class Path(str, Enum):
     MATERIALISE = "materialise"
 
 
+class UpdateFrom(str, Enum):
+    """What a capture keeps for an update formed from it (GhostRecorder(keep_operands=True)), per parameter.
+    BLOCKS: the per-sample gradients the materialised path formed for the Gram (the update is then a sum
+    of k blocks, no GEMM); the operands are freed at once. OPERANDS: the layer operands (one GEMM per
+    selected sample at the update). AUTO: blocks where they take no more memory than the operands.
+    Parameters without blocks (ghost path, unscored, counted on another rank) always keep operands."""
+    AUTO = "auto"
+    BLOCKS = "blocks"
+    OPERANDS = "operands"
+
+
 @dataclass
 class Use:
     kind: Kind
@@ -186,21 +197,27 @@ def _vector_rows(u: Use, r0: int, r1: int, dtype) -> torch.Tensor:
     return b.sum(1).unsqueeze(-1)
 
 
-def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                        fresh: bool = False):
     """Yield (r0, r1, per-sample gradients [total, r1 - r0, cols] of parameter rows [r0, r1)), summed
     over uses.
 
     One buffer serves every block (each yielded block is overwritten by the next): the first use of a
-    sample writes its rows, later ones add, and sparse uses add their few tokens last."""
+    sample writes its rows, later ones add, and sparse uses add their few tokens last. fresh=True: each
+    block in a buffer of its own, which the caller may keep. The caller forms the block's products while
+    it is still in cache."""
     rows, cols = uses[0].rows, uses[0].cols
     step = min(rows, max(1, chunk_elements // max(1, total * cols)))
     device = uses[0].inputs.device
     sparse = [(u, _SortedTokens(u, dtype)) for u in uses if u.kind == Kind.SPARSE]
     others = [u for u in uses if u.kind != Kind.SPARSE]
-    buffer = torch.empty(total * step * cols, dtype=dtype, device=device)
+    buffer = None if fresh else torch.empty(total * step * cols, dtype=dtype, device=device)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        block = buffer[:total * (r1 - r0) * cols].view(total, r1 - r0, cols)
+        if fresh:
+            block = torch.empty(total, r1 - r0, cols, dtype=dtype, device=device)
+        else:
+            block = buffer[:total * (r1 - r0) * cols].view(total, r1 - r0, cols)
         written = torch.zeros(total, dtype=torch.bool)
         for u in others:
             out, seen = block[u.samples], written[u.samples]
@@ -225,7 +242,48 @@ def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEF
         yield r0, r1, block
 
 
+def blocks_fit(uses: list, total: int) -> bool:
+    """Whether a parameter's per-sample gradients [total, rows, cols] take no more elements than the
+    operands of its uses (layer inputs and output gradients): then keeping blocks costs no memory."""
+    operands = sum(u.inputs.numel() + (u.grads.numel() if u.grads is not None else 0) for u in uses)
+    return total * uses[0].rows * uses[0].cols <= operands
+
+
+# ---- Gram rows averaged into one ----------------------------------------------------------------------
+def gram_size(total: int, averaged: Optional[slice]) -> int:
+    """Rows of a Gram whose samples in `averaged` (the last ones) are one row: their mean gradient."""
+    return total if averaged is None or averaged.stop <= averaged.start else averaged.start + 1
+
+
+def averaged_gram(gram: torch.Tensor, averaged: Optional[slice]) -> torch.Tensor:
+    """A [total, total] Gram with the samples of `averaged` (the last ones) merged into their mean."""
+    total = gram.shape[0]
+    size = gram_size(total, averaged)
+    if size == total:
+        return gram
+    a = averaged.start
+    out = gram.new_empty(size, size)
+    out[:a, :a] = gram[:a, :a]
+    out[:a, a] = gram[:a, a:].mean(dim=1)
+    out[a, :a] = gram[a:, :a].mean(dim=0)
+    out[a, a] = gram[a:, a:].mean()
+    return out
+
+
 # ---- the weighted gradient of a parameter (single-pass update) --------------------------------------
+def weighted_block_sum(blocks: list, weights: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """sum_i weights[i] G_i over the samples with a non-zero weight, from kept per-sample gradients
+    [(r0, r1, block [total, r1 - r0, cols])]: k additions of parameter-sized blocks instead of k GEMMs
+    over the tokens."""
+    rows, cols = blocks[-1][1], blocks[0][2].shape[2]
+    grad = torch.zeros(rows, cols, dtype=blocks[0][2].dtype, device=blocks[0][2].device)
+    chosen = torch.nonzero(weights, as_tuple=True)[0]
+    for r0, r1, block in blocks:
+        for i, w_i in zip(chosen.tolist(), weights[chosen].tolist()):
+            grad[r0:r1].add_(block[i], alpha=w_i)
+    return grad.to(dtype).reshape(shape)
+
+
 def weighted_gradient(uses: list, weights: torch.Tensor, shape, dtype) -> torch.Tensor:
     """sum_i weights[i] G_i over every sample of every use: the parameter's gradient (this rank's shard)
     of a loss that weighs sample i by weights[i] (e.g. 1/k for the k selected samples, 0 elsewhere).

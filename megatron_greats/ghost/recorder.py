@@ -5,6 +5,7 @@
         losses = per_sample_losses(model, batch)     # [B]
         rec.backward(losses)                         # d(losses.sum()) w.r.t. activations only
     gram = rec.gram()                                # [B, B]
+    rec.weighted_gradients(w)                        # sum_i w_i g_i per parameter (keep_operands=True)
     rec.parameters()                                 # the parameters the Gram covers
     rec.uncovered()                                  # names of trainable parameters it leaves out
 
@@ -18,7 +19,8 @@ ones, or with keep_operands=True every trainable parameter, for an update formed
 reduction.py turns the uses of the scored parameters into the Gram and sums it over ranks; ties.py
 moves the uses of weights tied across pipeline stages to one stage. With a single micro-batch each
 scored parameter is reduced during backward, as soon as its last use has its output gradient, and
-(without keep_operands) its operands are freed at once.
+its operands are freed at once unless an update needs them (keep_operands=True: per parameter either
+the per-sample gradients the Gram was formed from are kept, or the operands; see UpdateFrom).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import nn
 from megatron_greats.ghost import products
 from megatron_greats.ghost.capture import CaptureStore, frozen_parameters
 from megatron_greats.ghost.layers import recorded_modules, rule_for
-from megatron_greats.ghost.products import Path
+from megatron_greats.ghost.products import Path, UpdateFrom
 from megatron_greats.ghost.reduction import GramReduction, Reduction, reduction_of
 from megatron_greats.ghost.ties import gather_tied_uses, pipeline_ties
 
@@ -49,7 +51,8 @@ class GhostRecorder:
     def __init__(self, model: nn.Module, include: Optional[Sequence[str]] = None,
                  exclude: Optional[Sequence[str]] = None, batch_dim: int = 0, path: str = Path.AUTO,
                  tensor_group=None, model_parallel_group=None,
-                 chunk_elements: int = products.DEFAULT_CHUNK_ELEMENTS, keep_operands: bool = False):
+                 chunk_elements: int = products.DEFAULT_CHUNK_ELEMENTS, keep_operands: bool = False,
+                 update_from: str = UpdateFrom.AUTO):
         """
         model: any nn.Module; supported layers are found by type (see ghost/layers.py).
         include / exclude: fnmatch patterns over parameter names (model.named_parameters()): what is scored.
@@ -57,11 +60,16 @@ class GhostRecorder:
             megatron-core layers are always [T, B, H].
         path: "auto" (cost model per parameter), or force "ghost" / "materialise".
         tensor_group / model_parallel_group: default to megatron-core's groups when initialised.
-        keep_operands: also capture every trainable parameter's operands, and keep all of them until the
-            next capture (an update formed from them needs them all).
+        keep_operands: also capture every trainable parameter's operands, and keep what an update formed
+            from them needs until the next capture (weighted_gradients).
+        update_from: with keep_operands, what a scored parameter keeps: "auto", "blocks" (its per-sample
+            gradients, where the materialised path forms them) or "operands" (see UpdateFrom).
         """
         if path not in tuple(Path):
             raise ValueError(f"path={path!r}; allowed: {', '.join(p.value for p in Path)}")
+        if update_from not in tuple(UpdateFrom):
+            raise ValueError(f"update_from={update_from!r}; allowed: {', '.join(u.value for u in UpdateFrom)}")
+        self.update_from = UpdateFrom(update_from)
         if batch_dim not in (0, 1):
             raise ValueError(f"batch_dim={batch_dim!r}; allowed: 0 ([B, T, H]) or 1 ([T, B, H])")
         self.model, self.batch_dim, self.path, self.chunk_elements = model, batch_dim, Path(path), chunk_elements
@@ -121,10 +129,13 @@ class GhostRecorder:
 
     # ---- capture ----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def capture(self, preconditioning=None):
+    def capture(self, preconditioning=None, averaged: Optional[slice] = None):
         """Record supported layers' operands; parameters are frozen for the duration (see module doc).
         preconditioning: optional Preconditioning (ghost/preconditioning.py): the Gram rows of its samples
-        hold D g_i instead of g_i; after gram(), its rank_one_errors() says what the ghost path fitted."""
+        hold D g_i instead of g_i; after gram(), its rank_one_errors() says what the ghost path fitted.
+        averaged: optional slice of the last samples (e.g. validation samples) that the Gram holds as one
+        row, their mean gradient: gram() is then [a + 1, a + 1] with a = averaged.start, which saves
+        the products between them. An update may not weigh them (weighted_gradients)."""
         self.release()  # the previous capture's operands
         first = next(self.model.parameters())
         dtype = products.compute_dtype(first.dtype)  # the same on every rank: the all-reduce needs it
@@ -132,6 +143,7 @@ class GhostRecorder:
         self._reduction = GramReduction(self._order, self.path, self.chunk_elements, self.tensor_group,
                                         self.model_parallel_group, dtype, clock=self.clock)
         self._reduction.preconditioning = preconditioning
+        self._reduction.averaged = averaged if averaged is not None and averaged.stop > averaged.start else None
         self._streaming, self._reduced, self._gram = True, set(), None
         with self._store.recording(self.model):
             yield self
@@ -153,10 +165,21 @@ class GhostRecorder:
             if param in self._tied or not uses or any(u.grads is None for u in uses):
                 continue
             if param in self.scored:
-                self._reduction.add_streamed(param, uses, store.reductions[param])
+                self._reduction.add_streamed(param, uses, store.reductions[param], self._keeps(param, uses))
                 self._reduced.add(param)
-            if not self.keep_operands:
-                del store.uses[param]
+            if not self.keep_operands or param in self._reduction.kept:
+                self._free(param)
+
+    def _keeps(self, param, uses: list) -> bool:
+        """Whether the update keeps this scored parameter's per-sample gradients (not its operands)."""
+        if not self.keep_operands or self.update_from == UpdateFrom.OPERANDS or param in self._tied:
+            return False  # a tied weight's Gram blocks hold other stages' uses too
+        return self.update_from == UpdateFrom.BLOCKS or products.blocks_fit(uses, self._store.num_samples)
+
+    def _free(self, param) -> None:
+        """Drop a parameter's operands (the output-gradient hooks still reference its Use records)."""
+        for use in self._store.uses.pop(param, []):
+            use.inputs = use.grads = None
 
     def backward(self, losses: torch.Tensor) -> None:
         """Backward of losses.sum() w.r.t. the recorded activations; no parameter gradient is formed."""
@@ -178,19 +201,36 @@ class GhostRecorder:
 
     def weighted_gradients(self, weights: torch.Tensor) -> dict:
         """{param: sum_i weights[i] * per-sample gradient_i} for every captured parameter of the last
-        capture (keep_operands=True), as this rank's shard of the parameter; per-sample vectors of
-        sequence shards are summed over tensor-parallel ranks, so every rank holds the full gradient.
-        Pipeline ties are left to the engine (each stage holds its own uses' part)."""
+        capture (keep_operands=True), after gram(), as this rank's shard of the parameter; per-sample
+        vectors of sequence shards are summed over tensor-parallel ranks, so every rank holds the full
+        gradient. Pipeline ties are left to the engine (each stage holds its own uses' part)."""
         if not self.keep_operands:
             raise RuntimeError("GhostRecorder: weighted_gradients() needs GhostRecorder(..., keep_operands=True)")
-        grads = {}
-        for param in self._reduction.sorted(self._store.uses):
-            uses = self._store.uses[param]
-            grad = products.weighted_gradient(uses, weights, param.shape, param.dtype)
+        if self._store is None or self._gram is None:
+            raise RuntimeError("GhostRecorder: weighted_gradients() after gram(), before release()")
+        averaged = self._reduction.averaged
+        if averaged is not None and bool(weights[averaged].ne(0).any()):
+            raise ValueError(f"GhostRecorder: weights on the averaged samples {averaged.start}..{averaged.stop - 1}; "
+                             "allowed: zero there (the Gram holds only their mean)")
+        kept, grads = self._reduction.kept, {}
+        for param in self._reduction.sorted(set(self._store.uses) | set(kept)):
+            if param in kept:  # already summed over tensor-parallel ranks where that was needed
+                grads[param] = products.weighted_block_sum(kept[param], weights, param.shape, param.dtype)
+                continue
+            grad = products.weighted_gradient(self._store.uses[param], weights, param.shape, param.dtype)
             if self._store.reductions[param] == Reduction.SUM_VECTORS and self.tensor_group is not None:
                 dist.all_reduce(grad, group=self.tensor_group)
             grads[param] = grad
         return grads
+
+    def update_sources(self) -> dict:
+        """Parameter name -> what the last capture keeps for weighted_gradients: "blocks" or "operands"."""
+        if self._store is None:
+            return {}
+        kept = self._reduction.kept
+        sources = {self.names[p]: UpdateFrom.OPERANDS.value for p in self._store.uses if p not in kept}
+        sources.update({self.names[p]: UpdateFrom.BLOCKS.value for p in kept})
+        return sources
 
     def release(self) -> None:
         """Drop what the last capture holds (operands, Gram)."""
@@ -216,15 +256,22 @@ class GhostRecorder:
         for param, _, _ in self.tied:
             if param in uses_of:
                 store.reductions.setdefault(param, reduction_of(param))
+        averaged = self._reduction.averaged
+        if averaged is not None and averaged.stop != total:
+            raise ValueError(f"GhostRecorder: averaged samples {averaged.start}..{averaged.stop - 1} of {total}; "
+                             "allowed: the last samples of the capture")
         pending = {p: uses for p, uses in uses_of.items()
                    if p in self.scored and p not in self._reduced and p not in elsewhere}
         for param, uses in pending.items():
             if any(u.grads is None for u in uses):
                 raise RuntimeError(f"GhostRecorder: no output gradient reached a layer using '{self.names[param]}'; "
                                    "call rec.backward(losses) inside the capture")
-        self._gram = self._reduction.finish(pending, store.reductions, total, device)
+        keep = {p for p, uses in pending.items() if self._keeps(p, uses)}
+        self._gram = self._reduction.finish(pending, store.reductions, total, device, keep)
         if not self.keep_operands:
             store.uses.clear()
+        for param in self._reduction.kept:
+            self._free(param)
         return self._gram
 
     def _agreed_total(self, device) -> int:

@@ -41,6 +41,8 @@ class GramReduction:
         self.tensor_group, self.model_parallel_group, self.clock = tensor_group, model_parallel_group, clock
         self.streamed = None  # the Gram part of parameters reduced during backward
         self.preconditioning = None  # optional: a Preconditioning (preconditioning.py) of some Gram rows
+        self.averaged = None  # optional: a slice of the last samples, merged into one Gram row (their mean)
+        self.kept = {}  # param -> per-sample gradients kept for an update, [(r0, r1, [total, r1 - r0, cols])]
 
     def phase(self, name: str):
         return self.clock.phase(name) if self.clock is not None else contextlib.nullcontext()
@@ -52,47 +54,82 @@ class GramReduction:
     def tensor_rank(self) -> int:
         return dist.get_rank(self.tensor_group) if self.tensor_group is not None else 0
 
-    def add_streamed(self, param, uses: list, reduction: Reduction) -> None:
+    def add_streamed(self, param, uses: list, reduction: Reduction, keep: bool = False) -> None:
         """Reduce one parameter during backward (its uses cover a single micro-batch of uses[0].n samples)."""
         with self.phase("ghost_products"):
-            part = self.param_gram(param, uses, reduction, uses[0].n)
+            part = self.param_gram(param, uses, reduction, uses[0].n, keep)
         if part is not None:
             self.streamed = part if self.streamed is None else self.streamed + part
 
-    def param_gram(self, param, uses: list, reduction: Reduction, total: int) -> Optional[torch.Tensor]:
-        """This rank's share of the parameter's Gram, or None where another rank counts it."""
+    def param_gram(self, param, uses: list, reduction: Reduction, total: int,
+                   keep: bool = False) -> Optional[torch.Tensor]:
+        """This rank's share of the parameter's Gram (gram_size rows: the averaged samples are one), or
+        None where another rank counts it. keep: where the materialised path forms the per-sample
+        gradients, keep them (self.kept[param]: [(r0, r1, [total, r1 - r0, cols])]) for an update."""
         tensor_rank = self.tensor_rank
         if reduction == Reduction.ONCE and tensor_rank != 0:
             return None  # replicated over tensor-parallel ranks: rank 0 counts it
         pre = self.preconditioning
         pre = pre if pre is not None and pre.covers(param) else None
         rows, cols = uses[0].rows, uses[0].cols
+        size = products.gram_size(total, self.averaged)
         if products.choose_path(uses, total, self.path, preconditioned=pre is not None) == Path.GHOST:
             if pre is not None:  # exact for the rank-1 fit r c^T of D
                 r, c, _ = pre.factor(param, rows, cols)
                 uses = products.scaled_uses(uses, pre.samples, r, c, self.dtype)
-            part = products.ghost_gram(uses, total, self.dtype, self.chunk_elements)
+            part = products.averaged_gram(products.ghost_gram(uses, total, self.dtype, self.chunk_elements),
+                                          self.averaged)
         else:
-            part = torch.zeros(total, total, dtype=self.dtype, device=uses[0].inputs.device)
-            for r0, r1, block in products.materialised_blocks(uses, total, self.dtype, self.chunk_elements):
+            part = torch.zeros(size, size, dtype=self.dtype, device=uses[0].inputs.device)
+            kept = []
+            if keep:
+                self.kept[param] = kept
+            for r0, r1, block in products.materialised_blocks(uses, total, self.dtype, self.chunk_elements,
+                                                              fresh=keep):
                 if reduction == Reduction.SUM_VECTORS and self.tensor_group is not None:
                     with self.phase("allreduce"):
                         dist.all_reduce(block, group=self.tensor_group)  # every rank joins; rank 0 counts it
-                if pre is not None:
-                    rows_of = block[pre.samples]
-                    rows_of *= pre.block(param, r0, r1, cols, rows_of.mean(dim=0))
-                flat = block.reshape(total, -1)
-                part.addmm_(flat, flat.T)
+                if keep:
+                    kept.append((r0, r1, block))
+                self._add_block_gram(part, param, block, r0, cols, copy_scaled=keep)
         return None if reduction == Reduction.SUM_VECTORS and tensor_rank != 0 else part
 
-    def finish(self, uses_of: dict, reductions: dict, total: int, device) -> torch.Tensor:
-        """The full Gram: streamed parts + the parameters in uses_of, summed over the model-parallel group."""
-        gram = torch.zeros(total, total, dtype=self.dtype, device=device)
+    def _add_block_gram(self, part: torch.Tensor, param, block: torch.Tensor, r0: int, cols: int,
+                        copy_scaled: bool) -> None:
+        """part += the Gram of per-sample gradients block [total, r, cols] (parameter rows r0 ...). The
+        averaged samples' mean goes into the first of their rows (the update never reads them);
+        preconditioned rows are scaled in place, or in a copy where the block is kept."""
+        total, size, pre = block.shape[0], part.shape[0], self.preconditioning
+        pre = pre if pre is not None and pre.covers(param) else None
+        if size < total:
+            a = self.averaged.start
+            block[a] = block[a:].mean(dim=0)
+        flat = block[:size].reshape(size, -1)
+        if pre is not None:
+            if copy_scaled:
+                flat = flat.clone()
+            rows_of = flat[pre.samples].view(-1, block.shape[1], cols)
+            rows_of *= pre.block(param, r0, r0 + block.shape[1], cols, rows_of.mean(dim=0))
+        if size < total:  # the mean row apart: a GEMM of a rows runs faster than one of a + 1 on CPU BLAS
+            individual, mean = flat[:a], flat[a]
+            part[:a, :a].addmm_(individual, individual.T)
+            across = individual @ mean
+            part[:a, a] += across
+            part[a, :a] += across
+            part[a, a] += mean @ mean
+        else:
+            part.addmm_(flat, flat.T)
+
+    def finish(self, uses_of: dict, reductions: dict, total: int, device, keep=frozenset()) -> torch.Tensor:
+        """The full Gram: streamed parts + the parameters in uses_of, summed over the model-parallel group;
+        the parameters in `keep` keep their per-sample gradients where they are formed."""
+        size = products.gram_size(total, self.averaged)
+        gram = torch.zeros(size, size, dtype=self.dtype, device=device)
         if self.streamed is not None:
             gram += self.streamed
         for param in self.sorted(uses_of):
             with self.phase("ghost_products"):
-                part = self.param_gram(param, uses_of[param], reductions[param], total)
+                part = self.param_gram(param, uses_of[param], reductions[param], total, param in keep)
                 if part is not None:
                     gram += part.to(self.dtype)
         if self.model_parallel_group is not None and dist.get_world_size(self.model_parallel_group) > 1:

@@ -71,11 +71,13 @@ class ScoringPass:
     def scores(self, batch: ScoredBatch, preconditioning=None) -> SelectorInputs:
         """The candidates' losses, their Gram and their alignment with the mean validation gradient
         (with a Preconditioning of the candidates: <D g_i, D g_j> and <D g_i, g_val>)."""
-        with self._scoring_mode(), self.recorder.capture(preconditioning):
+        # the validation samples count only through their mean gradient: one Gram row for all of them
+        with self._scoring_mode(), self.recorder.capture(preconditioning, averaged=batch.validation):
             losses = self.executor.score(self.module, micro_batches(batch.tokens, self.micro_batch),
                                          recorder=self.recorder, clock=self.clock)
         gram, c, v = self.recorder.gram(), batch.candidates, batch.validation
-        return SelectorInputs(losses=losses[c], gram=gram[c, c], val_alignment=gram[c, v].mean(dim=1))
+        return SelectorInputs(losses=losses[c], gram=gram[c, c], 
+                              val_alignment=gram[c, v.start] if v.stop > v.start else None)
 
     def release(self) -> None:
         """Free the operands and Gram of the last scoring pass."""
