@@ -197,6 +197,29 @@ def test_averaged_samples_are_one_row_and_blocks_stay_exact(path, micro_batches)
         rec.weighted_gradients(torch.tensor([0.0, 0.5, 0.0, 0.0, 0.5, 0.0], dtype=torch.float64))
 
 
+def test_operands_are_freed_once_used_and_kept_only_for_an_update():
+    """Without an update to form, a single micro-batch frees each parameter's operands during backward,
+    as soon as its Gram part is formed. For an update from kept blocks, the capture holds exactly the
+    blocks (total x parameter size) and no operand until release()."""
+    torch.manual_seed(7)
+    model = TinyTransformer().double()
+    tokens = torch.randint(0, 40, (6, 7))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    rec = GhostRecorder(model)
+    with rec.capture():
+        rec.backward(token_losses(model(inputs), labels))
+        assert rec.held_bytes() == 0
+    rec.gram()
+    rec = GhostRecorder(model, keep_operands=True, update_from="blocks", path="materialise")
+    with rec.capture():
+        rec.backward(token_losses(model(inputs), labels))
+    rec.gram()
+    assert set(rec.update_sources().values()) == {"blocks"}
+    assert rec.held_bytes() == 6 * sum(p.numel() for p in model.parameters()) * 8
+    rec.release()
+    assert rec.held_bytes() == 0
+
+
 def test_include_exclude_patterns_cover_exactly_the_named_parameters():
     torch.manual_seed(2)
     model = TinyTransformer().double()

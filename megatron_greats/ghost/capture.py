@@ -41,6 +41,7 @@ class CaptureStore:
     def __init__(self, modules: list, captured: set, batch_dim: int, on_complete: Callable[[set], None]):
         self.modules, self.captured, self.batch_dim, self.on_complete = modules, captured, batch_dim, on_complete
         self.uses = defaultdict(list)       # param -> [Use]
+        self.records = []                   # every Use of the capture, also those dropped from `uses`
         self.reductions = {}                # param -> Reduction
         self.roots = []                     # leaf outputs marked requires_grad (backward differentiates w.r.t. them)
         self.micro_batch = (0, None)        # (index, size) of the layer calls now being recorded
@@ -84,6 +85,7 @@ class CaptureStore:
         for op in operands:
             use = Use(op.kind, op.rows, op.cols, samples, op.inputs)
             self.uses[op.param].append(use)
+            self.records.append(use)
             self.reductions[op.param] = op.reduction
             uses.append(use)
         if not output.requires_grad:
@@ -105,10 +107,20 @@ class CaptureStore:
             hook.remove()
         self.hooks.clear()
         self.roots.clear()
-        for uses in self.uses.values():
-            for use in uses:
-                use.inputs = use.grads = None
+        for use in self.records:
+            use.inputs = use.grads = None
+        self.records.clear()
         self.uses.clear()
+
+    def held_bytes(self) -> int:
+        """Bytes of the distinct storages that the capture's Use records still reference."""
+        storages = {}
+        for use in self.records:
+            for t in (use.inputs, use.grads):
+                if t is not None:
+                    storage = t.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
     def backward_from(self, tensors: list, grad_tensors: list, inputs: Sequence[torch.Tensor] = ()) -> list:
         """Backward w.r.t. the recorded activations (and `inputs`), returning d/d(inputs)."""

@@ -223,6 +223,15 @@ class GhostRecorder:
             grads[param] = grad
         return grads
 
+    def held_bytes(self) -> int:
+        """Memory the last capture still holds: the storages of its kept operands and per-sample blocks
+        (the Gram aside). Streamed parameters free theirs during backward, unless an update needs them."""
+        if self._store is None:
+            return 0
+        blocks = sum(block.untyped_storage().nbytes() for chunks in self._reduction.kept.values()
+                     for _, _, block in chunks)
+        return self._store.held_bytes() + blocks
+
     def update_sources(self) -> dict:
         """Parameter name -> what the last capture keeps for weighted_gradients: "blocks" or "operands"."""
         if self._store is None:
