@@ -94,6 +94,18 @@ def recorded_gram(model, loss_fn, inputs, targets, **options):
     return rec.gram(), rec.parameters()
 
 
+def captured_gram(rec, model, loss_fn, inputs, targets, micro_batches: int, **capture_options):
+    """rec.gram() of a capture over `micro_batches` equal micro-batches (one: no begin_micro_batch)."""
+    size = inputs.shape[0] // micro_batches
+    with rec.capture(**capture_options):
+        for index in range(micro_batches):
+            if micro_batches > 1:
+                rec.begin_micro_batch(index, size)
+            part = slice(size * index, size * (index + 1))
+            rec.backward(loss_fn(model(inputs[part]), targets[part]))
+    return rec.gram()
+
+
 def relative_error(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
@@ -172,14 +184,7 @@ def test_averaged_samples_are_one_row_and_blocks_stay_exact(path, micro_batches)
     tokens = torch.randint(0, 40, (6, 7))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     rec = GhostRecorder(model, path=path, keep_operands=True, update_from="blocks")
-    size = 6 // micro_batches
-    with rec.capture(averaged=slice(4, 6)):
-        for index in range(micro_batches):
-            if micro_batches > 1:
-                rec.begin_micro_batch(index, size)
-            part = slice(size * index, size * (index + 1))
-            rec.backward(token_losses(model(inputs[part]), labels[part]))
-    gram = rec.gram()
+    gram = captured_gram(rec, model, token_losses, inputs, labels, micro_batches, averaged=slice(4, 6))
     full = reference_gram(model, token_losses, inputs, labels, rec.parameters())
     expected = torch.empty(5, 5, dtype=torch.float64)
     expected[:4, :4] = full[:4, :4]

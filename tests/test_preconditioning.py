@@ -11,7 +11,7 @@ import torch
 
 from megatron_greats.ghost import GhostRecorder
 from megatron_greats.ghost.preconditioning import Preconditioning, rank_one
-from test_ghost import MLP, TinyTransformer, relative_error, token_losses
+from test_ghost import MLP, TinyTransformer, captured_gram, relative_error, token_losses
 from torch.func import functional_call, grad, vmap
 
 
@@ -153,14 +153,8 @@ def test_kept_blocks_are_the_unscaled_gradients(micro_batches):
     diagonals = random_diagonals(params, seed=9)
     rows = slice(0, 4)
     rec = GhostRecorder(model, path="materialise", keep_operands=True, update_from="blocks")
-    size = 6 // micro_batches
-    with rec.capture(preconditioning=Preconditioning(rows, diagonal=diagonals), averaged=slice(4, 6)):
-        for index in range(micro_batches):
-            if micro_batches > 1:
-                rec.begin_micro_batch(index, size)
-            part = slice(size * index, size * (index + 1))
-            rec.backward(loss_fn(model(inputs[part]), targets[part]))
-    gram = rec.gram()
+    gram = captured_gram(rec, model, loss_fn, inputs, targets, micro_batches,
+                         preconditioning=Preconditioning(rows, diagonal=diagonals), averaged=slice(4, 6))
     full = scaled_reference(per_sample_gradients(model, loss_fn, inputs, targets, params),
                             [diagonals[p] for p in params], rows)
     assert relative_error(gram[:4, :4], full[:4, :4]) < 1e-9
