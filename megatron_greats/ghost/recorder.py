@@ -177,7 +177,8 @@ class GhostRecorder:
         return self.update_from == UpdateFrom.BLOCKS or products.blocks_fit(uses, self._store.num_samples)
 
     def _free(self, param) -> None:
-        """Drop a parameter's operands (the output-gradient hooks still reference its Use records)."""
+        """Drop a parameter's operands from its Use records themselves: the output-gradient hooks of the
+        capture reference the records until it closes, so leaving the dict would not free them."""
         for use in self._store.uses.pop(param, []):
             use.inputs = use.grads = None
 
