@@ -225,6 +225,19 @@ def test_operands_are_freed_once_used_and_kept_only_for_an_update():
     assert rec.held_bytes() == 0
 
 
+def test_blocks_are_kept_where_they_take_no_more_bytes_than_the_operands():
+    from megatron_greats.ghost.products import Kind, Use, blocks_fit
+
+    def dense(n, tokens, dtype):
+        return [Use(Kind.DENSE, 8, 8, slice(0, n), torch.zeros(n, tokens, 8, dtype=dtype),
+                    torch.zeros(n, tokens, 8, dtype=dtype))]
+    # 4 samples x 64 block elements against 4 x T x (8 + 8) operand elements
+    assert blocks_fit(dense(4, 4, torch.float32), 4, torch.float32)        # 1024 bytes each
+    assert not blocks_fit(dense(4, 4, torch.bfloat16), 4, torch.float32)   # fp32 blocks, bf16 operands
+    assert blocks_fit(dense(4, 8, torch.bfloat16), 4, torch.float32)
+    assert not blocks_fit(dense(4, 2, torch.float32), 4, torch.float32)    # T < d / 2: operands are smaller
+
+
 def test_include_exclude_patterns_cover_exactly_the_named_parameters():
     torch.manual_seed(2)
     model = TinyTransformer().double()

@@ -242,11 +242,12 @@ def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEF
         yield r0, r1, block
 
 
-def blocks_fit(uses: list, total: int) -> bool:
-    """Whether a parameter's per-sample gradients [total, rows, cols] take no more elements than the
-    operands of its uses (layer inputs and output gradients): then keeping blocks costs no memory."""
-    operands = sum(u.inputs.numel() + (u.grads.numel() if u.grads is not None else 0) for u in uses)
-    return total * uses[0].rows * uses[0].cols <= operands
+def blocks_fit(uses: list, total: int, dtype) -> bool:
+    """Whether a parameter's per-sample gradients [total, rows, cols] in `dtype` take no more bytes than
+    the operands of its uses (layer inputs and output gradients, e.g. bf16 where the blocks are fp32):
+    then keeping blocks costs no memory."""
+    operands = sum(t.numel() * t.element_size() for u in uses for t in (u.inputs, u.grads) if t is not None)
+    return total * uses[0].rows * uses[0].cols * torch.finfo(dtype).bits // 8 <= operands
 
 
 # ---- Gram rows averaged into one ----------------------------------------------------------------------
