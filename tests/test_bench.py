@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, child_env, free_port, tiny_overrides
 
 
@@ -51,11 +53,11 @@ def test_bad_point_is_one_line():
     assert proc.returncode == 2 and "point '4,16' is not B,T,d" in proc.stderr
 
 
-def _check_step_report(out):
+def _check_step_report(out, rounds=1):
     report = json.loads((out / "bench_step.json").read_text())
     assert set(report["variants"]) == {"regular_k", "regular_N", "regular_Nm", "greats", "single"}
     for variant in report["variants"].values():
-        assert variant["median_s"] > 0 and variant["peak_bytes"] > 0 and len(variant["seconds"]) == 2
+        assert variant["median_s"] > 0 and variant["peak_bytes"] > 0 and len(variant["seconds"]) == 2 * rounds
     for value in report["ratios"].values():
         assert 0 < value < float("inf")
     for name in ("greats", "single"):  # two_pass and single_pass
@@ -71,15 +73,25 @@ def _check_step_report(out):
 
 
 def test_step_benchmark_one_process(data_cache, tmp_path):
+    """Two rounds: each ratio is the median of the ratios taken within each round, recomputed here from
+    the rounds' own medians and peaks."""
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "-m", "megatron_greats.bench", "step", "--config",
-                           str(REPO / "configs" / "tiny-cpu.yaml"), "--warmup", "1", "--repeats", "2",
+                           str(REPO / "configs" / "tiny-cpu.yaml"), "--warmup", "1", "--repeats", "2", "--rounds", "2",
                            "--out", str(out), *tiny_overrides(data_cache, tmp_path / "run")],
-                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "single_pass / Regular(N)" in proc.stdout
-    report = _check_step_report(out)
+    assert "single_pass / Regular(N)" in proc.stdout and "2 rounds" in proc.stdout
+    report = _check_step_report(out, rounds=2)
     assert report["layout"] == "dp=1 tp=1 pp=1" and report["N"] == 2 * report["k"]
+    first, second = report["per_round"]
+    for g, base, key in (("single", "regular_N", "median_s"), ("greats", "regular_k", "peak_bytes")):
+        within = [r[g][key] / r[base][key] for r in (first, second)]
+        what = "time" if key == "median_s" else "memory"
+        assert report["ratios"][f"{g}_over_{base}_{what}"] == pytest.approx(sum(within) / 2, rel=1e-12)
+        assert report["ratios_range"][f"{g}_over_{base}_{what}"] == pytest.approx(sorted(within), rel=1e-12)
+    assert report["variants"]["single"]["median_s"] == pytest.approx(
+        (first["single"]["median_s"] + second["single"]["median_s"]) / 2, rel=1e-12)
 
 
 def test_step_benchmark_under_the_deepspeed_launcher_with_pipeline(data_cache, tmp_path):
@@ -105,4 +117,11 @@ def test_step_benchmark_bad_input_is_one_line(data_cache, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("megatron_greats: error:")]
     assert len(errors) == 1 and "selection.candidates=3" in errors[0]
+    assert not (tmp_path / "bench").exists()
+    proc = subprocess.run([sys.executable, "-m", "megatron_greats.bench", "step", "--config",
+                           str(REPO / "configs" / "tiny-cpu.yaml"), "--out", str(tmp_path / "bench"), "--rounds", "0",
+                           *tiny_overrides(data_cache, tmp_path / "run")],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("megatron_greats: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "--rounds 0" in errors[0] and "rounds >= 1" in errors[0]
     assert not (tmp_path / "bench").exists()

@@ -1,5 +1,5 @@
 """python -m megatron_greats.bench ghost [--points B,T,d ...] [--repeats N] [--json FILE]
-python -m megatron_greats.bench step --config FILE [--warmup W] [--repeats R] [--out DIR] [key=value ...]
+python -m megatron_greats.bench step --config FILE [--warmup W] [--repeats R] [--rounds N] [--out DIR] [key=value ...]
     (any launcher: python, torchrun, deepspeed; every rank runs it)"""
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     step.add_argument("--config", required=True, help="YAML run config (see configs/)")
     step.add_argument("--warmup", type=int, default=2, help="steps dropped per variant")
     step.add_argument("--repeats", type=int, default=5, help="steps timed per variant")
+    step.add_argument("--rounds", type=int, default=1,
+                      help="measure every variant this many times, in rotated order; ratios: median over rounds")
     step.add_argument("--out", default="runs/bench-step", help="folder for bench_step.json and bench_step.md")
     step.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     step.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
@@ -66,7 +68,7 @@ def _step(args) -> int:
     from megatron_greats.errors import GreatsError
 
     try:
-        report = bench_step.run(args.config, args.overrides, args.warmup, args.repeats, args.out)
+        report = bench_step.run(args.config, args.overrides, args.warmup, args.repeats, args.out, args.rounds)
     except GreatsError as e:
         print(f"megatron_greats: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code

@@ -133,7 +133,35 @@ def _measure(name: str, cfg, data, layout, run_dir: Path, warmup: int, repeats: 
             "phases_median_s": {name: statistics.median(split[:, i].tolist()) for i, name in enumerate(STEP_PHASES)}}
 
 
-def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: str) -> dict:
+RATIO_BASES = ("regular_k", "regular_N", "regular_Nm", "greats")
+
+
+def _ratios(results: dict) -> dict:
+    return {f"{g}_over_{base}_{what}": results[g][key] / results[base][key]
+            for g in GREATS_VARIANTS for base in RATIO_BASES
+            if g != base for what, key in (("time", "median_s"), ("memory", "peak_bytes"))}
+
+
+def _over_rounds(rounds: list) -> dict:
+    """One result per variant from several rounds: the median of the rounds' medians, peaks and phases;
+    the steps of every round."""
+    merged = {}
+    for name in VARIANTS:
+        per_round = [r[name] for r in rounds]
+        merged[name] = {
+            "seconds": [s for r in per_round for s in r["seconds"]],
+            "median_s": statistics.median(r["median_s"] for r in per_round),
+            "min_s": min(r["min_s"] for r in per_round), "max_s": max(r["max_s"] for r in per_round),
+            "peak_bytes": int(statistics.median(r["peak_bytes"] for r in per_round)),
+            "phases_median_s": {p: statistics.median(r["phases_median_s"][p] for r in per_round)
+                                for p in STEP_PHASES}}
+    return merged
+
+
+def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: str, rounds: int = 1) -> dict:
+    """rounds > 1: every variant is measured once per round, in an order rotated by one each round, so
+    that a drift of the machine's speed falls on every variant alike; each ratio is then the median of
+    the rounds' ratios (each taken within one round), with its range over the rounds."""
     from deepspeed.accelerator import get_accelerator
 
     from megatron_greats.config import load_config
@@ -141,8 +169,9 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
     from megatron_greats.parallel.state import launcher_world_size
     from megatron_greats.training.trainer import start_up
 
-    if warmup < 0 or repeats < 1:
-        raise ConfigError(f"--warmup {warmup} / --repeats {repeats}; allowed: warmup >= 0, repeats >= 1")
+    if warmup < 0 or repeats < 1 or rounds < 1:
+        raise ConfigError(f"--warmup {warmup} / --repeats {repeats} / --rounds {rounds}; allowed: warmup >= 0, "
+                          "repeats >= 1, rounds >= 1")
     world = launcher_world_size()
     base = load_config(config_path, overrides, world_size=world)
     configs = {name: load_config(config_path, [*overrides, *extra], world_size=world)
@@ -152,19 +181,27 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
     rank0 = dist.get_rank() == 0
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for name, cfg in configs.items():
-        results[name] = _measure(name, cfg, data, layout, out, warmup, repeats, show_progress=rank0 and base.train.progress)
-        gc.collect()  # the variant's engine is gone with _measure's frame: free it before the next
-        get_accelerator().empty_cache()
+    per_round = []
+    for round_index in range(rounds):
+        order = VARIANTS[round_index % len(VARIANTS):] + VARIANTS[:round_index % len(VARIANTS)]
+        results = {}
+        for name in order:
+            results[name] = _measure(name, configs[name], data, layout, out, warmup, repeats,
+                                     show_progress=rank0 and base.train.progress)
+            gc.collect()  # the variant's engine is gone with _measure's frame: free it before the next
+            get_accelerator().empty_cache()
+        per_round.append(results)
+    results = per_round[0] if rounds == 1 else _over_rounds(per_round)
+    round_ratios = [_ratios(r) for r in per_round]
     report = {
         "config": config_path, "overrides": list(overrides), "device": get_accelerator().device_name(), "world_size": layout.world_size,
         "layout": f"dp={layout.data} tp={layout.tensor} pp={layout.pipeline}",
         "k": base.num_selected(world), "N": base.num_candidates(world), "m": base.selection.val_batch,
-        "warmup": warmup, "repeats": repeats, "variants": results,
-        "ratios": {f"{g}_over_{base}_{what}": results[g][key] / results[base][key]
-                   for g in GREATS_VARIANTS for base in ("regular_k", "regular_N", "regular_Nm", "greats")
-                   if g != base for what, key in (("time", "median_s"), ("memory", "peak_bytes"))},
+        "warmup": warmup, "repeats": repeats, "rounds": rounds, "variants": results,
+        "ratios": {key: statistics.median(r[key] for r in round_ratios) for key in round_ratios[0]},
+        "ratios_range": {key: [min(r[key] for r in round_ratios), max(r[key] for r in round_ratios)]
+                         for key in round_ratios[0]},
+        "per_round": per_round if rounds > 1 else None,
     }
     report["phase_share"] = {g: {name: results[g]["phases_median_s"][name] / results[g]["median_s"]
                                  for name in STEP_PHASES} for g in GREATS_VARIANTS}
@@ -179,7 +216,9 @@ def markdown(r: dict) -> str:
     lines = [f"Step benchmark: `{r['config']}` {' '.join(r['overrides'])}".rstrip(),
              "",
              f"{r['device']}, world size {r['world_size']} ({r['layout']}); per replica k={r['k']}, N={r['N']}, "
-             f"m={r['m']}; {r['warmup']} warm-up steps dropped, median of {r['repeats']} (min-max).",
+             f"m={r['m']}; {r['warmup']} warm-up steps dropped, median of {r['repeats']} (min-max)"
+             + (f"; {r['rounds']} rounds: medians of the rounds' medians, ratios taken within each round "
+                "(range over the rounds)." if r.get("rounds", 1) > 1 else "."),
              "",
              "| variant | step time (s) | min-max (s) | peak memory (MiB) |",
              "|---|---|---|---|"]
@@ -194,11 +233,16 @@ def markdown(r: dict) -> str:
     q = r["ratios"]
     names = {"greats": "two_pass", "single": "single_pass", "regular_k": "Regular(k)", "regular_N": "Regular(N)",
              "regular_Nm": "Regular(N+m)"}
+    spread = r.get("rounds", 1) > 1
+
+    def cell(key):
+        low, high = r["ratios_range"][key]
+        return f"{q[key]:.2f}" + (f" ({low:.2f}-{high:.2f})" if spread else "")
     lines += ["", "| ratio | time | peak memory |", "|---|---|---|"]
     for g, base in (("single", "regular_N"), ("single", "regular_k"), ("single", "greats"), ("single", "regular_Nm"),
                     ("greats", "regular_N"), ("greats", "regular_k")):
-        lines.append(f"| {names[g]} / {names[base]} | {q[f'{g}_over_{base}_time']:.2f} | "
-                     f"{q[f'{g}_over_{base}_memory']:.2f} |")
+        lines.append(f"| {names[g]} / {names[base]} | {cell(f'{g}_over_{base}_time')} | "
+                     f"{cell(f'{g}_over_{base}_memory')} |")
     lines += ["", "| phase | two_pass (s) | share | single_pass (s) | share |", "|---|---|---|---|---|"]
     for name in STEP_PHASES:
         lines.append(f"| {name} | {v['greats']['phases_median_s'][name]:.4f} | "
