@@ -143,8 +143,8 @@ def _ratios(results: dict) -> dict:
 
 
 def _over_rounds(rounds: list) -> dict:
-    """One result per variant from several rounds: the median of the rounds' medians, peaks and phases;
-    the steps of every round."""
+    """One result per variant from several rounds: the median of the rounds' medians and phases, the
+    steps of every round, and the first round's peak memory (see run())."""
     merged = {}
     for name in VARIANTS:
         per_round = [r[name] for r in rounds]
@@ -152,7 +152,7 @@ def _over_rounds(rounds: list) -> dict:
             "seconds": [s for r in per_round for s in r["seconds"]],
             "median_s": statistics.median(r["median_s"] for r in per_round),
             "min_s": min(r["min_s"] for r in per_round), "max_s": max(r["max_s"] for r in per_round),
-            "peak_bytes": int(statistics.median(r["peak_bytes"] for r in per_round)),
+            "peak_bytes": per_round[0]["peak_bytes"],
             "phases_median_s": {p: statistics.median(r["phases_median_s"][p] for r in per_round)
                                 for p in STEP_PHASES}}
     return merged
@@ -160,8 +160,10 @@ def _over_rounds(rounds: list) -> dict:
 
 def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: str, rounds: int = 1) -> dict:
     """rounds > 1: every variant is measured once per round, in an order rotated by one each round, so
-    that a drift of the machine's speed falls on every variant alike; each ratio is then the median of
-    the rounds' ratios (each taken within one round), with its range over the rounds."""
+    that a drift of the machine's speed falls on every variant alike; each time ratio is then the median
+    of the rounds' ratios (each taken within one round), with its range over the rounds. Memory comes
+    from the first round, in the listed order: on CPU a process's resident memory carries over from one
+    variant to the next, so a small variant measured after a large one would show the large one's."""
     from deepspeed.accelerator import get_accelerator
 
     from megatron_greats.config import load_config
@@ -198,9 +200,10 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
         "layout": f"dp={layout.data} tp={layout.tensor} pp={layout.pipeline}",
         "k": base.num_selected(world), "N": base.num_candidates(world), "m": base.selection.val_batch,
         "warmup": warmup, "repeats": repeats, "rounds": rounds, "variants": results,
-        "ratios": {key: statistics.median(r[key] for r in round_ratios) for key in round_ratios[0]},
+        "ratios": {key: statistics.median(r[key] for r in round_ratios) if key.endswith("_time")
+                   else round_ratios[0][key] for key in round_ratios[0]},
         "ratios_range": {key: [min(r[key] for r in round_ratios), max(r[key] for r in round_ratios)]
-                         for key in round_ratios[0]},
+                         for key in round_ratios[0] if key.endswith("_time")},
         "per_round": per_round if rounds > 1 else None,
     }
     report["phase_share"] = {g: {name: results[g]["phases_median_s"][name] / results[g]["median_s"]
@@ -217,8 +220,8 @@ def markdown(r: dict) -> str:
              "",
              f"{r['device']}, world size {r['world_size']} ({r['layout']}); per replica k={r['k']}, N={r['N']}, "
              f"m={r['m']}; {r['warmup']} warm-up steps dropped, median of {r['repeats']} (min-max)"
-             + (f"; {r['rounds']} rounds: medians of the rounds' medians, ratios taken within each round "
-                "(range over the rounds)." if r.get("rounds", 1) > 1 else "."),
+             + (f"; {r['rounds']} rounds: times are medians of the rounds' medians, time ratios taken within "
+                "each round (range over the rounds); memory from the first round." if r.get("rounds", 1) > 1 else "."),
              "",
              "| variant | step time (s) | min-max (s) | peak memory (MiB) |",
              "|---|---|---|---|"]
@@ -236,8 +239,10 @@ def markdown(r: dict) -> str:
     spread = r.get("rounds", 1) > 1
 
     def cell(key):
+        if not spread or key not in r["ratios_range"]:
+            return f"{q[key]:.2f}"
         low, high = r["ratios_range"][key]
-        return f"{q[key]:.2f}" + (f" ({low:.2f}-{high:.2f})" if spread else "")
+        return f"{q[key]:.2f} ({low:.2f}-{high:.2f})"
     lines += ["", "| ratio | time | peak memory |", "|---|---|---|"]
     for g, base in (("single", "regular_N"), ("single", "regular_k"), ("single", "greats"), ("single", "regular_Nm"),
                     ("greats", "regular_N"), ("greats", "regular_k")):
