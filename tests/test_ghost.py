@@ -70,6 +70,14 @@ class TinyTransformer(nn.Module):
         return logits if self.batch_dim == 0 else logits.transpose(0, 1)
 
 
+def transformer_batch(seed: int, samples: int = 6):
+    """(model, inputs, labels): a float64 TinyTransformer and `samples` token sequences, from `seed`."""
+    torch.manual_seed(seed)
+    model = TinyTransformer().double()
+    tokens = torch.randint(0, 40, (samples, 7))
+    return model, tokens[:, :-1], tokens[:, 1:]
+
+
 def token_losses(logits, labels):  # [B, T, V], [B, T] -> [B]
     return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(dim=1)
 
@@ -179,10 +187,7 @@ def test_averaged_samples_are_one_row_and_blocks_stay_exact(path, micro_batches)
     """capture(averaged=last samples): the Gram holds their mean gradient as one row, against torch.func
     (the Gram of the candidates, each candidate with the mean, the mean with itself); the update from
     kept blocks is unchanged by it (the averaged rows are never read) and weights on them are refused."""
-    torch.manual_seed(6)
-    model = TinyTransformer().double()
-    tokens = torch.randint(0, 40, (6, 7))
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    model, inputs, labels = transformer_batch(6)
     rec = GhostRecorder(model, path=path, keep_operands=True, update_from="blocks")
     gram = captured_gram(rec, model, token_losses, inputs, labels, micro_batches, averaged=slice(4, 6))
     full = reference_gram(model, token_losses, inputs, labels, rec.parameters())
@@ -206,10 +211,7 @@ def test_operands_are_freed_once_used_and_kept_only_for_an_update():
     """Without an update to form, a single micro-batch frees each parameter's operands during backward,
     as soon as its Gram part is formed. For an update from kept blocks, the capture holds exactly the
     blocks (total x parameter size) and no operand until release()."""
-    torch.manual_seed(7)
-    model = TinyTransformer().double()
-    tokens = torch.randint(0, 40, (6, 7))
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    model, inputs, labels = transformer_batch(7)
     rec = GhostRecorder(model)
     with rec.capture():
         rec.backward(token_losses(model(inputs), labels))

@@ -11,7 +11,7 @@ import torch
 
 from megatron_greats.ghost import GhostRecorder
 from megatron_greats.ghost.preconditioning import Preconditioning, rank_one
-from test_ghost import MLP, TinyTransformer, captured_gram, relative_error, token_losses
+from test_ghost import MLP, captured_gram, relative_error, token_losses, transformer_batch
 from torch.func import functional_call, grad, vmap
 
 
@@ -53,10 +53,8 @@ def capture(model, loss_fn, inputs, targets, preconditioning, **options):
 
 
 def _transformer(seed):
-    torch.manual_seed(seed)
-    model = TinyTransformer().double()
-    tokens = torch.randint(0, 40, (6, 7))
-    return model, token_losses, tokens[:, :-1], tokens[:, 1:]
+    model, inputs, labels = transformer_batch(seed)
+    return model, token_losses, inputs, labels
 
 
 def _mlp(seed):

@@ -143,8 +143,8 @@ def _ratios(results: dict) -> dict:
 
 
 def _over_rounds(rounds: list) -> dict:
-    """One result per variant from several rounds: the median of the rounds' medians and phases, the
-    steps of every round, and the first round's peak memory (see run())."""
+    """One result per variant from one or more rounds: the median of the rounds' medians and phases,
+    the steps of every round, and the first round's peak memory (see run())."""
     merged = {}
     for name in VARIANTS:
         per_round = [r[name] for r in rounds]
@@ -193,7 +193,7 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
             gc.collect()  # the variant's engine is gone with _measure's frame: free it before the next
             get_accelerator().empty_cache()
         per_round.append(results)
-    results = per_round[0] if rounds == 1 else _over_rounds(per_round)
+    results = _over_rounds(per_round)
     round_ratios = [_ratios(r) for r in per_round]
     report = {
         "config": config_path, "overrides": list(overrides), "device": get_accelerator().device_name(), "world_size": layout.world_size,

@@ -247,7 +247,7 @@ def blocks_fit(uses: list, total: int, dtype) -> bool:
     the operands of its uses (layer inputs and output gradients, e.g. bf16 where the blocks are fp32):
     then keeping blocks costs no memory."""
     operands = sum(t.numel() * t.element_size() for u in uses for t in (u.inputs, u.grads) if t is not None)
-    return total * uses[0].rows * uses[0].cols * torch.finfo(dtype).bits // 8 <= operands
+    return total * uses[0].rows * uses[0].cols * dtype.itemsize <= operands
 
 
 # ---- Gram rows averaged into one ----------------------------------------------------------------------

@@ -81,28 +81,24 @@ class GramReduction:
                                           self.averaged)
         else:
             part = torch.zeros(size, size, dtype=self.dtype, device=uses[0].inputs.device)
-            kept = []
-            if keep:
-                self.kept[param] = kept
             for r0, r1, block in products.materialised_blocks(uses, total, self.dtype, self.chunk_elements,
                                                               fresh=keep):
                 if reduction == Reduction.SUM_VECTORS and self.tensor_group is not None:
                     with self.phase("allreduce"):
                         dist.all_reduce(block, group=self.tensor_group)  # every rank joins; rank 0 counts it
                 if keep:
-                    kept.append((r0, r1, block))
-                self._add_block_gram(part, param, block, r0, cols, copy_scaled=keep)
+                    self.kept.setdefault(param, []).append((r0, r1, block))
+                self._add_block_gram(part, param, pre, block, r0, cols, copy_scaled=keep)
         return None if reduction == Reduction.SUM_VECTORS and tensor_rank != 0 else part
 
-    def _add_block_gram(self, part: torch.Tensor, param, block: torch.Tensor, r0: int, cols: int,
+    def _add_block_gram(self, part: torch.Tensor, param, pre, block: torch.Tensor, r0: int, cols: int,
                         copy_scaled: bool) -> None:
         """part += the Gram of per-sample gradients block [total, r, cols] (parameter rows r0 ...). The
         averaged samples' mean goes into the first of their rows (the update never reads them);
         preconditioned rows are scaled in place, or in a copy where the block is kept."""
-        total, size, pre = block.shape[0], part.shape[0], self.preconditioning
-        pre = pre if pre is not None and pre.covers(param) else None
+        total, size = block.shape[0], part.shape[0]
+        a = size - 1  # with averaged samples: the row of their mean (the first of them)
         if size < total:
-            a = self.averaged.start
             block[a] = block[a:].mean(dim=0)
         flat = block[:size].reshape(size, -1)
         if pre is not None:

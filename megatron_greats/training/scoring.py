@@ -76,7 +76,7 @@ class ScoringPass:
             losses = self.executor.score(self.module, micro_batches(batch.tokens, self.micro_batch),
                                          recorder=self.recorder, clock=self.clock)
         gram, c, v = self.recorder.gram(), batch.candidates, batch.validation
-        return SelectorInputs(losses=losses[c], gram=gram[c, c], 
+        return SelectorInputs(losses=losses[c], gram=gram[c, c],
                               val_alignment=gram[c, v.start] if v.stop > v.start else None)
 
     def release(self) -> None:
