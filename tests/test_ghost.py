@@ -420,23 +420,46 @@ def test_norm_kind_comes_from_the_type(norm):
     assert relative_error(gram, reference_gram(model, token_losses, x, y, params)) < 1e-9
 
 
-def test_materialised_blocks_sum_uses_whatever_samples_they_share():
+@pytest.mark.parametrize("rows,chunk_elements,tiles", [(5, 1 << 22, 1), (5, 8 * 7, 3), (200, 8 * 3 * 150, 2),
+                                                        (200, 8 * 3 * 50, 6)],
+                         ids=["whole", "column-tiles", "row-tiles", "row-and-column-tiles"])
+def test_materialised_blocks_sum_uses_whatever_samples_they_share(rows, chunk_elements, tiles):
     """Uses covering overlapping, disjoint and missing sample ranges: each row is the sum of the uses that
-    cover it, 0 where none does (the reused block buffer must never leak an earlier block)."""
+    cover it, 0 where none does (the reused block buffer must never leak an earlier block), and the tiles
+    cover every element of the parameter exactly once, whatever the chunk."""
     from megatron_greats.ghost.products import Kind, Use, materialised_blocks
 
     gen = torch.Generator().manual_seed(0)
+    cols, tokens, total = 3, 4, 8  # samples 6 and 7: no use
 
     def dense(samples):
         n = samples.stop - samples.start
-        return Use(Kind.DENSE, 5, 3, samples, torch.randn(n, 4, 3, generator=gen, dtype=torch.float64),
-                   torch.randn(n, 4, 5, generator=gen, dtype=torch.float64))
+        return Use(Kind.DENSE, rows, cols, samples, torch.randn(n, tokens, cols, generator=gen, dtype=torch.float64),
+                   torch.randn(n, tokens, rows, generator=gen, dtype=torch.float64))
 
     uses = [dense(slice(0, 3)), dense(slice(1, 5)), dense(slice(5, 6))]
-    total = 8  # samples 6 and 7: no use
-    expected = torch.zeros(total, 5, 3, dtype=torch.float64)
+    expected = torch.zeros(total, rows, cols, dtype=torch.float64)
     for u in uses:
         expected[u.samples] += torch.einsum("ntr,ntc->nrc", u.grads, u.inputs)
-    got = torch.cat([block.clone() for _, _, block in materialised_blocks(uses, total, torch.float64,
-                                                                          chunk_elements=2 * total * 3)], dim=1)
+    got = torch.full_like(expected, float("nan"))
+    covered = torch.zeros(rows, cols, dtype=torch.int64)
+    formed = 0
+    for tile in materialised_blocks(uses, total, torch.float64, chunk_elements=chunk_elements):
+        assert tile.block.numel() <= chunk_elements
+        got[:, tile.rows, tile.cols] = tile.block  # a copy: the next tile reuses the buffer
+        covered[tile.rows, tile.cols] += 1
+        formed += 1
+    assert formed == tiles and bool((covered == 1).all())
     assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_tiles_keep_enough_rows_for_a_fast_per_sample_gemm():
+    """Row tiles as tall as the chunk allows; a wide parameter is cut into columns before its tiles get
+    thinner than MIN_TILE_ROWS rows."""
+    from megatron_greats.ghost.products import MIN_TILE_ROWS, tile_shape
+
+    assert tile_shape(1024, 1024, 32, 1 << 22) == (128, 1024)    # 128 rows of full width fit
+    assert tile_shape(1024, 4096, 32, 1 << 22) == (MIN_TILE_ROWS, 1024)  # 32 full rows would: columns instead
+    assert tile_shape(64, 4096, 32, 1 << 20) == (64, 512)        # fewer rows than the minimum: all of them
+    assert tile_shape(300, 7, 8, 1 << 22) == (300, 7)           # one tile
+    assert tile_shape(4096, 1, 32, 1 << 10) == (32, 1)          # a vector: rows only

@@ -64,14 +64,20 @@ def _mlp(seed):
     return model, lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="none"), x, y
 
 
+# 6 x 64 elements: the transformer's weights are cut into column tiles (products.tile_shape)
+CHUNKS = pytest.mark.parametrize("chunk_elements", [1 << 22, 6 * 64], ids=["whole", "tiles"])
+
+
+@CHUNKS
 @pytest.mark.parametrize("case", [_transformer, _mlp], ids=["transformer", "mlp"])
-def test_exact_path_matches_torch_func_with_an_explicit_diagonal(case):
+def test_exact_path_matches_torch_func_with_an_explicit_diagonal(case, chunk_elements):
     """Dense weights and biases, norms, token/position embeddings and the tied output layer."""
     model, loss_fn, inputs, targets = case(0)
     params = GhostRecorder(model).parameters()
     diagonals = random_diagonals(params, seed=1)
     rows = slice(0, 4)  # the "candidates"; the rest play the validation samples
-    gram, params = capture(model, loss_fn, inputs, targets, Preconditioning(rows, diagonal=diagonals), path="materialise")
+    gram, params = capture(model, loss_fn, inputs, targets, Preconditioning(rows, diagonal=diagonals), path="materialise",
+                           chunk_elements=chunk_elements)
     ref = scaled_reference(per_sample_gradients(model, loss_fn, inputs, targets, params),
                            [diagonals[p] for p in params], rows)
     assert relative_error(gram, ref) < 1e-9
@@ -102,7 +108,8 @@ def test_ghost_path_is_exact_for_its_own_rank_one_factors(case):
     assert all(0 < e < 1 for e in factored.values())  # random D is far from rank 1: errors are reported
 
 
-def test_adam_diagonal_of_the_coming_step():
+@CHUNKS
+def test_adam_diagonal_of_the_coming_step(chunk_elements):
     """From Adam's v: D = 1 / (sqrt((beta2 v + (1 - beta2) gbar^2) / (1 - beta2^t)) + eps), gbar the mean
     gradient of the preconditioned samples; coordinates with v = 0 included."""
     model, loss_fn, inputs, targets = _transformer(6)
@@ -112,7 +119,7 @@ def test_adam_diagonal_of_the_coming_step():
     rows, beta2, t, eps = slice(0, 4), 0.95, 3, 1e-8
     gram, params = capture(model, loss_fn, inputs, targets,
                            Preconditioning(rows, second_moment=second, beta2=beta2, step=t, eps=eps),
-                           path="materialise")
+                           path="materialise", chunk_elements=chunk_elements)
     grads = per_sample_gradients(model, loss_fn, inputs, targets, params)
     scales = []
     for p, g in zip(params, grads):
@@ -142,15 +149,17 @@ def test_preconditioning_leaves_unscaled_rows_alone():
     assert relative_error(gram[3:, 3:], plain[3:, 3:]) < 1e-12
 
 
+@CHUNKS
 @pytest.mark.parametrize("micro_batches", [1, 2])
-def test_kept_blocks_are_the_unscaled_gradients(micro_batches):
+def test_kept_blocks_are_the_unscaled_gradients(micro_batches, chunk_elements):
     """With the update kept as per-sample gradients (single_pass), the Gram rows of the candidates are
     D g_i while the update is formed from the plain g_i; the validation samples are one averaged row."""
     model, loss_fn, inputs, targets = _transformer(8)
     params = GhostRecorder(model).parameters()
     diagonals = random_diagonals(params, seed=9)
     rows = slice(0, 4)
-    rec = GhostRecorder(model, path="materialise", keep_operands=True, update_from="blocks")
+    rec = GhostRecorder(model, path="materialise", keep_operands=True, update_from="blocks",
+                        chunk_elements=chunk_elements)
     gram = captured_gram(rec, model, loss_fn, inputs, targets, micro_batches,
                          preconditioning=Preconditioning(rows, diagonal=diagonals), averaged=slice(4, 6))
     full = scaled_reference(per_sample_gradients(model, loss_fn, inputs, targets, params),

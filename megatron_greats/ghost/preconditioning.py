@@ -47,14 +47,14 @@ class Preconditioning:
     def covers(self, param) -> bool:
         return param in self.diagonal or param in self.second_moment
 
-    def block(self, param, r0: int, r1: int, cols: int, candidate_mean: torch.Tensor) -> torch.Tensor:
-        """D for parameter rows [r0, r1) as [r1 - r0, cols]. Adam's is that of the coming step:
+    def block(self, param, rows: slice, cols: slice, width: int, candidate_mean: torch.Tensor) -> torch.Tensor:
+        """D of one tile [rows, cols] of a parameter `width` columns wide. Adam's is that of the coming step:
         v_t = beta2 v + (1 - beta2) g^2 with g the preconditioned samples' mean gradient
         (`candidate_mean`, the same rows), so a coordinate the optimizer has not seen yet (v = 0)
         gets 1 / |g| as Adam's own step will, not 1 / eps."""
         if param in self.diagonal:
-            return self.diagonal[param].reshape(-1, cols)[r0:r1]
-        v = self.second_moment[param].reshape(-1, cols)[r0:r1].to(candidate_mean.dtype)
+            return self.diagonal[param].reshape(-1, width)[rows, cols]
+        v = self.second_moment[param].reshape(-1, width)[rows, cols].to(candidate_mean.dtype)
         return self._adam(v, candidate_mean.square())
 
     def matrix(self, param, rows: int, cols: int) -> torch.Tensor:

@@ -181,65 +181,102 @@ class _SortedTokens:
         self.sample = torch.div(token, u.tokens, rounding_mode="floor")
         self.grads = u.grads.reshape(-1, u.cols)[token].to(dtype)
 
-    def add_to(self, block: torch.Tensor, first_sample: int, r0: int, r1: int) -> None:
-        """block [total, r1 - r0, cols] += this use's per-sample gradients of rows [r0, r1)."""
-        lo, hi = (int(x) for x in torch.searchsorted(self.ids, torch.tensor([r0, r1], device=self.ids.device)))
+    def add_to(self, block: torch.Tensor, first_sample: int, rows: slice, cols: slice) -> None:
+        """block [total, rows, cols] += this use's per-sample gradients of that tile."""
+        bounds = torch.tensor([rows.start, rows.stop], device=self.ids.device)
+        lo, hi = (int(x) for x in torch.searchsorted(self.ids, bounds))
         if hi > lo:
-            flat = (first_sample + self.sample[lo:hi]) * (r1 - r0) + (self.ids[lo:hi] - r0)
-            block.view(-1, block.shape[-1]).index_add_(0, flat, self.grads[lo:hi])
+            flat = (first_sample + self.sample[lo:hi]) * (rows.stop - rows.start) + (self.ids[lo:hi] - rows.start)
+            block.view(-1, block.shape[-1]).index_add_(0, flat, self.grads[lo:hi, cols])
 
 
-def _vector_rows(u: Use, r0: int, r1: int, dtype) -> torch.Tensor:
-    """Per-sample gradients [n, r1 - r0, 1] of rows [r0, r1) of a bias or a norm weight."""
-    b = u.grads[:, :, r0:r1].to(dtype)
+def _vector_rows(u: Use, rows: slice, dtype) -> torch.Tensor:
+    """Per-sample gradients [n, rows, 1] of a bias or a norm weight."""
+    b = u.grads[:, :, rows].to(dtype)
     if u.kind == Kind.DIAG:
-        b = b * u.inputs[:, :, r0:r1].to(dtype)
+        b = b * u.inputs[:, :, rows].to(dtype)
     return b.sum(1).unsqueeze(-1)
+
+
+@dataclass
+class Tile:
+    """Per-sample gradients of one tile of a parameter [rows, cols]: block [total, rows, cols]."""
+    rows: slice
+    cols: slice
+    block: torch.Tensor
+
+
+# Per-sample GEMMs (K = tokens) with fewer output rows than this run far below the rate of one
+# weight-gradient GEMM (measured on CPU: 0.65 at 32 rows, 0.85 at 128), so a wide parameter is cut into
+# column tiles before its row tiles get that thin.
+MIN_TILE_ROWS = 128
+
+
+def tile_shape(rows: int, cols: int, total: int, chunk_elements: int) -> tuple:
+    """(rows, cols) of the tiles of a [rows, cols] parameter whose total x rows x cols block fits in
+    chunk_elements: tiles of full rows while they keep MIN_TILE_ROWS rows, else MIN_TILE_ROWS rows of as
+    many columns as fit."""
+    per_sample = max(1, chunk_elements // max(1, total))
+    tile_rows = min(rows, max(1, per_sample // cols))
+    tall = min(rows, MIN_TILE_ROWS)
+    if tile_rows >= tall or per_sample < tall:  # tall enough, or even one column that tall would not fit
+        return tile_rows, cols
+    return tall, min(cols, per_sample // tall)
 
 
 def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                         fresh: bool = False):
-    """Yield (r0, r1, per-sample gradients [total, r1 - r0, cols] of parameter rows [r0, r1)), summed
-    over uses.
+    """Yield Tiles of per-sample gradients [total, tile rows, tile cols], summed over uses, tile by tile
+    (tile_shape).
 
-    One buffer serves every block (each yielded block is overwritten by the next): the first use of a
-    sample writes its rows, later ones add, and sparse uses add their few tokens last. fresh=True: each
-    block in a buffer of its own, which the caller may keep. The caller forms the block's products while
+    One buffer serves every tile (each yielded tile is overwritten by the next): the first use of a
+    sample writes its part, later ones add, and sparse uses add their few tokens last. fresh=True: each
+    tile in a buffer of its own, which the caller may keep. The caller forms the tile's products while
     it is still in cache."""
     rows, cols = uses[0].rows, uses[0].cols
-    step = min(rows, max(1, chunk_elements // max(1, total * cols)))
+    tile_rows, tile_cols = tile_shape(rows, cols, total, chunk_elements)
     device = uses[0].inputs.device
     sparse = [(u, _SortedTokens(u, dtype)) for u in uses if u.kind == Kind.SPARSE]
     others = [u for u in uses if u.kind != Kind.SPARSE]
-    buffer = None if fresh else torch.empty(total * step * cols, dtype=dtype, device=device)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        if fresh:
-            block = torch.empty(total, r1 - r0, cols, dtype=dtype, device=device)
-        else:
-            block = buffer[:total * (r1 - r0) * cols].view(total, r1 - r0, cols)
-        written = torch.zeros(total, dtype=torch.bool)
-        for u in others:
-            out, seen = block[u.samples], written[u.samples]
-            fresh = not bool(seen.any())
-            if not fresh and not bool(seen.all()):  # partly written: the rest starts from zero
-                out[~seen.to(device)] = 0
-            if u.kind == Kind.DENSE:
-                grads_t = u.grads[:, :, r0:r1].to(dtype).transpose(1, 2)        # [n, r, T]
-                if fresh:
-                    torch.bmm(grads_t, u.inputs.to(dtype), out=out)
-                else:
-                    out.baddbmm_(grads_t, u.inputs.to(dtype))
-            elif fresh:
-                out.copy_(_vector_rows(u, r0, r1, dtype))
+    buffer = None if fresh else torch.empty(total * tile_rows * tile_cols, dtype=dtype, device=device)
+    for r0 in range(0, rows, tile_rows):
+        r = slice(r0, min(rows, r0 + tile_rows))
+        for c0 in range(0, cols, tile_cols):
+            c = slice(c0, min(cols, c0 + tile_cols))
+            shape = (total, r.stop - r.start, c.stop - c.start)
+            if fresh:
+                block = torch.empty(shape, dtype=dtype, device=device)
             else:
-                out.add_(_vector_rows(u, r0, r1, dtype))
-            written[u.samples] = True
-        if not bool(written.all()):
-            block[~written.to(device)] = 0
-        for u, tokens in sparse:
-            tokens.add_to(block, u.samples.start, r0, r1)
-        yield r0, r1, block
+                block = buffer[:shape[0] * shape[1] * shape[2]].view(shape)
+            _fill_tile(block, others, r, c, total, dtype)
+            for u, tokens in sparse:
+                tokens.add_to(block, u.samples.start, r, c)
+            yield Tile(r, c, block)
+
+
+def _fill_tile(block: torch.Tensor, uses: list, rows: slice, cols: slice, total: int, dtype) -> None:
+    """block = the sum over the (non-sparse) uses of each sample's gradient tile; 0 where none covers it."""
+    device = block.device
+    written = torch.zeros(total, dtype=torch.bool)
+    for u in uses:
+        out, seen = block[u.samples], written[u.samples]
+        first = not bool(seen.any())
+        if not first and not bool(seen.all()):  # partly written: the rest starts from zero
+            out[~seen.to(device)] = 0
+        if u.kind == Kind.DENSE:
+            grads_t = u.grads[:, :, rows].to(dtype).transpose(1, 2)        # [n, r, T]
+            inputs = u.inputs[:, :, cols].to(dtype)                         # [n, T, c]
+            if first:
+                torch.bmm(grads_t, inputs, out=out)
+            else:
+                out.baddbmm_(grads_t, inputs)
+        elif first:
+            out.copy_(_vector_rows(u, rows, dtype))
+        else:
+            out.add_(_vector_rows(u, rows, dtype))
+        written[u.samples] = True
+    if not bool(written.all()):
+        block[~written.to(device)] = 0
 
 
 def blocks_fit(uses: list, total: int, dtype) -> bool:
@@ -272,16 +309,15 @@ def averaged_gram(gram: torch.Tensor, averaged: Optional[slice]) -> torch.Tensor
 
 
 # ---- the weighted gradient of a parameter (single-pass update) --------------------------------------
-def weighted_block_sum(blocks: list, weights: torch.Tensor, shape, dtype) -> torch.Tensor:
-    """sum_i weights[i] G_i over the samples with a non-zero weight, from kept per-sample gradients
-    [(r0, r1, block [total, r1 - r0, cols])]: k additions of parameter-sized blocks instead of k GEMMs
-    over the tokens."""
-    rows, cols = blocks[-1][1], blocks[0][2].shape[2]
-    grad = torch.zeros(rows, cols, dtype=blocks[0][2].dtype, device=blocks[0][2].device)
+def weighted_block_sum(tiles: list, weights: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """sum_i weights[i] G_i over the samples with a non-zero weight, from kept per-sample gradient Tiles
+    covering the parameter: k additions of parameter-sized blocks instead of k GEMMs over the tokens."""
+    rows, cols = max(t.rows.stop for t in tiles), max(t.cols.stop for t in tiles)
+    grad = torch.zeros(rows, cols, dtype=tiles[0].block.dtype, device=tiles[0].block.device)
     chosen = torch.nonzero(weights, as_tuple=True)[0]
-    for r0, r1, block in blocks:
+    for tile in tiles:
         for i, w_i in zip(chosen.tolist(), weights[chosen].tolist()):
-            grad[r0:r1].add_(block[i], alpha=w_i)
+            grad[tile.rows, tile.cols].add_(tile.block[i], alpha=w_i)
     return grad.to(dtype).reshape(shape)
 
 

@@ -230,8 +230,8 @@ class GhostRecorder:
         (the Gram aside). Streamed parameters free theirs during backward, unless an update needs them."""
         if self._store is None:
             return 0
-        blocks = sum(block.untyped_storage().nbytes() for chunks in self._reduction.kept.values()
-                     for _, _, block in chunks)
+        blocks = sum(tile.block.untyped_storage().nbytes() for tiles in self._reduction.kept.values()
+                     for tile in tiles)
         return self._store.held_bytes() + blocks
 
     def update_sources(self) -> dict:

@@ -42,7 +42,7 @@ class GramReduction:
         self.streamed = None  # the Gram part of parameters reduced during backward
         self.preconditioning = None  # optional: a Preconditioning (preconditioning.py) of some Gram rows
         self.averaged = None  # optional: a slice of the last samples, merged into one Gram row (their mean)
-        self.kept = {}  # param -> per-sample gradients kept for an update, [(r0, r1, [total, r1 - r0, cols])]
+        self.kept = {}  # param -> per-sample gradients kept for an update: [products.Tile]
 
     def phase(self, name: str):
         return self.clock.phase(name) if self.clock is not None else contextlib.nullcontext()
@@ -65,7 +65,7 @@ class GramReduction:
                    keep: bool = False) -> Optional[torch.Tensor]:
         """This rank's share of the parameter's Gram (gram_size rows: the averaged samples are one), or
         None where another rank counts it. keep: where the materialised path forms the per-sample
-        gradients, keep them (self.kept[param]: [(r0, r1, [total, r1 - r0, cols])]) for an update."""
+        gradients, keep them (self.kept[param]: [products.Tile]) for an update."""
         tensor_rank = self.tensor_rank
         if reduction == Reduction.ONCE and tensor_rank != 0:
             return None  # replicated over tensor-parallel ranks: rank 0 counts it
@@ -81,21 +81,21 @@ class GramReduction:
                                           self.averaged)
         else:
             part = torch.zeros(size, size, dtype=self.dtype, device=uses[0].inputs.device)
-            for r0, r1, block in products.materialised_blocks(uses, total, self.dtype, self.chunk_elements,
-                                                              fresh=keep):
+            for tile in products.materialised_blocks(uses, total, self.dtype, self.chunk_elements, fresh=keep):
                 if reduction == Reduction.SUM_VECTORS and self.tensor_group is not None:
                     with self.phase("allreduce"):
-                        dist.all_reduce(block, group=self.tensor_group)  # every rank joins; rank 0 counts it
+                        dist.all_reduce(tile.block, group=self.tensor_group)  # every rank joins; rank 0 counts it
                 if keep:
-                    self.kept.setdefault(param, []).append((r0, r1, block))
-                self._add_block_gram(part, param, pre, block, r0, cols, copy_scaled=keep)
+                    self.kept.setdefault(param, []).append(tile)
+                self._add_block_gram(part, param, pre, tile, cols, copy_scaled=keep)
         return None if reduction == Reduction.SUM_VECTORS and tensor_rank != 0 else part
 
-    def _add_block_gram(self, part: torch.Tensor, param, pre, block: torch.Tensor, r0: int, cols: int,
+    def _add_block_gram(self, part: torch.Tensor, param, pre, tile: products.Tile, cols: int,
                         copy_scaled: bool) -> None:
-        """part += the Gram of per-sample gradients block [total, r, cols] (parameter rows r0 ...). The
+        """part += the Gram of a tile's per-sample gradients (cols: the parameter's columns). The
         averaged samples' mean goes into the first of their rows (the update never reads them);
         preconditioned rows are scaled in place, or in a copy where the block is kept."""
+        block = tile.block
         total, size = block.shape[0], part.shape[0]
         a = size - 1  # with averaged samples: the row of their mean (the first of them)
         if size < total:
@@ -104,8 +104,8 @@ class GramReduction:
         if pre is not None:
             if copy_scaled:
                 flat = flat.clone()
-            rows_of = flat[pre.samples].view(-1, block.shape[1], cols)
-            rows_of *= pre.block(param, r0, r0 + block.shape[1], cols, rows_of.mean(dim=0))
+            rows_of = flat[pre.samples].view(-1, *block.shape[1:])
+            rows_of *= pre.block(param, tile.rows, tile.cols, cols, rows_of.mean(dim=0))
         if size < total:  # the mean row apart: a GEMM of a rows runs faster than one of a + 1 on CPU BLAS
             individual, mean = flat[:a], flat[a]
             part[:a, :a].addmm_(individual, individual.T)
