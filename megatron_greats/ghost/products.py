@@ -190,12 +190,15 @@ class _SortedTokens:
             block.view(-1, block.shape[-1]).index_add_(0, flat, self.grads[lo:hi, cols])
 
 
-def _vector_rows(u: Use, rows: slice, dtype) -> torch.Tensor:
-    """Per-sample gradients [n, rows, 1] of a bias or a norm weight."""
+def _vector_rows(u: Use, rows: slice, dtype, out: torch.Tensor, add: bool) -> None:
+    """out [n, rows, 1] = (or += with add) the per-sample gradients of a bias or a norm weight's rows."""
     b = u.grads[:, :, rows].to(dtype)
     if u.kind == Kind.DIAG:
         b = b * u.inputs[:, :, rows].to(dtype)
-    return b.sum(1).unsqueeze(-1)
+    if add:
+        out.add_(b.sum(1).unsqueeze(-1))
+    else:
+        torch.sum(b, dim=1, out=out.squeeze(-1))
 
 
 @dataclass
@@ -255,28 +258,27 @@ def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEF
 
 
 def _fill_tile(block: torch.Tensor, uses: list, rows: slice, cols: slice, total: int, dtype) -> None:
-    """block = the sum over the (non-sparse) uses of each sample's gradient tile; 0 where none covers it."""
-    device = block.device
-    written = torch.zeros(total, dtype=torch.bool)
+    """block = the sum over the (non-sparse) uses of each sample's gradient tile; 0 where none covers it.
+    Which samples are written is tracked in Python: at small sizes the tensor ops would cost more."""
+    written = bytearray(total)
     for u in uses:
-        out, seen = block[u.samples], written[u.samples]
-        first = not bool(seen.any())
-        if not first and not bool(seen.all()):  # partly written: the rest starts from zero
-            out[~seen.to(device)] = 0
+        lo, hi = u.samples.start, u.samples.stop
+        out = block if lo == 0 and hi == total else block[lo:hi]
+        seen = written[lo:hi].count(1)
+        if 0 < seen < hi - lo:  # partly written: the rest starts from zero
+            out[torch.tensor([not w for w in written[lo:hi]], device=block.device)] = 0
         if u.kind == Kind.DENSE:
             grads_t = u.grads[:, :, rows].to(dtype).transpose(1, 2)        # [n, r, T]
             inputs = u.inputs[:, :, cols].to(dtype)                         # [n, T, c]
-            if first:
-                torch.bmm(grads_t, inputs, out=out)
-            else:
+            if seen:
                 out.baddbmm_(grads_t, inputs)
-        elif first:
-            out.copy_(_vector_rows(u, rows, dtype))
+            else:
+                torch.bmm(grads_t, inputs, out=out)
         else:
-            out.add_(_vector_rows(u, rows, dtype))
-        written[u.samples] = True
-    if not bool(written.all()):
-        block[~written.to(device)] = 0
+            _vector_rows(u, rows, dtype, out, add=seen > 0)
+        written[lo:hi] = b"\x01" * (hi - lo)
+    if written.count(0):
+        block[torch.tensor([not w for w in written], device=block.device)] = 0
 
 
 def blocks_fit(uses: list, total: int, dtype) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 from enum import Enum
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -39,7 +38,7 @@ class GramReduction:
         """order: param -> position (the same on every rank: collectives inside must line up)."""
         self.order, self.path, self.chunk_elements, self.dtype = order, Path(path), chunk_elements, dtype
         self.tensor_group, self.model_parallel_group, self.clock = tensor_group, model_parallel_group, clock
-        self.streamed = None  # the Gram part of parameters reduced during backward
+        self.streamed = None  # the Gram part of the parameters reduced during backward
         self.preconditioning = None  # optional: a Preconditioning (preconditioning.py) of some Gram rows
         self.averaged = None  # optional: a slice of the last samples, merged into one Gram row (their mean)
         self.kept = {}  # param -> per-sample gradients kept for an update: [products.Tile]
@@ -56,39 +55,41 @@ class GramReduction:
 
     def add_streamed(self, param, uses: list, reduction: Reduction, keep: bool = False) -> None:
         """Reduce one parameter during backward (its uses cover a single micro-batch of uses[0].n samples)."""
+        if self.streamed is None:
+            size = products.gram_size(uses[0].n, self.averaged)
+            self.streamed = torch.zeros(size, size, dtype=self.dtype, device=uses[0].inputs.device)
         with self.phase("ghost_products"):
-            part = self.param_gram(param, uses, reduction, uses[0].n, keep)
-        if part is not None:
-            self.streamed = part if self.streamed is None else self.streamed + part
+            self.add_param_gram(self.streamed, param, uses, reduction, uses[0].n, keep)
 
-    def param_gram(self, param, uses: list, reduction: Reduction, total: int,
-                   keep: bool = False) -> Optional[torch.Tensor]:
-        """This rank's share of the parameter's Gram (gram_size rows: the averaged samples are one), or
-        None where another rank counts it. keep: where the materialised path forms the per-sample
-        gradients, keep them (self.kept[param]: [products.Tile]) for an update."""
+    def add_param_gram(self, gram: torch.Tensor, param, uses: list, reduction: Reduction, total: int,
+                       keep: bool = False) -> None:
+        """gram += this rank's share of the parameter's Gram (gram_size rows: the averaged samples are
+        one); nothing where another rank counts it. keep: where the materialised path forms the
+        per-sample gradients, keep them (self.kept[param]: [products.Tile]) for an update."""
         tensor_rank = self.tensor_rank
         if reduction == Reduction.ONCE and tensor_rank != 0:
-            return None  # replicated over tensor-parallel ranks: rank 0 counts it
+            return  # replicated over tensor-parallel ranks: rank 0 counts it
         pre = self.preconditioning
         pre = pre if pre is not None and pre.covers(param) else None
         rows, cols = uses[0].rows, uses[0].cols
-        size = products.gram_size(total, self.averaged)
         if products.choose_path(uses, total, self.path, preconditioned=pre is not None) == Path.GHOST:
             if pre is not None:  # exact for the rank-1 fit r c^T of D
                 r, c, _ = pre.factor(param, rows, cols)
                 uses = products.scaled_uses(uses, pre.samples, r, c, self.dtype)
-            part = products.averaged_gram(products.ghost_gram(uses, total, self.dtype, self.chunk_elements),
-                                          self.averaged)
-        else:
-            part = torch.zeros(size, size, dtype=self.dtype, device=uses[0].inputs.device)
-            for tile in products.materialised_blocks(uses, total, self.dtype, self.chunk_elements, fresh=keep):
-                if reduction == Reduction.SUM_VECTORS and self.tensor_group is not None:
-                    with self.phase("allreduce"):
-                        dist.all_reduce(tile.block, group=self.tensor_group)  # every rank joins; rank 0 counts it
-                if keep:
-                    self.kept.setdefault(param, []).append(tile)
-                self._add_block_gram(part, param, pre, tile, cols, copy_scaled=keep)
-        return None if reduction == Reduction.SUM_VECTORS and tensor_rank != 0 else part
+            gram += products.averaged_gram(products.ghost_gram(uses, total, self.dtype, self.chunk_elements),
+                                           self.averaged)
+            return
+        # vectors of sequence shards: summed over tensor-parallel ranks (all join), counted on rank 0
+        summed = reduction == Reduction.SUM_VECTORS and self.tensor_group is not None
+        counted = not summed or tensor_rank == 0
+        for tile in products.materialised_blocks(uses, total, self.dtype, self.chunk_elements, fresh=keep):
+            if summed:
+                with self.phase("allreduce"):
+                    dist.all_reduce(tile.block, group=self.tensor_group)
+            if keep:
+                self.kept.setdefault(param, []).append(tile)
+            if counted:
+                self._add_block_gram(gram, param, pre, tile, cols, copy_scaled=keep)
 
     def _add_block_gram(self, part: torch.Tensor, param, pre, tile: products.Tile, cols: int,
                         copy_scaled: bool) -> None:
@@ -125,9 +126,7 @@ class GramReduction:
             gram += self.streamed
         for param in self.sorted(uses_of):
             with self.phase("ghost_products"):
-                part = self.param_gram(param, uses_of[param], reductions[param], total, param in keep)
-                if part is not None:
-                    gram += part.to(self.dtype)
+                self.add_param_gram(gram, param, uses_of[param], reductions[param], total, param in keep)
         if self.model_parallel_group is not None and dist.get_world_size(self.model_parallel_group) > 1:
             with self.phase("allreduce"):
                 dist.all_reduce(gram, group=self.model_parallel_group)
