@@ -32,6 +32,43 @@ def reduction_of(param) -> Reduction:
     return Reduction.SUM if getattr(param, "tensor_model_parallel", False) else Reduction.ONCE
 
 
+class GramSum:
+    """A Gram summed from parts. With averaged samples (their mean is the last of `size` rows) the
+    individual rows' square block and the mean's column are held apart: a tile then adds one GEMM over
+    the individual rows and one matrix-vector product for the column (a GEMM of a rows runs faster than
+    one of a + 1 on CPU BLAS, and no slice of the Gram is updated piece by piece)."""
+
+    def __init__(self, size: int, averaged: bool, dtype, device):
+        self.size = size
+        self.individual = size - 1 if averaged else size
+        self.square = torch.zeros(self.individual, self.individual, dtype=dtype, device=device)
+        self.column = torch.zeros(size, dtype=dtype, device=device) if averaged else None  # <g_i, mean>
+
+    def add_rows(self, flat: torch.Tensor) -> None:
+        """+= the Gram of per-sample gradients flat [size, L] (with averaged samples: the mean last)."""
+        individual = flat[:self.individual]
+        self.square.addmm_(individual, individual.T)
+        if self.column is not None:
+            self.column.addmv_(flat, flat[self.individual])
+
+    def add(self, gram: torch.Tensor) -> None:
+        """+= a whole symmetric [size, size] Gram."""
+        a = self.individual
+        self.square += gram[:a, :a]
+        if self.column is not None:
+            self.column += gram[:, a]
+
+    def matrix(self) -> torch.Tensor:
+        a = self.individual
+        if self.column is None:
+            return self.square.clone()
+        out = self.square.new_empty(self.size, self.size)
+        out[:a, :a] = self.square
+        out[:, a] = self.column
+        out[a, :a] = self.column[:a]
+        return out
+
+
 class GramReduction:
     def __init__(self, order: dict, path: Path, chunk_elements: int, tensor_group, model_parallel_group, dtype,
                  clock=None):
@@ -56,12 +93,14 @@ class GramReduction:
     def add_streamed(self, param, uses: list, reduction: Reduction, keep: bool = False) -> None:
         """Reduce one parameter during backward (its uses cover a single micro-batch of uses[0].n samples)."""
         if self.streamed is None:
-            size = products.gram_size(uses[0].n, self.averaged)
-            self.streamed = torch.zeros(size, size, dtype=self.dtype, device=uses[0].inputs.device)
+            self.streamed = self.gram_sum(uses[0].n, uses[0].inputs.device)
         with self.phase("ghost_products"):
             self.add_param_gram(self.streamed, param, uses, reduction, uses[0].n, keep)
 
-    def add_param_gram(self, gram: torch.Tensor, param, uses: list, reduction: Reduction, total: int,
+    def gram_sum(self, total: int, device) -> GramSum:
+        return GramSum(products.gram_size(total, self.averaged), self.averaged is not None, self.dtype, device)
+
+    def add_param_gram(self, gram: GramSum, param, uses: list, reduction: Reduction, total: int,
                        keep: bool = False) -> None:
         """gram += this rank's share of the parameter's Gram (gram_size rows: the averaged samples are
         one); nothing where another rank counts it. keep: where the materialised path forms the
@@ -76,8 +115,8 @@ class GramReduction:
             if pre is not None:  # exact for the rank-1 fit r c^T of D
                 r, c, _ = pre.factor(param, rows, cols)
                 uses = products.scaled_uses(uses, pre.samples, r, c, self.dtype)
-            gram += products.averaged_gram(products.ghost_gram(uses, total, self.dtype, self.chunk_elements),
-                                           self.averaged)
+            gram.add(products.averaged_gram(products.ghost_gram(uses, total, self.dtype, self.chunk_elements),
+                                            self.averaged))
             return
         # vectors of sequence shards: summed over tensor-parallel ranks (all join), counted on rank 0
         summed = reduction == Reduction.SUM_VECTORS and self.tensor_group is not None
@@ -91,42 +130,31 @@ class GramReduction:
             if counted:
                 self._add_block_gram(gram, param, pre, tile, cols, copy_scaled=keep)
 
-    def _add_block_gram(self, part: torch.Tensor, param, pre, tile: products.Tile, cols: int,
+    def _add_block_gram(self, gram: GramSum, param, pre, tile: products.Tile, cols: int,
                         copy_scaled: bool) -> None:
-        """part += the Gram of a tile's per-sample gradients (cols: the parameter's columns). The
+        """gram += the Gram of a tile's per-sample gradients (cols: the parameter's columns). The
         averaged samples' mean goes into the first of their rows (the update never reads them);
         preconditioned rows are scaled in place, or in a copy where the block is kept."""
         block = tile.block
-        total, size = block.shape[0], part.shape[0]
-        a = size - 1  # with averaged samples: the row of their mean (the first of them)
-        if size < total:
-            block[a] = block[a:].mean(dim=0)
-        flat = block[:size].reshape(size, -1)
+        size = gram.size
+        if size < block.shape[0]:
+            block[size - 1] = block[size - 1:].mean(dim=0)
+        flat = block[:size].view(size, -1)
         if pre is not None:
             if copy_scaled:
                 flat = flat.clone()
             rows_of = flat[pre.samples].view(-1, *block.shape[1:])
             rows_of *= pre.block(param, tile.rows, tile.cols, cols, rows_of.mean(dim=0))
-        if size < total:  # the mean row apart: a GEMM of a rows runs faster than one of a + 1 on CPU BLAS
-            individual, mean = flat[:a], flat[a]
-            part[:a, :a].addmm_(individual, individual.T)
-            across = individual @ mean
-            part[:a, a] += across
-            part[a, :a] += across
-            part[a, a] += mean @ mean
-        else:
-            part.addmm_(flat, flat.T)
+        gram.add_rows(flat)
 
     def finish(self, uses_of: dict, reductions: dict, total: int, device, keep=frozenset()) -> torch.Tensor:
         """The full Gram: streamed parts + the parameters in uses_of, summed over the model-parallel group;
         the parameters in `keep` keep their per-sample gradients where they are formed."""
-        size = products.gram_size(total, self.averaged)
-        gram = torch.zeros(size, size, dtype=self.dtype, device=device)
-        if self.streamed is not None:
-            gram += self.streamed
+        gram = self.streamed if self.streamed is not None else self.gram_sum(total, device)
         for param in self.sorted(uses_of):
             with self.phase("ghost_products"):
                 self.add_param_gram(gram, param, uses_of[param], reductions[param], total, param in keep)
+        gram = gram.matrix()
         if self.model_parallel_group is not None and dist.get_world_size(self.model_parallel_group) > 1:
             with self.phase("allreduce"):
                 dist.all_reduce(gram, group=self.model_parallel_group)
