@@ -47,6 +47,23 @@ def test_floor_is_the_activation_backward_and_touches_no_parameter():
     torch.testing.assert_close(got, kept[0].grad, rtol=1e-10, atol=1e-12)
 
 
+def test_ghost_benchmark_rounds_take_the_median_of_ratios_within_rounds(tmp_path):
+    out = tmp_path / "ghost.json"
+    proc = subprocess.run([sys.executable, "-m", "megatron_greats.bench", "ghost", "--points", "4,16,32",
+                           "--repeats", "1", "--rounds", "3", "--json", str(out)], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    ratios = row["ghost_over_ordinary_time_per_round"]
+    assert len(ratios) == 3 and row["rounds"] == 3 and "(3 rounds)" in proc.stdout
+    assert row["ghost_over_ordinary_time"] == sorted(ratios)[1]
+    assert row["ghost_over_ordinary_time_range"] == [min(ratios), max(ratios)]
+    bad = subprocess.run([sys.executable, "-m", "megatron_greats.bench", "ghost", "--rounds", "0"], cwd=REPO,
+                         env=child_env(), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "megatron_greats: error: --repeats 3 / --rounds 0; allowed: >= 1"]
+
+
 def test_bad_point_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "megatron_greats.bench", "ghost", "--points", "4,16"],
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=60)

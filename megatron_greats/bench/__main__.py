@@ -1,4 +1,4 @@
-"""python -m megatron_greats.bench ghost [--points B,T,d ...] [--repeats N] [--json FILE]
+"""python -m megatron_greats.bench ghost [--points B,T,d ...] [--repeats N] [--rounds N] [--json FILE]
 python -m megatron_greats.bench step --config FILE [--warmup W] [--repeats R] [--rounds N] [--out DIR] [key=value ...]
     (any launcher: python, torchrun, deepspeed; every rank runs it)"""
 
@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     ghost = sub.add_parser("ghost", help="GhostRecorder vs torch.func per-sample gradients + Gram")
     ghost.add_argument("--points", type=_point, nargs="+", default=None, help="B,T,d triples")
     ghost.add_argument("--repeats", type=int, default=3)
+    ghost.add_argument("--rounds", type=int, default=1,
+                       help="measure every method this many times, in rotated order; ghost/step: median over rounds")
     ghost.add_argument("--json", default=None, help="also write the results here")
     ghost.add_argument("--one", nargs=4, metavar=("METHOD", "B", "T", "D"), help=argparse.SUPPRESS)
     step = sub.add_parser("step", help="GREATS step vs Regular(k) and Regular(N): time, memory, phase split")
@@ -43,6 +45,10 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     if args.bench == "step":
         return _step(args)
+    if args.repeats < 1 or args.rounds < 1:  # before the heavy imports
+        print(f"megatron_greats: error: --repeats {args.repeats} / --rounds {args.rounds}; allowed: >= 1",
+              file=sys.stderr)
+        return 2
     from megatron_greats.bench import ghost as bench_ghost
 
     if args.one:  # one measurement, in its own process (run() spawns these)
@@ -54,7 +60,7 @@ def main(argv=None) -> int:
     print("floor: forward + backward w.r.t. activations only, which every exact method needs; "
           "func/floor = the most any exact method can gain")
     print(bench_ghost.HEADER)
-    bench_ghost.run(args.points or bench_ghost.DEFAULT_POINTS, args.repeats, args.json)
+    bench_ghost.run(args.points or bench_ghost.DEFAULT_POINTS, args.repeats, args.json, args.rounds)
     return 0
 
 

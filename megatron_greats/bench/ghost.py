@@ -117,6 +117,7 @@ def ordinary_step(model, inputs, labels):
 
 
 METHODS = {"ghost": ghost_gram, "torch.func": func_gram, "floor": activation_pass, "ordinary": ordinary_step}
+METHODS_ORDER = tuple(METHODS)
 
 
 def measure(method: str, b: int, t: int, d: int, repeats: int) -> dict:
@@ -157,23 +158,43 @@ def measure(method: str, b: int, t: int, d: int, repeats: int) -> dict:
             "gram_trace": float(torch.diagonal(result).sum()) if result.dim() == 2 else None, "device": str(device)}
 
 
-def run(points=DEFAULT_POINTS, repeats: int = 3, json_path=None) -> list:
+def _one(method: str, b: int, t: int, d: int, repeats: int) -> dict:
+    cmd = [sys.executable, "-m", "megatron_greats.bench", "ghost", "--one", method, str(b), str(t), str(d),
+           "--repeats", str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method} at B={b} T={t} d={d} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _merged(runs: list) -> dict:
+    """One method's measurements over rounds: median time, spread over every round, first round's memory."""
+    merged = dict(runs[0])
+    merged["seconds"] = statistics.median(r["seconds"] for r in runs)
+    merged["seconds_spread"] = [min(r["seconds_spread"][0] for r in runs), max(r["seconds_spread"][1] for r in runs)]
+    return merged
+
+
+def run(points=DEFAULT_POINTS, repeats: int = 3, json_path=None, rounds: int = 1) -> list:
+    """rounds > 1: each method is measured once per round, in an order rotated by one each round, so a
+    drift of the machine's speed falls on every method alike; ghost/step time is then the median of the
+    rounds' ratios (each within one round), with its range. Memory comes from the first round."""
     rows = []
     for b, t, d in points:
-        pair = {}
-        for method in METHODS:
-            cmd = [sys.executable, "-m", "megatron_greats.bench", "ghost", "--one", method, str(b), str(t), str(d),
-                   "--repeats", str(repeats)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if proc.returncode != 0:
-                raise RuntimeError(f"{method} at B={b} T={t} d={d} failed:\n{proc.stderr[-2000:]}")
-            pair[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+        per_round = []
+        for index in range(rounds):
+            order = METHODS_ORDER[index % len(METHODS_ORDER):] + METHODS_ORDER[:index % len(METHODS_ORDER)]
+            per_round.append({method: _one(method, b, t, d, repeats) for method in order})
+        pair = {method: _merged([r[method] for r in per_round]) for method in METHODS_ORDER}
         g, f, floor, plain = pair["ghost"], pair["torch.func"], pair["floor"], pair["ordinary"]
         agree = math.isclose(g["gram_trace"], f["gram_trace"], rel_tol=1e-3)
+        step_ratios = [r["ghost"]["seconds"] / r["ordinary"]["seconds"] for r in per_round]
         rows.append({"B": b, "T": t, "d": d, "ghost": g, "torch.func": f, "floor": floor, "ordinary": plain,
-                     "traces_agree": agree,
+                     "traces_agree": agree, "rounds": rounds,
                      # the recorder against an ordinary training step (targets: <= 1.15 time, <= 1.3 memory)
-                     "ghost_over_ordinary_time": g["seconds"] / plain["seconds"],
+                     "ghost_over_ordinary_time": statistics.median(step_ratios),
+                     "ghost_over_ordinary_time_range": [min(step_ratios), max(step_ratios)],
+                     "ghost_over_ordinary_time_per_round": step_ratios,
                      "ghost_over_ordinary_memory": g["peak_bytes"] / plain["peak_bytes"],
                      "speedup": f["seconds"] / g["seconds"], "memory_ratio": f["peak_bytes"] / g["peak_bytes"],
                      # the most any exact method could reach here (see the module doc)
@@ -194,9 +215,11 @@ HEADER = (f"{'B':>4} {'T':>5} {'d':>5} | {'ghost s':>9} {'func s':>9} {'floor s'
 def _row(r: dict) -> str:
     g, f, fl, o = r["ghost"], r["torch.func"], r["floor"], r["ordinary"]
     mib = 2 ** 20
+    low, high = r["ghost_over_ordinary_time_range"]
     return (f"{r['B']:>4} {r['T']:>5} {r['d']:>5} | {g['seconds']:>9.3f} {f['seconds']:>9.3f} {fl['seconds']:>9.3f} "
             f"{o['seconds']:>9.3f} {r['speedup']:>9.1f}x {r['speedup_ceiling']:>9.1f}x "
             f"{r['ghost_over_ordinary_time']:>9.2f}x | {g['peak_bytes'] / mib:>9.1f} {f['peak_bytes'] / mib:>9.1f} "
             f"{fl['peak_bytes'] / mib:>9.1f} {o['peak_bytes'] / mib:>9.1f} {r['memory_ratio']:>9.1f}x "
             f"{r['memory_ratio_ceiling']:>9.1f}x {r['ghost_over_ordinary_memory']:>9.2f}x | "
-            f"{'yes' if r['traces_agree'] else 'NO'}")
+            f"{'yes' if r['traces_agree'] else 'NO':>9} | "
+            + (f"{low:.2f}-{high:.2f} ({r['rounds']} rounds)" if r["rounds"] > 1 else "one round"))
