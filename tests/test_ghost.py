@@ -423,10 +423,12 @@ def test_norm_kind_comes_from_the_type(norm):
 @pytest.mark.parametrize("rows,chunk_elements,tiles", [(5, 1 << 22, 1), (5, 8 * 7, 3), (200, 8 * 3 * 150, 2),
                                                         (200, 8 * 3 * 50, 6)],
                          ids=["whole", "column-tiles", "row-tiles", "row-and-column-tiles"])
-def test_materialised_blocks_sum_uses_whatever_samples_they_share(rows, chunk_elements, tiles):
+@pytest.mark.parametrize("fresh", [False, True], ids=["shared-buffer", "kept"])
+def test_materialised_blocks_sum_uses_whatever_samples_they_share(rows, chunk_elements, tiles, fresh):
     """Uses covering overlapping, disjoint and missing sample ranges: each row is the sum of the uses that
     cover it, 0 where none does (the reused block buffer must never leak an earlier block), and the tiles
-    cover every element of the parameter exactly once, whatever the chunk."""
+    cover every element of the parameter exactly once, whatever the chunk; kept tiles (fresh=True) each
+    in storage of their own."""
     from megatron_greats.ghost.products import Kind, Use, materialised_blocks
 
     gen = torch.Generator().manual_seed(0)
@@ -437,19 +439,21 @@ def test_materialised_blocks_sum_uses_whatever_samples_they_share(rows, chunk_el
         return Use(Kind.DENSE, rows, cols, samples, torch.randn(n, tokens, cols, generator=gen, dtype=torch.float64),
                    torch.randn(n, tokens, rows, generator=gen, dtype=torch.float64))
 
-    uses = [dense(slice(0, 3)), dense(slice(1, 5)), dense(slice(5, 6))]
+    # the last use overlaps an earlier one: a kept tile must not switch the next tile to a shared buffer
+    uses = [dense(slice(0, 3)), dense(slice(5, 6)), dense(slice(1, 5))]
     expected = torch.zeros(total, rows, cols, dtype=torch.float64)
     for u in uses:
         expected[u.samples] += torch.einsum("ntr,ntc->nrc", u.grads, u.inputs)
     got = torch.full_like(expected, float("nan"))
     covered = torch.zeros(rows, cols, dtype=torch.int64)
-    formed = 0
-    for tile in materialised_blocks(uses, total, torch.float64, chunk_elements=chunk_elements):
+    blocks = []
+    for tile in materialised_blocks(uses, total, torch.float64, chunk_elements=chunk_elements, fresh=fresh):
         assert tile.block.numel() <= chunk_elements
-        got[:, tile.rows, tile.cols] = tile.block  # a copy: the next tile reuses the buffer
+        got[:, tile.rows, tile.cols] = tile.block  # a copy: without fresh the next tile reuses the buffer
         covered[tile.rows, tile.cols] += 1
-        formed += 1
-    assert formed == tiles and bool((covered == 1).all())
+        blocks.append(tile.block)  # alive to the end: distinct storages are distinct addresses
+    storages = {b.untyped_storage().data_ptr() for b in blocks}
+    assert len(blocks) == tiles and len(storages) == (tiles if fresh else 1) and bool((covered == 1).all())
     assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
