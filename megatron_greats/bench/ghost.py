@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from megatron_greats.bench import rss_bytes
+from megatron_greats.bench import rotated, rss_bytes
 from megatron_greats.ghost import GhostRecorder  # imported before any baseline is taken
 from megatron_greats.ghost.capture import frozen_parameters
 from megatron_greats.parallel import cpu_allocator
@@ -183,7 +183,7 @@ def run(points=DEFAULT_POINTS, repeats: int = 3, json_path=None, rounds: int = 1
     for b, t, d in points:
         per_round = []
         for index in range(rounds):
-            order = METHODS_ORDER[index % len(METHODS_ORDER):] + METHODS_ORDER[:index % len(METHODS_ORDER)]
+            order = rotated(METHODS_ORDER, index)
             per_round.append({method: _one(method, b, t, d, repeats) for method in order})
         pair = {method: _merged([r[method] for r in per_round]) for method in METHODS_ORDER}
         g, f, floor, plain = pair["ghost"], pair["torch.func"], pair["floor"], pair["ordinary"]

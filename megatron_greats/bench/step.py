@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_greats.bench import rss_bytes
+from megatron_greats.bench import rotated, rss_bytes
 from megatron_greats.training.telemetry import STEP_PHASES, PhaseClock
 
 VARIANTS = ("regular_k", "regular_N", "regular_Nm", "greats", "single")
@@ -185,9 +185,8 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
         out.mkdir(parents=True, exist_ok=True)
     per_round = []
     for round_index in range(rounds):
-        order = VARIANTS[round_index % len(VARIANTS):] + VARIANTS[:round_index % len(VARIANTS)]
         results = {}
-        for name in order:
+        for name in rotated(VARIANTS, round_index):
             results[name] = _measure(name, configs[name], data, layout, out, warmup, repeats,
                                      show_progress=rank0 and base.train.progress)
             gc.collect()  # the variant's engine is gone with _measure's frame: free it before the next

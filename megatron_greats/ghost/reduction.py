@@ -61,7 +61,7 @@ class GramSum:
     def matrix(self) -> torch.Tensor:
         a = self.individual
         if self.column is None:
-            return self.square.clone()
+            return self.square
         out = self.square.new_empty(self.size, self.size)
         out[:a, :a] = self.square
         out[:, a] = self.column
