@@ -14,11 +14,13 @@ from conftest import REPO, child_env, free_port, tiny_overrides
 def test_ghost_benchmark_prints_ratios(tmp_path):
     out = tmp_path / "ghost.json"
     proc = subprocess.run([sys.executable, "-m", "megatron_greats.bench", "ghost", "--points", "4,16,32",
-                           "--repeats", "1", "--json", str(out)], cwd=REPO, env=child_env(), capture_output=True,
-                          text=True, timeout=300)
+                           "--repeats", "1", "--min-seconds", "0.2", "--json", str(out)], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "func/ghost" in proc.stdout
     (row,) = json.loads(out.read_text())
+    # a call takes milliseconds here: timing goes on past --repeats until 0.2 s are spent
+    assert all(1 < row[m]["calls"] <= 200 for m in ("ghost", "torch.func", "floor", "ordinary"))
     assert row["traces_agree"]  # both sides computed the same Gram
     assert row["speedup"] > 0 and row["memory_ratio"] > 0
     assert row["ghost"]["seconds"] > 0 and row["torch.func"]["peak_bytes"] > 0
@@ -50,10 +52,11 @@ def test_floor_is_the_activation_backward_and_touches_no_parameter():
 def test_ghost_benchmark_rounds_take_the_median_of_ratios_within_rounds(tmp_path):
     out = tmp_path / "ghost.json"
     proc = subprocess.run([sys.executable, "-m", "megatron_greats.bench", "ghost", "--points", "4,16,32",
-                           "--repeats", "1", "--rounds", "3", "--json", str(out)], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=300)
+                           "--repeats", "1", "--min-seconds", "0", "--rounds", "3", "--json", str(out)], cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())
+    assert row["ghost"]["calls"] == 1  # --min-seconds 0: exactly --repeats calls
     ratios = row["ghost_over_ordinary_time_per_round"]
     assert len(ratios) == 3 and row["rounds"] == 3 and "(3 rounds)" in proc.stdout
     assert row["ghost_over_ordinary_time"] == sorted(ratios)[1]
@@ -62,6 +65,10 @@ def test_ghost_benchmark_rounds_take_the_median_of_ratios_within_rounds(tmp_path
                          env=child_env(), capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "megatron_greats: error: --repeats 3 / --rounds 0; allowed: >= 1"]
+    bad = subprocess.run([sys.executable, "-m", "megatron_greats.bench", "ghost", "--min-seconds", "-1"], cwd=REPO,
+                         env=child_env(), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "megatron_greats: error: --min-seconds -1.0; allowed: >= 0"]
 
 
 def test_bad_point_is_one_line():

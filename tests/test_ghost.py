@@ -207,6 +207,30 @@ def test_averaged_samples_are_one_row_and_blocks_stay_exact(path, micro_batches)
         rec.weighted_gradients(torch.tensor([0.0, 0.5, 0.0, 0.0, 0.5, 0.0], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("averaged", [None, slice(4, 6)], ids=["all-rows", "averaged"])
+def test_long_tiles_summed_in_column_splits_match_the_reference(averaged):
+    """Tiles of at least SPLITS x MIN_SPLIT_COLUMNS elements are summed as SPLITS partial Grams (one
+    batched GEMM); one that does not divide evenly falls back to a single GEMM. Both against torch.func."""
+    from megatron_greats.ghost.reduction import GramSum
+
+    torch.manual_seed(8)
+    wide = GramSum.SPLITS * GramSum.MIN_SPLIT_COLUMNS // 64           # 64 x wide: exactly split-sized
+    model = nn.Sequential(nn.Linear(64, wide), nn.Tanh(), nn.Linear(wide, 67), nn.Tanh(),
+                          nn.Linear(67, 251), nn.Tanh(), nn.Linear(251, 5)).double()  # 251 x 67: too odd to split
+    assert 251 * 67 % GramSum.SPLITS != 0 and 251 * 67 > GramSum.SPLITS * GramSum.MIN_SPLIT_COLUMNS
+    x, y = torch.randn(6, 3, 64, dtype=torch.float64), torch.randint(0, 5, (6, 3))
+    rec = GhostRecorder(model, path="materialise")
+    gram = captured_gram(rec, model, token_losses, x, y, 1, averaged=averaged)
+    full = reference_gram(model, token_losses, x, y, rec.parameters())
+    expected = full
+    if averaged is not None:
+        expected = torch.empty(5, 5, dtype=torch.float64)
+        expected[:4, :4] = full[:4, :4]
+        expected[:4, 4] = expected[4, :4] = full[:4, 4:].mean(dim=1)
+        expected[4, 4] = full[4:, 4:].mean()
+    assert relative_error(gram, expected) < 1e-9
+
+
 def test_operands_are_freed_once_used_and_kept_only_for_an_update():
     """Without an update to form, a single micro-batch frees each parameter's operands during backward,
     as soon as its Gram part is formed. For an update from kept blocks, the capture holds exactly the

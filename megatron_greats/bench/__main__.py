@@ -1,4 +1,4 @@
-"""python -m megatron_greats.bench ghost [--points B,T,d ...] [--repeats N] [--rounds N] [--json FILE]
+"""python -m megatron_greats.bench ghost [--points B,T,d ...] [--repeats N] [--min-seconds S] [--rounds N] [--json FILE]
 python -m megatron_greats.bench step --config FILE [--warmup W] [--repeats R] [--rounds N] [--out DIR] [key=value ...]
     (any launcher: python, torchrun, deepspeed; every rank runs it)"""
 
@@ -24,7 +24,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="bench", required=True)
     ghost = sub.add_parser("ghost", help="GhostRecorder vs torch.func per-sample gradients + Gram")
     ghost.add_argument("--points", type=_point, nargs="+", default=None, help="B,T,d triples")
-    ghost.add_argument("--repeats", type=int, default=3)
+    ghost.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, at least")
+    ghost.add_argument("--min-seconds", type=float, default=1.0,
+                       help="keep timing calls until this much time is spent (at most 200 calls)")
     ghost.add_argument("--rounds", type=int, default=1,
                        help="measure every method this many times, in rotated order; ghost/step: median over rounds")
     ghost.add_argument("--json", default=None, help="also write the results here")
@@ -49,18 +51,22 @@ def main(argv=None) -> int:
         print(f"megatron_greats: error: --repeats {args.repeats} / --rounds {args.rounds}; allowed: >= 1",
               file=sys.stderr)
         return 2
+    if not args.min_seconds >= 0:
+        print(f"megatron_greats: error: --min-seconds {args.min_seconds}; allowed: >= 0", file=sys.stderr)
+        return 2
     from megatron_greats.bench import ghost as bench_ghost
 
     if args.one:  # one measurement, in its own process (run() spawns these)
         method, b, t, d = args.one
-        print(json.dumps(bench_ghost.measure(method, int(b), int(t), int(d), args.repeats)))
+        print(json.dumps(bench_ghost.measure(method, int(b), int(t), int(d), args.repeats, args.min_seconds)))
         return 0
-    print("GhostRecorder vs torch.func per-sample gradients + Gram "
-          "(2-layer transformer, tied embeddings, vocab 1024; median of repeats, peak memory above the model)")
+    print("GhostRecorder vs torch.func per-sample gradients + Gram (2-layer transformer, tied embeddings, "
+          f"vocab 1024; median of >= {args.repeats} calls over >= {args.min_seconds} s, peak memory above the model)")
     print("floor: forward + backward w.r.t. activations only, which every exact method needs; "
           "func/floor = the most any exact method can gain")
     print(bench_ghost.HEADER)
-    bench_ghost.run(args.points or bench_ghost.DEFAULT_POINTS, args.repeats, args.json, args.rounds)
+    bench_ghost.run(args.points or bench_ghost.DEFAULT_POINTS, args.repeats, args.json, args.rounds,
+                    args.min_seconds)
     return 0
 
 

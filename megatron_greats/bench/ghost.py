@@ -120,8 +120,15 @@ METHODS = {"ghost": ghost_gram, "torch.func": func_gram, "floor": activation_pas
 METHODS_ORDER = tuple(METHODS)
 
 
-def measure(method: str, b: int, t: int, d: int, repeats: int) -> dict:
-    """In this process: peak memory of the first call, then the median time of `repeats` calls."""
+# A point that takes tens of milliseconds is timed over more calls than `repeats`, so that its median
+# is not one scheduler hiccup away from another value: calls go on until min_seconds are spent.
+DEFAULT_MIN_SECONDS = 1.0
+MAX_CALLS = 200
+
+
+def measure(method: str, b: int, t: int, d: int, repeats: int, min_seconds: float = DEFAULT_MIN_SECONDS) -> dict:
+    """In this process: peak memory of the first call, then the median time of at least `repeats`
+    calls, and of as many more as fit in min_seconds (at most MAX_CALLS)."""
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
@@ -147,20 +154,20 @@ def measure(method: str, b: int, t: int, d: int, repeats: int) -> dict:
         acc.synchronize()
         peak = acc.max_memory_allocated() - before
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or (sum(times) < min_seconds and len(times) < MAX_CALLS):
         start = time.perf_counter()
         fn(model, inputs, labels)
         if not on_cpu:
             acc.synchronize()
         times.append(time.perf_counter() - start)
     return {"method": method, "B": b, "T": t, "d": d, "seconds": statistics.median(times),
-            "seconds_spread": [min(times), max(times)], "peak_bytes": max(int(peak), 1),
+            "seconds_spread": [min(times), max(times)], "calls": len(times), "peak_bytes": max(int(peak), 1),
             "gram_trace": float(torch.diagonal(result).sum()) if result.dim() == 2 else None, "device": str(device)}
 
 
-def _one(method: str, b: int, t: int, d: int, repeats: int) -> dict:
+def _one(method: str, b: int, t: int, d: int, repeats: int, min_seconds: float) -> dict:
     cmd = [sys.executable, "-m", "megatron_greats.bench", "ghost", "--one", method, str(b), str(t), str(d),
-           "--repeats", str(repeats)]
+           "--repeats", str(repeats), "--min-seconds", str(min_seconds)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:
         raise RuntimeError(f"{method} at B={b} T={t} d={d} failed:\n{proc.stderr[-2000:]}")
@@ -175,7 +182,8 @@ def _merged(runs: list) -> dict:
     return merged
 
 
-def run(points=DEFAULT_POINTS, repeats: int = 3, json_path=None, rounds: int = 1) -> list:
+def run(points=DEFAULT_POINTS, repeats: int = 3, json_path=None, rounds: int = 1,
+        min_seconds: float = DEFAULT_MIN_SECONDS) -> list:
     """rounds > 1: each method is measured once per round, in an order rotated by one each round, so a
     drift of the machine's speed falls on every method alike; ghost/step time is then the median of the
     rounds' ratios (each within one round), with its range. Memory comes from the first round."""
@@ -184,7 +192,7 @@ def run(points=DEFAULT_POINTS, repeats: int = 3, json_path=None, rounds: int = 1
         per_round = []
         for index in range(rounds):
             order = rotated(METHODS_ORDER, index)
-            per_round.append({method: _one(method, b, t, d, repeats) for method in order})
+            per_round.append({method: _one(method, b, t, d, repeats, min_seconds) for method in order})
         pair = {method: _merged([r[method] for r in per_round]) for method in METHODS_ORDER}
         g, f, floor, plain = pair["ghost"], pair["torch.func"], pair["floor"], pair["ordinary"]
         agree = math.isclose(g["gram_trace"], f["gram_trace"], rel_tol=1e-3)

@@ -36,34 +36,48 @@ class GramSum:
     """A Gram summed from parts. With averaged samples (their mean is the last of `size` rows) the
     individual rows' square block and the mean's column are held apart: a tile then adds one GEMM over
     the individual rows and one matrix-vector product for the column (a GEMM of a rows runs faster than
-    one of a + 1 on CPU BLAS, and no slice of the Gram is updated piece by piece)."""
+    one of a + 1 on CPU BLAS, and no slice of the Gram is updated piece by piece).
+
+    A long tile's square is summed in SPLITS column ranges, one batched GEMM into SPLITS partial Grams:
+    CPU BLAS runs a GEMM with a few dozen output rows and columns on one thread with a long inner loop
+    (measured: 90-100 GFLOP/s), the batched form on every thread (150-170 GFLOP/s, 30-60% less time
+    per tile just written by the per-sample GEMMs)."""
+
+    SPLITS = 4
+    MIN_SPLIT_COLUMNS = 4096  # below that a plain GEMM is as fast
 
     def __init__(self, size: int, averaged: bool, dtype, device):
         self.size = size
         self.individual = size - 1 if averaged else size
-        self.square = torch.zeros(self.individual, self.individual, dtype=dtype, device=device)
+        self.square = torch.zeros(self.SPLITS, self.individual, self.individual, dtype=dtype, device=device)
         self.column = torch.zeros(size, dtype=dtype, device=device) if averaged else None  # <g_i, mean>
 
     def add_rows(self, flat: torch.Tensor) -> None:
         """+= the Gram of per-sample gradients flat [size, L] (with averaged samples: the mean last)."""
         individual = flat[:self.individual]
-        self.square.addmm_(individual, individual.T)
+        length = flat.shape[1]
+        if length % self.SPLITS == 0 and length >= self.SPLITS * self.MIN_SPLIT_COLUMNS:
+            parts = individual.view(self.individual, self.SPLITS, -1).transpose(0, 1)  # [splits, a, L / splits]
+            self.square.baddbmm_(parts, parts.transpose(1, 2))
+        else:
+            self.square[0].addmm_(individual, individual.T)
         if self.column is not None:
             self.column.addmv_(flat, flat[self.individual])
 
     def add(self, gram: torch.Tensor) -> None:
         """+= a whole symmetric [size, size] Gram."""
         a = self.individual
-        self.square += gram[:a, :a]
+        self.square[0] += gram[:a, :a]
         if self.column is not None:
             self.column += gram[:, a]
 
     def matrix(self) -> torch.Tensor:
         a = self.individual
+        square = self.square.sum(dim=0)
         if self.column is None:
-            return self.square
+            return square
         out = self.square.new_empty(self.size, self.size)
-        out[:a, :a] = self.square
+        out[:a, :a] = square
         out[:, a] = self.column
         out[a, :a] = self.column[:a]
         return out
