@@ -34,7 +34,7 @@ from torch.func import functional_call, grad, vmap
 from megatron_greats.bench import rotated, rss_bytes
 from megatron_greats.ghost import GhostRecorder  # imported before any baseline is taken
 from megatron_greats.ghost.capture import frozen_parameters
-from megatron_greats.parallel import cpu_allocator
+from megatron_greats.parallel import cpu_runtime
 
 DEFAULT_POINTS = ((8, 128, 128), (32, 256, 256), (16, 512, 256))
 
@@ -134,7 +134,7 @@ def measure(method: str, b: int, t: int, d: int, repeats: int, min_seconds: floa
     acc = get_accelerator()
     device = torch.device(acc.current_device_name())
     if device.type == "cpu":
-        cpu_allocator.keep_freed_memory()  # as the step benchmark and training do (every method alike)
+        cpu_runtime.apply()  # as the step benchmark and training do (every method alike)
     torch.manual_seed(0)
     model = BenchTransformer(d, t).to(device)
     tokens = torch.randint(0, 1024, (b, t + 1), device=device)

@@ -81,12 +81,12 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from megatron_greats.parallel import cpu_allocator, cpu_shims
+    from megatron_greats.parallel import cpu_runtime, cpu_shims
 
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         cpu_shims.apply()
-        cpu_allocator.keep_freed_memory()
+        cpu_runtime.apply()
     set_single_process_env()
     if not dist.is_initialized():
         # distributed_port: under mpirun DeepSpeed's MPI discovery would otherwise always take 29500
