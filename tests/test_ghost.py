@@ -207,10 +207,12 @@ def test_averaged_samples_are_one_row_and_blocks_stay_exact(path, micro_batches)
         rec.weighted_gradients(torch.tensor([0.0, 0.5, 0.0, 0.0, 0.5, 0.0], dtype=torch.float64))
 
 
-@pytest.mark.parametrize("averaged", [None, slice(4, 6)], ids=["all-rows", "averaged"])
-def test_long_tiles_summed_in_column_splits_match_the_reference(averaged):
+@pytest.mark.parametrize("samples", [6, 30])
+@pytest.mark.parametrize("averaged", [0, 4], ids=["all-rows", "averaged"])
+def test_long_tiles_summed_in_column_splits_match_the_reference(samples, averaged):
     """Tiles of at least SPLITS x MIN_SPLIT_COLUMNS elements are summed as SPLITS partial Grams (one
-    batched GEMM); one that does not divide evenly falls back to a single GEMM. Both against torch.func."""
+    batched GEMM; from SYMMETRIC_MIN_ROWS rows on without the block below the diagonal); one that does
+    not divide evenly falls back to a single GEMM. All against torch.func."""
     from megatron_greats.ghost.reduction import GramSum
 
     torch.manual_seed(8)
@@ -218,16 +220,19 @@ def test_long_tiles_summed_in_column_splits_match_the_reference(averaged):
     model = nn.Sequential(nn.Linear(64, wide), nn.Tanh(), nn.Linear(wide, 67), nn.Tanh(),
                           nn.Linear(67, 251), nn.Tanh(), nn.Linear(251, 5)).double()  # 251 x 67: too odd to split
     assert 251 * 67 % GramSum.SPLITS != 0 and 251 * 67 > GramSum.SPLITS * GramSum.MIN_SPLIT_COLUMNS
-    x, y = torch.randn(6, 3, 64, dtype=torch.float64), torch.randint(0, 5, (6, 3))
+    assert (samples - averaged >= GramSum.SYMMETRIC_MIN_ROWS) == (samples == 30)
+    x, y = torch.randn(samples, 3, 64, dtype=torch.float64), torch.randint(0, 5, (samples, 3))
     rec = GhostRecorder(model, path="materialise")
-    gram = captured_gram(rec, model, token_losses, x, y, 1, averaged=averaged)
+    gram = captured_gram(rec, model, token_losses, x, y, 1,
+                         averaged=slice(samples - averaged, samples) if averaged else None)
     full = reference_gram(model, token_losses, x, y, rec.parameters())
     expected = full
-    if averaged is not None:
-        expected = torch.empty(5, 5, dtype=torch.float64)
-        expected[:4, :4] = full[:4, :4]
-        expected[:4, 4] = expected[4, :4] = full[:4, 4:].mean(dim=1)
-        expected[4, 4] = full[4:, 4:].mean()
+    if averaged:
+        a = samples - averaged
+        expected = torch.empty(a + 1, a + 1, dtype=torch.float64)
+        expected[:a, :a] = full[:a, :a]
+        expected[:a, a] = expected[a, :a] = full[:a, a:].mean(dim=1)
+        expected[a, a] = full[a:, a:].mean()
     assert relative_error(gram, expected) < 1e-9
 
 
@@ -491,3 +496,5 @@ def test_tiles_keep_enough_rows_for_a_fast_per_sample_gemm():
     assert tile_shape(64, 4096, 32, 1 << 20) == (64, 512)        # fewer rows than the minimum: all of them
     assert tile_shape(300, 7, 8, 1 << 22) == (300, 7)           # one tile
     assert tile_shape(4096, 1, 32, 1 << 10) == (32, 1)          # a vector: rows only
+    assert tile_shape(4096, 128, 40, 1 << 22) == (683, 128)     # 819 rows fit: 6 even tiles, not a last one of 1
+    assert tile_shape(128, 1000, 64, 1 << 20) == (128, 125)     # 128 columns fit: 8 even tiles of 125

@@ -170,21 +170,29 @@ def scaled_uses(uses: list, samples: slice, r: torch.Tensor, c: torch.Tensor, dt
 
 
 # ---- materialised path -----------------------------------------------------------------------------
-class _SortedTokens:
-    """A sparse use's tokens sorted by row id, so that each block of rows is one contiguous range."""
+class _SparseTokens:
+    """A sparse use's tokens on this rank (row id >= 0) with their samples and output gradients. With
+    several row tiles they are sorted by row id, so that each tile's tokens are one contiguous range;
+    with one they are added as they come (no sort, no search)."""
 
-    def __init__(self, u: Use, dtype):
+    def __init__(self, u: Use, dtype, sort: bool):
         ids = u.inputs.reshape(-1)
         valid = torch.nonzero(ids >= 0, as_tuple=True)[0]  # -1: a row on another rank, or the padding row
-        self.ids, order = torch.sort(ids[valid], stable=True)
-        token = valid[order]
+        self.ids, token = ids[valid], valid
+        if sort:
+            self.ids, order = torch.sort(self.ids, stable=True)
+            token = valid[order]
+        self.sorted = sort
         self.sample = torch.div(token, u.tokens, rounding_mode="floor")
         self.grads = u.grads.reshape(-1, u.cols)[token].to(dtype)
 
     def add_to(self, block: torch.Tensor, first_sample: int, rows: slice, cols: slice) -> None:
-        """block [total, rows, cols] += this use's per-sample gradients of that tile."""
-        bounds = torch.tensor([rows.start, rows.stop], device=self.ids.device)
-        lo, hi = (int(x) for x in torch.searchsorted(self.ids, bounds))
+        """block [total, rows, cols] += this use's per-sample gradients of that tile (unsorted: the tile
+        has every row)."""
+        lo, hi = 0, len(self.ids)
+        if self.sorted:
+            bounds = torch.tensor([rows.start, rows.stop], device=self.ids.device)
+            lo, hi = (int(x) for x in torch.searchsorted(self.ids, bounds))
         if hi > lo:
             flat = (first_sample + self.sample[lo:hi]) * (rows.stop - rows.start) + (self.ids[lo:hi] - rows.start)
             block.view(-1, block.shape[-1]).index_add_(0, flat, self.grads[lo:hi, cols])
@@ -223,8 +231,15 @@ def tile_shape(rows: int, cols: int, total: int, chunk_elements: int) -> tuple:
     tile_rows = min(rows, max(1, per_sample // cols))
     tall = min(rows, MIN_TILE_ROWS)
     if tile_rows >= tall or per_sample < tall:  # tall enough, or even one column that tall would not fit
-        return tile_rows, cols
-    return tall, min(cols, per_sample // tall)
+        return _balanced(rows, tile_rows), cols
+    return tall, _balanced(cols, min(cols, per_sample // tall))
+
+
+def _balanced(length: int, most: int) -> int:
+    """The tile length that cuts `length` into as few tiles of at most `most` as possible, all nearly
+    equal (4096 rows by at most 819: 6 tiles of 683, not 5 of 819 and one of 1)."""
+    tiles = -(-length // most)
+    return -(-length // tiles)
 
 
 def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
@@ -239,7 +254,7 @@ def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEF
     rows, cols = uses[0].rows, uses[0].cols
     tile_rows, tile_cols = tile_shape(rows, cols, total, chunk_elements)
     device = uses[0].inputs.device
-    sparse = [(u, _SortedTokens(u, dtype)) for u in uses if u.kind == Kind.SPARSE]
+    sparse = [(u, _SparseTokens(u, dtype, sort=tile_rows < rows)) for u in uses if u.kind == Kind.SPARSE]
     others = [u for u in uses if u.kind != Kind.SPARSE]
     buffer = None if fresh else torch.empty(total * tile_rows * tile_cols, dtype=dtype, device=device)
     for r0 in range(0, rows, tile_rows):
