@@ -13,7 +13,7 @@ Flush denormals (flush_denormals). A Gram multiplies per-sample gradients with e
 layer's rows of very unlikely tokens hold values near 1e-30, whose products fall below float32's
 smallest normal number into x86's slow denormal path (a Gram GEMM 4x slower on this CPU). GPUs handle
 them at full speed; on CPU the flush-to-zero and denormals-are-zero modes (TensorFlow sets them on its
-CPU threads) treat them as zero, which changes no result by more than 2^-126. torch.set_flush_denormal
+CPU threads) treat them as zero, which moves no operation's result by more than 2^-126. torch.set_flush_denormal
 sets only the calling thread, while the GEMMs run on OpenMP workers, so it is also called once on each
 of them, in one parallel region of the OpenMP runtime torch loaded. Workers created later (a larger
 torch.set_num_threads) do not have it.
@@ -40,7 +40,7 @@ _kept = None
 
 
 def apply() -> None:
-    """Both settings (each once per process)."""
+    """Both settings (calling again changes nothing)."""
     keep_freed_memory()
     flush_denormals()
 
