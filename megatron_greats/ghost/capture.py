@@ -81,13 +81,15 @@ class CaptureStore:
                              f"allowed: one sample count per micro-batch (check batch_dim={self.batch_dim})")
         self.sizes[index] = n
         samples = slice(index * n, (index + 1) * n)
-        uses = []
+        uses, unfinished = [], []
         for op in operands:
             use = Use(op.kind, op.rows, op.cols, samples, op.inputs)
             self.uses[op.param].append(use)
             self.records.append(use)
             self.reductions[op.param] = op.reduction
             uses.append(use)
+            if op.finish is not None:
+                unfinished.append((use, op.finish))
         if not output.requires_grad:
             output.requires_grad_(True)
             self.roots.append(output)
@@ -97,6 +99,10 @@ class CaptureStore:
             b = samples_first(grad.detach(), batch_dim)
             for use in uses:
                 use.grads = b
+            for use, finish in unfinished:
+                if use.inputs is not None:  # None: already dropped (a capture closed early)
+                    use.inputs = finish(use.inputs)
+            unfinished.clear()  # once: a second gradient through the same output must not normalise again
             self.on_complete(params)
         self.hooks.append(output.register_hook(fill))
         return None

@@ -15,7 +15,7 @@ position embedding inside megatron-core's LanguageModelEmbedding).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ class Operand:
     cols: int
     inputs: torch.Tensor      # already in [n, T, ...] sample-major layout
     reduction: Reduction      # how ranks combine its Gram (see reduction.py)
+    # inputs = finish(inputs) once the output gradient arrives (a norm's input -> its normalised input:
+    # formed in backward, so no normalised copy is held from the forward on)
+    finish: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 def samples_first(x: torch.Tensor, batch_dim: int) -> torch.Tensor:
@@ -129,13 +132,17 @@ def _embedding(module: nn.Embedding, report, batch_dim: int):
 
 
 def _norm_operands(mod, x: torch.Tensor, eps: float, rms: bool, batch_dim: int, reduction: Reduction) -> list:
-    shape = (x.shape[-1],)
-    xhat = F.rms_norm(x, shape, None, eps) if rms else F.layer_norm(x, shape, None, None, eps)
-    xhat = samples_first(xhat.detach(), batch_dim)
+    """A norm weight's operand is its normalised input; it is recomputed from the input (which autograd
+    keeps for the norm's own backward anyway) when the output gradient arrives."""
     d = x.shape[-1]
-    ops = [Operand(mod.weight, Kind.DIAG, d, 1, xhat, reduction)]
+
+    def normalised(inputs: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(inputs, (d,), None, eps) if rms else F.layer_norm(inputs, (d,), None, None, eps)
+
+    inputs = samples_first(x.detach(), batch_dim)
+    ops = [Operand(mod.weight, Kind.DIAG, d, 1, inputs, reduction, finish=normalised)]
     if getattr(mod, "bias", None) is not None:
-        ops.append(Operand(mod.bias, Kind.BIAS, d, 1, _ones_like_tokens(xhat), reduction))
+        ops.append(Operand(mod.bias, Kind.BIAS, d, 1, _ones_like_tokens(inputs), reduction))
     return ops
 
 
