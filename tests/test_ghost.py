@@ -114,6 +114,15 @@ def captured_gram(rec, model, loss_fn, inputs, targets, micro_batches: int, **ca
     return rec.gram()
 
 
+def averaged_by_hand(full, a: int):
+    """A full reference Gram with the samples from `a` on merged into one row: their mean gradient."""
+    expected = torch.empty(a + 1, a + 1, dtype=full.dtype)
+    expected[:a, :a] = full[:a, :a]
+    expected[:a, a] = expected[a, :a] = full[:a, a:].mean(dim=1)
+    expected[a, a] = full[a:, a:].mean()
+    return expected
+
+
 def relative_error(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
@@ -190,11 +199,7 @@ def test_averaged_samples_are_one_row_and_blocks_stay_exact(path, micro_batches)
     model, inputs, labels = transformer_batch(6)
     rec = GhostRecorder(model, path=path, keep_operands=True, update_from="blocks")
     gram = captured_gram(rec, model, token_losses, inputs, labels, micro_batches, averaged=slice(4, 6))
-    full = reference_gram(model, token_losses, inputs, labels, rec.parameters())
-    expected = torch.empty(5, 5, dtype=torch.float64)
-    expected[:4, :4] = full[:4, :4]
-    expected[:4, 4] = expected[4, :4] = full[:4, 4:].mean(dim=1)
-    expected[4, 4] = full[4:, 4:].mean()
+    expected = averaged_by_hand(reference_gram(model, token_losses, inputs, labels, rec.parameters()), 4)
     assert gram.shape == (5, 5)
     assert relative_error(gram, expected) < 1e-9
     weights = torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64)
@@ -226,13 +231,7 @@ def test_long_tiles_summed_in_column_splits_match_the_reference(samples, average
     gram = captured_gram(rec, model, token_losses, x, y, 1,
                          averaged=slice(samples - averaged, samples) if averaged else None)
     full = reference_gram(model, token_losses, x, y, rec.parameters())
-    expected = full
-    if averaged:
-        a = samples - averaged
-        expected = torch.empty(a + 1, a + 1, dtype=torch.float64)
-        expected[:a, :a] = full[:a, :a]
-        expected[:a, a] = expected[a, :a] = full[:a, a:].mean(dim=1)
-        expected[a, a] = full[a:, a:].mean()
+    expected = averaged_by_hand(full, samples - averaged) if averaged else full
     assert relative_error(gram, expected) < 1e-9
 
 

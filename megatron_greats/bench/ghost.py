@@ -153,13 +153,14 @@ def measure(method: str, b: int, t: int, d: int, repeats: int, min_seconds: floa
     else:
         acc.synchronize()
         peak = acc.max_memory_allocated() - before
-    times = []
-    while len(times) < repeats or (sum(times) < min_seconds and len(times) < MAX_CALLS):
+    times, spent = [], 0.0
+    while len(times) < repeats or (spent < min_seconds and len(times) < MAX_CALLS):
         start = time.perf_counter()
         fn(model, inputs, labels)
         if not on_cpu:
             acc.synchronize()
         times.append(time.perf_counter() - start)
+        spent += times[-1]
     return {"method": method, "B": b, "T": t, "d": d, "seconds": statistics.median(times),
             "seconds_spread": [min(times), max(times)], "calls": len(times), "peak_bytes": max(int(peak), 1),
             "gram_trace": float(torch.diagonal(result).sum()) if result.dim() == 2 else None, "device": str(device)}
