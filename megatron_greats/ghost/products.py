@@ -75,6 +75,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _as(t: torch.Tensor, dtype) -> torch.Tensor:
+    # `t.to(dtype)` returns t itself when it has that dtype, but the call costs more than the check
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 # ---- cost model ------------------------------------------------------------------------------------
 def ghost_cost(uses: list, total: int) -> float:
     cost = 0.0
@@ -198,23 +203,40 @@ class _SparseTokens:
             block.view(-1, block.shape[-1]).index_add_(0, flat, self.grads[lo:hi, cols])
 
 
-def _vector_rows(u: Use, rows: slice, dtype, out: torch.Tensor, add: bool) -> None:
-    """out [n, rows, 1] = (or += with add) the per-sample gradients of a bias or a norm weight's rows."""
-    b = u.grads[:, :, rows].to(dtype)
-    if u.kind == Kind.DIAG:
-        b = b * u.inputs[:, :, rows].to(dtype)
-    if add:
-        out.add_(b.sum(1).unsqueeze(-1))
-    else:
-        torch.sum(b, dim=1, out=out.squeeze(-1))
-
-
 @dataclass
 class Tile:
     """Per-sample gradients of one tile of a parameter [rows, cols]: block [total, rows, cols]."""
     rows: slice
     cols: slice
     block: torch.Tensor
+
+
+VECTOR_KINDS = frozenset({Kind.BIAS, Kind.DIAG})
+
+
+def is_vector(uses: list) -> bool:
+    """A bias or a norm weight: every use a per-sample vector."""
+    return all(u.kind in VECTOR_KINDS for u in uses)
+
+
+def vector_tile(uses: list, total: int, dtype) -> Tile:
+    """The per-sample gradients of a bias or a norm weight, summed over its uses, as one Tile
+    [total, rows, 1]. Never cut into tiles: it is T times smaller than the output gradients it sums."""
+    rows, first = uses[0].rows, uses[0]
+    if len(uses) == 1 and first.n == total:
+        return Tile(slice(0, rows), slice(0, 1), _token_sum(first, dtype).unsqueeze(-1))
+    block = torch.zeros(total, rows, dtype=dtype, device=first.grads.device)
+    for u in uses:
+        block[u.samples] += _token_sum(u, dtype)
+    return Tile(slice(0, rows), slice(0, 1), block.unsqueeze(-1))
+
+
+def _token_sum(u: Use, dtype) -> torch.Tensor:
+    """[n, rows]: a bias' sum_t B_it, or a norm weight's sum_t B_it * A_it."""
+    b = _as(u.grads, dtype)
+    if u.kind == Kind.DIAG:
+        b = b * _as(u.inputs, dtype)
+    return b.sum(dim=1)
 
 
 # Per-sample GEMMs (K = tokens) with fewer output rows than this run far below the rate of one
@@ -245,36 +267,45 @@ def _balanced(length: int, most: int) -> int:
 def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                         fresh: bool = False):
     """Yield Tiles of per-sample gradients [total, tile rows, tile cols], summed over uses, tile by tile
-    (tile_shape).
+    (tile_shape; a bias or norm weight is one vector_tile).
 
     One buffer serves every tile (each yielded tile is overwritten by the next): the first use of a
     sample writes its part, later ones add, and sparse uses add their few tokens last. fresh=True: each
     tile in a buffer of its own, which the caller may keep. The caller forms the tile's products while
     it is still in cache."""
+    if is_vector(uses):
+        yield vector_tile(uses, total, dtype)
+        return
     rows, cols = uses[0].rows, uses[0].cols
     tile_rows, tile_cols = tile_shape(rows, cols, total, chunk_elements)
     device = uses[0].inputs.device
     sparse = [(u, _SparseTokens(u, dtype, sort=tile_rows < rows)) for u in uses if u.kind == Kind.SPARSE]
-    others = [u for u in uses if u.kind != Kind.SPARSE]
-    buffer = None if fresh else torch.empty(total * tile_rows * tile_cols, dtype=dtype, device=device)
+    dense = [u for u in uses if u.kind == Kind.DENSE]
+    one_tile = tile_rows == rows and tile_cols == cols
+    buffer = None if fresh or one_tile else torch.empty(total * tile_rows * tile_cols, dtype=dtype, device=device)
     for r0 in range(0, rows, tile_rows):
         r = slice(r0, min(rows, r0 + tile_rows))
         for c0 in range(0, cols, tile_cols):
             c = slice(c0, min(cols, c0 + tile_cols))
             shape = (total, r.stop - r.start, c.stop - c.start)
-            if fresh:
+            if buffer is None:
                 block = torch.empty(shape, dtype=dtype, device=device)
             else:
                 block = buffer[:shape[0] * shape[1] * shape[2]].view(shape)
-            _fill_tile(block, others, r, c, total, dtype)
+            _fill_tile(block, dense, r if tile_rows < rows else None, c if tile_cols < cols else None, total, dtype)
             for u, tokens in sparse:
                 tokens.add_to(block, u.samples.start, r, c)
             yield Tile(r, c, block)
 
 
-def _fill_tile(block: torch.Tensor, uses: list, rows: slice, cols: slice, total: int, dtype) -> None:
-    """block = the sum over the (non-sparse) uses of each sample's gradient tile; 0 where none covers it.
-    Which samples are written is tracked in Python: at small sizes the tensor ops would cost more."""
+def _fill_tile(block: torch.Tensor, uses: list, rows: Optional[slice], cols: Optional[slice], total: int,
+               dtype) -> None:
+    """block = the sum over the dense uses of each sample's gradient tile (rows / cols None: all of
+    them); 0 where none covers it. Which samples are written is tracked in Python: at small sizes the
+    tensor ops would cost more."""
+    if len(uses) == 1 and uses[0].n == total:  # the common case: one layer call, every sample
+        torch.bmm(_tile_grads(uses[0], rows, dtype).transpose(1, 2), _tile_inputs(uses[0], cols, dtype), out=block)
+        return
     written = bytearray(total)
     for u in uses:
         lo, hi = u.samples.start, u.samples.stop
@@ -282,18 +313,22 @@ def _fill_tile(block: torch.Tensor, uses: list, rows: slice, cols: slice, total:
         seen = written[lo:hi].count(1)
         if 0 < seen < hi - lo:  # partly written: the rest starts from zero
             out[torch.tensor([not w for w in written[lo:hi]], device=block.device)] = 0
-        if u.kind == Kind.DENSE:
-            grads_t = u.grads[:, :, rows].to(dtype).transpose(1, 2)        # [n, r, T]
-            inputs = u.inputs[:, :, cols].to(dtype)                         # [n, T, c]
-            if seen:
-                out.baddbmm_(grads_t, inputs)
-            else:
-                torch.bmm(grads_t, inputs, out=out)
+        grads_t, inputs = _tile_grads(u, rows, dtype).transpose(1, 2), _tile_inputs(u, cols, dtype)
+        if seen:
+            out.baddbmm_(grads_t, inputs)
         else:
-            _vector_rows(u, rows, dtype, out, add=seen > 0)
+            torch.bmm(grads_t, inputs, out=out)
         written[lo:hi] = b"\x01" * (hi - lo)
     if written.count(0):
         block[torch.tensor([not w for w in written], device=block.device)] = 0
+
+
+def _tile_grads(u: Use, rows: Optional[slice], dtype) -> torch.Tensor:
+    return _as(u.grads if rows is None else u.grads[:, :, rows], dtype)      # [n, T, r]
+
+
+def _tile_inputs(u: Use, cols: Optional[slice], dtype) -> torch.Tensor:
+    return _as(u.inputs if cols is None else u.inputs[:, :, cols], dtype)    # [n, T, c]
 
 
 def blocks_fit(uses: list, total: int, dtype) -> bool:

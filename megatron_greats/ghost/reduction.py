@@ -43,11 +43,16 @@ class GramSum:
     (measured: 90-100 GFLOP/s), the batched form on every thread (150-170 GFLOP/s, 30-60% less time
     per tile just written by the per-sample GEMMs). From SYMMETRIC_MIN_ROWS rows on, the block below
     the diagonal of the lower half is not formed (the transpose of the one above): a quarter fewer
-    products, 15-18% less time at 32 and 40 rows (at 16 rows the two GEMMs take longer than one)."""
+    products, 15-18% less time at 32 and 40 rows (at 16 rows the two GEMMs take longer than one).
+
+    Narrow parts (per-sample vectors of biases and norm weights) are deferred and summed together in
+    one GEMM once DEFERRED_ELEMENTS have gathered, or at matrix(): one small GEMM each costs more in
+    calls than in products."""
 
     SPLITS = 4
     MIN_SPLIT_COLUMNS = 4096  # below that a plain GEMM is as fast
     SYMMETRIC_MIN_ROWS = 24
+    DEFERRED_ELEMENTS = 1 << 20
 
     def __init__(self, size: int, averaged: bool, dtype, device):
         self.size = size
@@ -57,21 +62,36 @@ class GramSum:
         self.upper = torch.zeros(self.SPLITS, h, a, dtype=dtype, device=device)     # long tiles: rows [0, h) x all
         self.lower = torch.zeros(self.SPLITS, a - h, a - h, dtype=dtype, device=device)  # rows [h, a) x [h, a)
         self.column = torch.zeros(size, dtype=dtype, device=device) if averaged else None  # <g_i, mean>
+        self.deferred, self.deferred_elements = [], 0
 
-    def add_rows(self, flat: torch.Tensor) -> None:
-        """+= the Gram of per-sample gradients flat [size, L] (with averaged samples: the mean last)."""
+    def add_rows(self, flat: torch.Tensor, defer: bool = False) -> None:
+        """+= the Gram of per-sample gradients flat [size, L] (with averaged samples: the mean last).
+        defer: hold `flat` (left unchanged by the caller until matrix()) to be summed with other parts."""
+        if defer:
+            self.deferred.append(flat)
+            self.deferred_elements += flat.numel()
+            if self.deferred_elements >= self.DEFERRED_ELEMENTS:
+                self._add_deferred()
+            return
         a, h = self.individual, self.upper_rows
-        individual = flat[:a]
+        individual = flat if self.column is None else flat[:a]
         length = flat.shape[1]
         if length % self.SPLITS == 0 and length >= self.SPLITS * self.MIN_SPLIT_COLUMNS:
             parts = individual.view(a, self.SPLITS, -1).transpose(0, 1)  # [splits, a, L / splits]
-            self.upper.baddbmm_(parts[:, :h], parts.transpose(1, 2))
             if h < a:
+                self.upper.baddbmm_(parts[:, :h], parts.transpose(1, 2))
                 self.lower.baddbmm_(parts[:, h:], parts[:, h:].transpose(1, 2))
+            else:
+                self.upper.baddbmm_(parts, parts.transpose(1, 2))
         else:
             self.whole.addmm_(individual, individual.T)
         if self.column is not None:
             self.column.addmv_(flat, flat[a])
+
+    def _add_deferred(self) -> None:
+        if self.deferred:
+            parts, self.deferred, self.deferred_elements = self.deferred, [], 0
+            self.add_rows(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
 
     def add(self, gram: torch.Tensor) -> None:
         """+= a whole symmetric [size, size] Gram."""
@@ -90,6 +110,7 @@ class GramSum:
         return square
 
     def matrix(self) -> torch.Tensor:
+        self._add_deferred()
         a = self.individual
         square = self._square()
         if self.column is None:
@@ -107,6 +128,7 @@ class GramReduction:
         """order: param -> position (the same on every rank: collectives inside must line up)."""
         self.order, self.path, self.chunk_elements, self.dtype = order, Path(path), chunk_elements, dtype
         self.tensor_group, self.model_parallel_group, self.clock = tensor_group, model_parallel_group, clock
+        self.tensor_rank = dist.get_rank(tensor_group) if tensor_group is not None else 0
         self.streamed = None  # the Gram part of the parameters reduced during backward
         self.preconditioning = None  # optional: a Preconditioning (preconditioning.py) of some Gram rows
         self.averaged = None  # optional: a slice of the last samples, merged into one Gram row (their mean)
@@ -117,10 +139,6 @@ class GramReduction:
 
     def sorted(self, params) -> list:
         return sorted(params, key=lambda p: self.order.get(p, len(self.order)))
-
-    @property
-    def tensor_rank(self) -> int:
-        return dist.get_rank(self.tensor_group) if self.tensor_group is not None else 0
 
     def add_streamed(self, param, uses: list, reduction: Reduction, keep: bool = False) -> None:
         """Reduce one parameter during backward (its uses cover a single micro-batch of uses[0].n samples)."""
@@ -153,6 +171,7 @@ class GramReduction:
         # vectors of sequence shards: summed over tensor-parallel ranks (all join), counted on rank 0
         summed = reduction == Reduction.SUM_VECTORS and self.tensor_group is not None
         counted = not summed or tensor_rank == 0
+        vector = products.is_vector(uses)  # its one tile is fresh: its Gram can wait for the others'
         for tile in products.materialised_blocks(uses, total, self.dtype, self.chunk_elements, fresh=keep):
             if summed:
                 with self.phase("allreduce"):
@@ -160,10 +179,10 @@ class GramReduction:
             if keep:
                 self.kept.setdefault(param, []).append(tile)
             if counted:
-                self._add_block_gram(gram, param, pre, tile, cols, copy_scaled=keep)
+                self._add_block_gram(gram, param, pre, tile, cols, copy_scaled=keep, defer=vector)
 
     def _add_block_gram(self, gram: GramSum, param, pre, tile: products.Tile, cols: int,
-                        copy_scaled: bool) -> None:
+                        copy_scaled: bool, defer: bool = False) -> None:
         """gram += the Gram of a tile's per-sample gradients (cols: the parameter's columns). The
         averaged samples' mean goes into the first of their rows (the update never reads them);
         preconditioned rows are scaled in place, or in a copy where the block is kept."""
@@ -171,13 +190,14 @@ class GramReduction:
         size = gram.size
         if size < block.shape[0]:
             block[size - 1] = block[size - 1:].mean(dim=0)
-        flat = block[:size].view(size, -1)
+            block = block[:size]
+        flat = block.view(size, -1)
         if pre is not None:
             if copy_scaled:
                 flat = flat.clone()
             rows_of = flat[pre.samples].view(-1, *block.shape[1:])
             rows_of *= pre.block(param, tile.rows, tile.cols, cols, rows_of.mean(dim=0))
-        gram.add_rows(flat)
+        gram.add_rows(flat, defer=defer)
 
     def finish(self, uses_of: dict, reductions: dict, total: int, device, keep=frozenset()) -> torch.Tensor:
         """The full Gram: streamed parts + the parameters in uses_of, summed over the model-parallel group;
