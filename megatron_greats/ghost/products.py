@@ -303,6 +303,9 @@ def _fill_tile(block: torch.Tensor, uses: list, rows: Optional[slice], cols: Opt
     """block = the sum over the dense uses of each sample's gradient tile (rows / cols None: all of
     them); 0 where none covers it. Which samples are written is tracked in Python: at small sizes the
     tensor ops would cost more."""
+    if not uses:  # an embedding's tile: its sparse uses add their tokens to zeros
+        block.zero_()
+        return
     if len(uses) == 1 and uses[0].n == total:  # the common case: one layer call, every sample
         torch.bmm(_tile_grads(uses[0], rows, dtype).transpose(1, 2), _tile_inputs(uses[0], cols, dtype), out=block)
         return
