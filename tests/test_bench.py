@@ -28,6 +28,9 @@ def test_ghost_benchmark_prints_ratios(tmp_path):
     assert "func/floor" in proc.stdout and "ghost/step" in proc.stdout
     assert row["ordinary"]["seconds"] > 0 and row["ordinary"]["peak_bytes"] > 0
     assert row["ghost_over_ordinary_time"] > 0 and row["ghost_over_ordinary_memory"] > 0
+    # the time ratio from pairs called in turn in one process; the separate processes' ratio beside it
+    assert 1 < row["ghost_over_ordinary_pairs_per_round"][0] <= 200
+    assert row["ghost_over_ordinary_time_separate"] == row["ghost"]["seconds"] / row["ordinary"]["seconds"]
 
 
 def test_floor_is_the_activation_backward_and_touches_no_parameter():
@@ -61,6 +64,9 @@ def test_ghost_benchmark_rounds_take_the_median_of_ratios_within_rounds(tmp_path
     assert len(ratios) == 3 and row["rounds"] == 3 and "(3 rounds)" in proc.stdout
     assert row["ghost_over_ordinary_time"] == sorted(ratios)[1]
     assert row["ghost_over_ordinary_time_range"] == [min(ratios), max(ratios)]
+    assert row["ghost_over_ordinary_pairs_per_round"] == [1, 1, 1]  # --repeats 1, --min-seconds 0
+    separate = row["ghost_over_ordinary_time_separate_per_round"]
+    assert len(separate) == 3 and row["ghost_over_ordinary_time_separate"] == sorted(separate)[1]
     bad = subprocess.run([sys.executable, "-m", "megatron_greats.bench", "ghost", "--rounds", "0"], cwd=REPO,
                          env=child_env(), capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [

@@ -5,6 +5,7 @@ python -m megatron_greats.bench step --config FILE [--warmup W] [--repeats R] [-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -58,12 +59,15 @@ def main(argv=None) -> int:
 
     if args.one:  # one measurement, in its own process (run() spawns these)
         method, b, t, d = args.one
-        print(json.dumps(bench_ghost.measure(method, int(b), int(t), int(d), args.repeats, args.min_seconds)))
+        measure = bench_ghost.measure_pairs if method == "pairs" else functools.partial(bench_ghost.measure, method)
+        print(json.dumps(measure(int(b), int(t), int(d), args.repeats, args.min_seconds)))
         return 0
     print("GhostRecorder vs torch.func per-sample gradients + Gram (2-layer transformer, tied embeddings, "
           f"vocab 1024; median of >= {args.repeats} calls over >= {args.min_seconds} s, peak memory above the model)")
     print("floor: forward + backward w.r.t. activations only, which every exact method needs; "
           "func/floor = the most any exact method can gain")
+    print("ghost/step time: the recorder and the ordinary step called in turn in one process, the median of "
+          "the pairs' ratios (separate processes: the ratio of their medians)")
     print(bench_ghost.HEADER)
     bench_ghost.run(args.points or bench_ghost.DEFAULT_POINTS, args.repeats, args.json, args.rounds,
                     args.min_seconds)

@@ -13,6 +13,9 @@ the largest speed-up (and memory ratio) any exact method can reach at that point
 A fourth, `ordinary`, is a plain training backward on the same batch: forward, backward of the mean
 loss with weight gradients. Exact per-sample products cost about one weight-gradient pass, so the
 recorder's time and peak memory are reported against it (ghost/step; targets <= 1.15 and <= 1.3).
+Its time ratio is measured with the two called in turn in one process (measure_pairs): a call takes
+tens of milliseconds at the smallest point, and on a shared machine the speed drifts between two
+processes by as much as the ratio's margin.
 
 The recorder is built once per measurement, before the timed calls, as the trainer builds one per run;
 each call captures, forms the Gram and releases what the capture held, as a training step does.
@@ -133,9 +136,8 @@ DEFAULT_MIN_SECONDS = 1.0
 MAX_CALLS = 200
 
 
-def measure(method: str, b: int, t: int, d: int, repeats: int, min_seconds: float = DEFAULT_MIN_SECONDS) -> dict:
-    """In this process: peak memory of the first call, then the median time of at least `repeats`
-    calls, and of as many more as fit in min_seconds (at most MAX_CALLS)."""
+def _point_setup(b: int, t: int, d: int) -> tuple:
+    """(accelerator, device, model, inputs, labels) of one point, the same in every process."""
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
@@ -145,9 +147,27 @@ def measure(method: str, b: int, t: int, d: int, repeats: int, min_seconds: floa
     torch.manual_seed(0)
     model = BenchTransformer(d, t).to(device)
     tokens = torch.randint(0, 1024, (b, t + 1), device=device)
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    return acc, device, model, tokens[:, :-1], tokens[:, 1:]
+
+
+def _timed_call(fn, acc, on_cpu: bool, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    if not on_cpu:
+        acc.synchronize()
+    return time.perf_counter() - start
+
+
+def _prepared(method: str, model):
     # the recorder is built once, as the trainer builds one per run: its set-up is not a step's cost
-    fn = (functools.partial(ghost_gram, recorder=GhostRecorder(model)) if method == "ghost" else METHODS[method])
+    return functools.partial(ghost_gram, recorder=GhostRecorder(model)) if method == "ghost" else METHODS[method]
+
+
+def measure(method: str, b: int, t: int, d: int, repeats: int, min_seconds: float = DEFAULT_MIN_SECONDS) -> dict:
+    """In this process: peak memory of the first call, then the median time of at least `repeats`
+    calls, and of as many more as fit in min_seconds (at most MAX_CALLS)."""
+    acc, device, model, inputs, labels = _point_setup(b, t, d)
+    fn = _prepared(method, model)
     on_cpu = device.type == "cpu"
     if on_cpu:
         before = rss_bytes()
@@ -163,18 +183,34 @@ def measure(method: str, b: int, t: int, d: int, repeats: int, min_seconds: floa
         peak = acc.max_memory_allocated() - before
     times, spent = [], 0.0
     while len(times) < repeats or (spent < min_seconds and len(times) < MAX_CALLS):
-        start = time.perf_counter()
-        fn(model, inputs, labels)
-        if not on_cpu:
-            acc.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(_timed_call(fn, acc, on_cpu, model, inputs, labels))
         spent += times[-1]
     return {"method": method, "B": b, "T": t, "d": d, "seconds": statistics.median(times),
             "seconds_spread": [min(times), max(times)], "calls": len(times), "peak_bytes": max(int(peak), 1),
             "gram_trace": float(torch.diagonal(result).sum()) if result.dim() == 2 else None, "device": str(device)}
 
 
+def measure_pairs(b: int, t: int, d: int, repeats: int, min_seconds: float = DEFAULT_MIN_SECONDS) -> dict:
+    """In this process: the recorder and the ordinary step called in turn on the same model and batch,
+    at least `repeats` pairs and as many more as fit in min_seconds (at most MAX_CALLS); the median of
+    the pairs' time ratios. A drift of the machine's speed (other tenants, clock, memory state) falls
+    on both calls of a pair alike; between the separate processes of `measure` it does not."""
+    acc, device, model, inputs, labels = _point_setup(b, t, d)
+    ghost, on_cpu = _prepared("ghost", model), device.type == "cpu"
+    ghost(model, inputs, labels)  # the first calls allocate what later calls reuse: not timed
+    ordinary_step(model, inputs, labels)
+    ratios, spent = [], 0.0
+    while len(ratios) < repeats or (spent < min_seconds and len(ratios) < MAX_CALLS):
+        g = _timed_call(ghost, acc, on_cpu, model, inputs, labels)
+        o = _timed_call(ordinary_step, acc, on_cpu, model, inputs, labels)
+        ratios.append(g / o)
+        spent += g + o
+    return {"B": b, "T": t, "d": d, "ratio": statistics.median(ratios), "ratio_spread": [min(ratios), max(ratios)],
+            "pairs": len(ratios)}
+
+
 def _one(method: str, b: int, t: int, d: int, repeats: int, min_seconds: float) -> dict:
+    """method: one of METHODS, or "pairs" (measure_pairs), in a fresh process."""
     cmd = [sys.executable, "-m", "megatron_greats.bench", "ghost", "--one", method, str(b), str(t), str(d),
            "--repeats", str(repeats), "--min-seconds", str(min_seconds)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -193,25 +229,31 @@ def _merged(runs: list) -> dict:
 
 def run(points=DEFAULT_POINTS, repeats: int = 3, json_path=None, rounds: int = 1,
         min_seconds: float = DEFAULT_MIN_SECONDS) -> list:
-    """rounds > 1: each method is measured once per round, in an order rotated by one each round, so a
-    drift of the machine's speed falls on every method alike; ghost/step time is then the median of the
-    rounds' ratios (each within one round), with its range. Memory comes from the first round."""
+    """Each round measures every method in a process of its own (time and memory), in an order rotated
+    by one each round, then the recorder and the ordinary step in turn in one process (measure_pairs).
+    ghost/step time is the median over rounds of the pairs' median ratio, with its range; the ratio of
+    the separate processes' medians is reported beside it. Memory comes from the first round."""
     rows = []
     for b, t, d in points:
-        per_round = []
+        per_round, pairs = [], []
         for index in range(rounds):
             order = rotated(METHODS_ORDER, index)
             per_round.append({method: _one(method, b, t, d, repeats, min_seconds) for method in order})
+            pairs.append(_one("pairs", b, t, d, repeats, min_seconds))
         pair = {method: _merged([r[method] for r in per_round]) for method in METHODS_ORDER}
         g, f, floor, plain = pair["ghost"], pair["torch.func"], pair["floor"], pair["ordinary"]
         agree = math.isclose(g["gram_trace"], f["gram_trace"], rel_tol=1e-3)
-        step_ratios = [r["ghost"]["seconds"] / r["ordinary"]["seconds"] for r in per_round]
+        step_ratios = [p["ratio"] for p in pairs]
+        separate = [r["ghost"]["seconds"] / r["ordinary"]["seconds"] for r in per_round]
         rows.append({"B": b, "T": t, "d": d, "ghost": g, "torch.func": f, "floor": floor, "ordinary": plain,
                      "traces_agree": agree, "rounds": rounds,
                      # the recorder against an ordinary training step (targets: <= 1.15 time, <= 1.3 memory)
                      "ghost_over_ordinary_time": statistics.median(step_ratios),
                      "ghost_over_ordinary_time_range": [min(step_ratios), max(step_ratios)],
                      "ghost_over_ordinary_time_per_round": step_ratios,
+                     "ghost_over_ordinary_pairs_per_round": [p["pairs"] for p in pairs],
+                     "ghost_over_ordinary_time_separate": statistics.median(separate),
+                     "ghost_over_ordinary_time_separate_per_round": separate,
                      "ghost_over_ordinary_memory": g["peak_bytes"] / plain["peak_bytes"],
                      "speedup": f["seconds"] / g["seconds"], "memory_ratio": f["peak_bytes"] / g["peak_bytes"],
                      # the most any exact method could reach here (see the module doc)
@@ -239,4 +281,5 @@ def _row(r: dict) -> str:
             f"{fl['peak_bytes'] / mib:>9.1f} {o['peak_bytes'] / mib:>9.1f} {r['memory_ratio']:>9.1f}x "
             f"{r['memory_ratio_ceiling']:>9.1f}x {r['ghost_over_ordinary_memory']:>9.2f}x | "
             f"{'yes' if r['traces_agree'] else 'NO':>9} | "
-            + (f"{low:.2f}-{high:.2f} ({r['rounds']} rounds)" if r["rounds"] > 1 else "one round"))
+            + (f"{low:.2f}-{high:.2f} ({r['rounds']} rounds)" if r["rounds"] > 1 else "one round")
+            + f"; separate processes {r['ghost_over_ordinary_time_separate']:.2f}")
