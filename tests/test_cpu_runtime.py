@@ -1,8 +1,9 @@
 """CPU runtime settings (parallel/cpu_runtime.py), each checked in fresh processes.
 
-Freed memory is kept: a step-like pattern (64 MiB in 1 MiB blocks, allocated, touched and freed
-together, three times) with glibc's defaults faults its pages in again; with the setting the third
-pass reuses the second's pages.
+Freed memory is kept: a step-like pattern (64 MiB in 1 MiB blocks and one block of 48 MiB, above
+glibc's 32 MiB cap for the mmap threshold, allocated, touched and freed together, three times) with
+glibc's defaults faults its pages in again; with the setting the third pass reuses the second's
+pages.
 
 Denormals are flushed on every thread: a 2-thread elementwise product of denormal float32 values
 comes out all zero only when the OpenMP worker flushes them too (torch.set_flush_denormal alone sets
@@ -24,12 +25,12 @@ applied = cpu_runtime.keep_freed_memory() if sys.argv[1] == "keep" else None
 faults = []
 for _ in range(3):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    blocks = [torch.ones(1 << 18) for _ in range(64)]
+    blocks = [torch.ones(1 << 18) for _ in range(64)] + [torch.ones(12 << 20)]
     del blocks
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps({"applied": applied, "faults": faults}))
 """
-PAGES = (64 << 20) // 4096
+PAGES = ((64 + 48) << 20) // 4096
 
 DENORMAL_PROBE = """
 import json, sys, torch

@@ -7,7 +7,11 @@ allocates about as much again (for GREATS: the per-sample gradient tiles), so ev
 pages back in, one page fault per 4 KiB, each zeroing its page: on the embedded default 52,700 faults
 per single_pass step (9 with this setting), which made that step 12% and a Regular step 7% slower.
 Raising both thresholds keeps freed memory in the process for the next allocation, as an
-accelerator's caching allocator does. A no-op where the C library has no mallopt (not glibc).
+accelerator's caching allocator does. Blocks over 32 MiB (glibc's cap for the mmap threshold) are
+served from the heap too (M_MMAP_MAX = 0): mapped afresh, they cost the ghost benchmark's recorder
+57,000 faults per call at B=32, T=256, d=256 (8% of its time) and an ordinary step none once the heap
+had grown, which skewed every ratio between the two. A no-op where the C library has no mallopt (not
+glibc).
 
 Flush denormals (flush_denormals). A Gram multiplies per-sample gradients with each other: the output
 layer's rows of very unlikely tokens hold values near 1e-30, whose products fall below float32's
@@ -28,8 +32,9 @@ import torch
 
 M_TRIM_THRESHOLD = -1   # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 # Blocks up to this size come from the heap (glibc's own cap for the threshold it adapts by itself);
-# larger ones are still mapped and unmapped, so one huge temporary never stays resident.
+# with M_MMAP_MAX = 0 larger ones do too (no block is mapped on its own).
 MMAP_THRESHOLD = 32 << 20
 NEVER_TRIM = 2 ** 31 - 1  # mallopt takes an int
 
@@ -54,7 +59,8 @@ def keep_freed_memory() -> bool:
         except (OSError, AttributeError):  # no glibc (e.g. macOS, musl without mallopt)
             _kept = False
         else:
-            _kept = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+            _kept = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)
+                         and mallopt(M_MMAP_MAX, 0))
     return _kept
 
 
