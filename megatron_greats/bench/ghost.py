@@ -109,7 +109,7 @@ def activation_pass(model, inputs, labels):
 
     handle = model.embed.register_forward_hook(root)
     try:
-        with frozen_parameters(model):
+        with frozen_parameters(model.parameters()):
             losses = losses_of(model(inputs), labels)
             (grad,) = torch.autograd.grad(losses.sum(), roots)
     finally:

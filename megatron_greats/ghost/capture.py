@@ -13,16 +13,16 @@ from collections import defaultdict
 from typing import Callable, Sequence
 
 import torch
-from torch import nn
 
 from megatron_greats.ghost.layers import rule_for, samples_first
 from megatron_greats.ghost.products import Use
 
 
 @contextlib.contextmanager
-def frozen_parameters(model: nn.Module):
-    """requires_grad=False on the model's trainable parameters for the duration: the graph covers activations only."""
-    frozen = [p for p in model.parameters() if p.requires_grad]
+def frozen_parameters(parameters):
+    """requires_grad=False on the trainable ones of `parameters` (e.g. model.parameters()) for the
+    duration: the graph covers activations only."""
+    frozen = [p for p in parameters if p.requires_grad]
     try:
         for p in frozen:
             p.requires_grad_(False)
@@ -53,11 +53,11 @@ class CaptureStore:
         return sum(self.sizes.values())
 
     @contextlib.contextmanager
-    def recording(self, model: nn.Module):
-        """Install the rules; parameters are frozen for the duration."""
+    def recording(self, parameters: list):
+        """Install the rules; `parameters` (the model's) are frozen for the duration."""
         handles = []
         try:
-            with frozen_parameters(model):
+            with frozen_parameters(parameters):
                 for module in self.modules:
                     handles += rule_for(module).install(module, self._report, self.batch_dim)
                 yield

@@ -79,6 +79,7 @@ class GhostRecorder:
             self.names.setdefault(p, name)
         # one order on every rank: collectives inside the reduction must line up
         self._order = {p: i for i, p in enumerate(self.names)}
+        self._parameters = list(self.names)  # listed once: model.parameters() walks every module each time
         self.scored = {p for p, name in self.names.items()
                        if (include is None or _matches(name, include)) and not _matches(name, exclude)}
         self.trainable = {p for p in self.names if p.requires_grad}  # read now: a capture freezes them
@@ -137,7 +138,7 @@ class GhostRecorder:
         row, their mean gradient: gram() is then [a + 1, a + 1] with a = averaged.start, which saves
         the products between them. An update may not weigh them (weighted_gradients)."""
         self.release()  # the previous capture's operands
-        first = next(self.model.parameters())
+        first = self._parameters[0]
         dtype = products.compute_dtype(first.dtype)  # the same on every rank: the all-reduce needs it
         self._store = CaptureStore(self.modules, self.captured, self.batch_dim, self._on_complete)
         self._reduction = GramReduction(self._order, self.path, self.chunk_elements, self.tensor_group,
@@ -145,7 +146,7 @@ class GhostRecorder:
         self._reduction.preconditioning = preconditioning
         self._reduction.averaged = averaged if averaged is not None and averaged.stop > averaged.start else None
         self._streaming, self._reduced, self._gram = True, set(), None
-        with self._store.recording(self.model):
+        with self._store.recording(self._parameters):
             yield self
 
     def begin_micro_batch(self, index: int, size: int) -> None:
