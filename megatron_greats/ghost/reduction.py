@@ -64,15 +64,16 @@ class GramSum:
         self.column = torch.zeros(size, dtype=dtype, device=device) if averaged else None  # <g_i, mean>
         self.deferred, self.deferred_elements = [], 0
 
-    def add_rows(self, flat: torch.Tensor, defer: bool = False) -> None:
-        """+= the Gram of per-sample gradients flat [size, L] (with averaged samples: the mean last).
-        defer: hold `flat` (left unchanged by the caller until matrix()) to be summed with other parts."""
-        if defer:
-            self.deferred.append(flat)
-            self.deferred_elements += flat.numel()
-            if self.deferred_elements >= self.DEFERRED_ELEMENTS:
-                self._add_deferred()
-            return
+    def defer_rows(self, flat: torch.Tensor) -> None:
+        """add_rows(flat) later, in one GEMM with other deferred parts; the caller leaves `flat` unchanged
+        until matrix()."""
+        self.deferred.append(flat)
+        self.deferred_elements += flat.numel()
+        if self.deferred_elements >= self.DEFERRED_ELEMENTS:
+            self._add_deferred()
+
+    def add_rows(self, flat: torch.Tensor) -> None:
+        """+= the Gram of per-sample gradients flat [size, L] (with averaged samples: the mean last)."""
         a, h = self.individual, self.upper_rows
         individual = flat if self.column is None else flat[:a]
         length = flat.shape[1]
@@ -197,7 +198,7 @@ class GramReduction:
                 flat = flat.clone()
             rows_of = flat[pre.samples].view(-1, *block.shape[1:])
             rows_of *= pre.block(param, tile.rows, tile.cols, cols, rows_of.mean(dim=0))
-        gram.add_rows(flat, defer=defer)
+        (gram.defer_rows if defer else gram.add_rows)(flat)
 
     def finish(self, uses_of: dict, reductions: dict, total: int, device, keep=frozenset()) -> torch.Tensor:
         """The full Gram: streamed parts + the parameters in uses_of, summed over the model-parallel group;
