@@ -31,6 +31,12 @@ def test_ghost_benchmark_prints_ratios(tmp_path):
     # the time ratio from pairs called in turn in one process; the separate processes' ratio beside it
     assert 1 < row["ghost_over_ordinary_pairs_per_round"][0] <= 200
     assert row["ghost_over_ordinary_time_separate"] == row["ghost"]["seconds"] / row["ordinary"]["seconds"]
+    # the kernels alone, timed in the pairs' process: the floor is what they add to the ordinary step
+    (kernels,) = row["kernels_per_round"]
+    assert kernels["weight_gradient"] > 0 and kernels["per_sample"] > 0 and kernels["gram"] >= 0
+    extra = kernels["per_sample"] + kernels["gram"] - kernels["weight_gradient"]
+    assert row["ghost_over_ordinary_kernel_floor"] == pytest.approx(1 + extra / kernels["ordinary_step"], rel=1e-12)
+    assert "kernel floor" in proc.stdout
 
 
 def test_floor_is_the_activation_backward_and_touches_no_parameter():
@@ -50,6 +56,31 @@ def test_floor_is_the_activation_backward_and_touches_no_parameter():
     losses_of(model(inputs), labels).sum().backward()
     handle.remove()
     torch.testing.assert_close(got, kept[0].grad, rtol=1e-10, atol=1e-12)
+
+
+def test_kernel_parts_sum_every_linear_weight(monkeypatch):
+    """Each nn.Linear weight counts once per layer: shapes shared by several layers are timed once and
+    multiplied (a fixed time per kernel makes the sums countable), and the Gram is with_gram - per_sample."""
+    import torch
+
+    from megatron_greats.bench import ghost as bench_ghost
+
+    seconds = {"weight_gradient": 1.0, "per_sample": 2.0, "with_gram": 5.0}
+    calls = []
+
+    def fixed(fn, acc, on_cpu, *args):
+        calls.append(fn.__name__)
+        fn(*args)  # the real kernels run (tiny shapes), so a broken one still fails here
+        return seconds[fn.__name__]
+
+    monkeypatch.setattr(bench_ghost, "_timed_call", fixed)
+    model = bench_ghost.BenchTransformer(16, 8, layers=3, vocab=64)
+    parts = bench_ghost.kernel_parts(model, 2, 8, repeats=2, acc=None, on_cpu=True)
+    weights = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert weights == 3 * 4 + 1  # qkv, proj, up, down per layer; the tied head
+    assert parts == {"weight_gradient": weights * 1.0, "per_sample": weights * 2.0, "gram": weights * 3.0}
+    shapes = len({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    assert len(calls) == shapes * 3 * 2  # each distinct shape: three kernels, `repeats` timed calls each
 
 
 def test_ghost_benchmark_rounds_take_the_median_of_ratios_within_rounds(tmp_path):

@@ -17,12 +17,20 @@ Its time ratio is measured with the two called in turn in one process (measure_p
 tens of milliseconds at the smallest point, and on a shared machine the speed drifts between two
 processes by as much as the ratio's margin.
 
+The same process then times the kernels alone (kernel_parts): for every nn.Linear weight, the ordinary
+step's weight-gradient GEMM against the recorder's own per-sample GEMMs and Gram of them, on operands
+of the point's shapes, with none of the capture's bookkeeping. `kernel floor` = 1 + (per-sample +
+Gram - weight gradient) / ordinary step: what ghost/step would be if the recorder's only cost were
+those kernels in place of the weight gradients. ghost/step close to it leaves nothing but the
+kernels' speed to gain.
+
 The recorder is built once per measurement, before the timed calls, as the trainer builds one per run;
 each call captures, forms the Gram and releases what the capture held, as a training step does.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import math
@@ -39,8 +47,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from megatron_greats.bench import rotated, rss_bytes
-from megatron_greats.ghost import GhostRecorder  # imported before any baseline is taken
+from megatron_greats.ghost import GhostRecorder, products  # imported before any baseline is taken
 from megatron_greats.ghost.capture import frozen_parameters
+from megatron_greats.ghost.reduction import GramSum
 from megatron_greats.parallel import cpu_runtime
 
 DEFAULT_POINTS = ((8, 128, 128), (32, 256, 256), (16, 512, 256))
@@ -199,14 +208,56 @@ def measure_pairs(b: int, t: int, d: int, repeats: int, min_seconds: float = DEF
     ghost, on_cpu = _prepared("ghost", model), device.type == "cpu"
     ghost(model, inputs, labels)  # the first calls allocate what later calls reuse: not timed
     ordinary_step(model, inputs, labels)
-    ratios, spent = [], 0.0
+    ratios, ordinary, spent = [], [], 0.0
     while len(ratios) < repeats or (spent < min_seconds and len(ratios) < MAX_CALLS):
         g = _timed_call(ghost, acc, on_cpu, model, inputs, labels)
         o = _timed_call(ordinary_step, acc, on_cpu, model, inputs, labels)
         ratios.append(g / o)
+        ordinary.append(o)
         spent += g + o
+    kernels = {**kernel_parts(model, b, t, repeats, acc, on_cpu), "ordinary_step": statistics.median(ordinary)}
     return {"B": b, "T": t, "d": d, "ratio": statistics.median(ratios), "ratio_spread": [min(ratios), max(ratios)],
-            "pairs": len(ratios)}
+            "pairs": len(ratios), "kernels": kernels, "kernel_floor": kernel_floor(kernels)}
+
+
+def kernel_floor(kernels: dict) -> float:
+    """ghost/step if the recorder cost the ordinary step with its weight-gradient GEMMs replaced by the
+    per-sample GEMMs and their Gram (seconds from kernel_parts and the pairs' ordinary step)."""
+    extra = kernels["per_sample"] + kernels["gram"] - kernels["weight_gradient"]
+    return 1 + extra / kernels["ordinary_step"]
+
+
+def kernel_parts(model, b: int, t: int, repeats: int, acc, on_cpu: bool) -> dict:
+    """Seconds per call, summed over the model's nn.Linear weights (each shape timed once, median of
+    `repeats` calls): the ordinary step's weight-gradient GEMMs (K = B T), the recorder's per-sample
+    GEMMs (products.materialised_blocks, K = T) and their Gram (GramSum, as the recorder adds each tile)."""
+    device, dtype = next(model.parameters()).device, torch.float32
+    shapes = collections.Counter(tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear))
+    parts = {"weight_gradient": 0.0, "per_sample": 0.0, "gram": 0.0}
+    for (rows, cols), count in shapes.items():
+        inputs = torch.randn(b, t, cols, device=device, dtype=dtype)
+        grads = torch.randn(b, t, rows, device=device, dtype=dtype)
+        uses = [products.Use(products.Kind.DENSE, rows, cols, slice(0, b), inputs, grads)]
+
+        def weight_gradient():
+            torch.mm(grads.reshape(-1, rows).T, inputs.reshape(-1, cols))
+
+        def per_sample(gram=None):
+            for tile in products.materialised_blocks(uses, b, dtype):
+                if gram is not None:
+                    gram.add_rows(tile.block.view(b, -1))
+
+        def with_gram():
+            per_sample(GramSum(b, False, dtype, device))
+
+        seconds = {}
+        for name, fn in (("weight_gradient", weight_gradient), ("per_sample", per_sample), ("with_gram", with_gram)):
+            fn()  # the first call allocates
+            seconds[name] = statistics.median(_timed_call(fn, acc, on_cpu) for _ in range(repeats))
+        parts["weight_gradient"] += count * seconds["weight_gradient"]
+        parts["per_sample"] += count * seconds["per_sample"]
+        parts["gram"] += count * max(0.0, seconds["with_gram"] - seconds["per_sample"])
+    return parts
 
 
 def _one(method: str, b: int, t: int, d: int, repeats: int, min_seconds: float) -> dict:
@@ -244,6 +295,7 @@ def run(points=DEFAULT_POINTS, repeats: int = 3, json_path=None, rounds: int = 1
         g, f, floor, plain = pair["ghost"], pair["torch.func"], pair["floor"], pair["ordinary"]
         agree = math.isclose(g["gram_trace"], f["gram_trace"], rel_tol=1e-3)
         step_ratios = [p["ratio"] for p in pairs]
+        floors = [p["kernel_floor"] for p in pairs]
         separate = [r["ghost"]["seconds"] / r["ordinary"]["seconds"] for r in per_round]
         rows.append({"B": b, "T": t, "d": d, "ghost": g, "torch.func": f, "floor": floor, "ordinary": plain,
                      "traces_agree": agree, "rounds": rounds,
@@ -254,6 +306,10 @@ def run(points=DEFAULT_POINTS, repeats: int = 3, json_path=None, rounds: int = 1
                      "ghost_over_ordinary_pairs_per_round": [p["pairs"] for p in pairs],
                      "ghost_over_ordinary_time_separate": statistics.median(separate),
                      "ghost_over_ordinary_time_separate_per_round": separate,
+                     # ghost/step if the recorder cost only its kernels (kernel_parts, module doc)
+                     "ghost_over_ordinary_kernel_floor": statistics.median(floors),
+                     "ghost_over_ordinary_kernel_floor_per_round": floors,
+                     "kernels_per_round": [p["kernels"] for p in pairs],
                      "ghost_over_ordinary_memory": g["peak_bytes"] / plain["peak_bytes"],
                      "speedup": f["seconds"] / g["seconds"], "memory_ratio": f["peak_bytes"] / g["peak_bytes"],
                      # the most any exact method could reach here (see the module doc)
@@ -282,4 +338,5 @@ def _row(r: dict) -> str:
             f"{r['memory_ratio_ceiling']:>9.1f}x {r['ghost_over_ordinary_memory']:>9.2f}x | "
             f"{'yes' if r['traces_agree'] else 'NO':>9} | "
             + (f"{low:.2f}-{high:.2f} ({r['rounds']} rounds)" if r["rounds"] > 1 else "one round")
-            + f"; separate processes {r['ghost_over_ordinary_time_separate']:.2f}")
+            + f"; separate processes {r['ghost_over_ordinary_time_separate']:.2f}"
+            + f"; kernel floor {r['ghost_over_ordinary_kernel_floor']:.2f}")
