@@ -98,6 +98,10 @@ def test_ghost_benchmark_rounds_take_the_median_of_ratios_within_rounds(tmp_path
     assert row["ghost_over_ordinary_pairs_per_round"] == [1, 1, 1]  # --repeats 1, --min-seconds 0
     separate = row["ghost_over_ordinary_time_separate_per_round"]
     assert len(separate) == 3 and row["ghost_over_ordinary_time_separate"] == sorted(separate)[1]
+    for method in ("ghost", "ordinary"):  # memory: the median of the rounds' peaks, not one draw
+        peaks = row[method]["peak_bytes_per_round"]
+        assert len(peaks) == 3 and row[method]["peak_bytes"] == sorted(peaks)[1]
+    assert row["ghost_over_ordinary_memory"] == row["ghost"]["peak_bytes"] / row["ordinary"]["peak_bytes"]
     bad = subprocess.run([sys.executable, "-m", "megatron_greats.bench", "ghost", "--rounds", "0"], cwd=REPO,
                          env=child_env(), capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
