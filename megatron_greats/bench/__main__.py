@@ -68,6 +68,8 @@ def main(argv=None) -> int:
           "func/floor = the most any exact method can gain")
     print("ghost/step time: the recorder and the ordinary step called in turn in one process, the median of "
           "the pairs' ratios (separate processes: the ratio of their medians)")
+    print("kernel floor: ghost/step if the recorder cost only its per-sample GEMMs and Gram in place of the "
+          "weight-gradient GEMMs (timed alone in the pairs' process)")
     print(bench_ghost.HEADER)
     bench_ghost.run(args.points or bench_ghost.DEFAULT_POINTS, args.repeats, args.json, args.rounds,
                     args.min_seconds)
