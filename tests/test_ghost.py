@@ -214,12 +214,25 @@ def test_averaged_samples_are_one_row_and_blocks_stay_exact(path, micro_batches)
 
 @pytest.mark.parametrize("samples", [6, 30])
 @pytest.mark.parametrize("averaged", [0, 4], ids=["all-rows", "averaged"])
-def test_long_tiles_summed_in_column_splits_match_the_reference(samples, averaged):
-    """Tiles of at least SPLITS x MIN_SPLIT_COLUMNS elements are summed as SPLITS partial Grams (one
-    batched GEMM; from SYMMETRIC_MIN_ROWS rows on without the block below the diagonal); one that does
-    not divide evenly falls back to a single GEMM. All against torch.func."""
+@pytest.mark.parametrize("split", [True, False], ids=["split", "whole"])
+def test_long_tiles_summed_in_either_form_match_the_reference(monkeypatch, samples, averaged, split):
+    """Tiles of at least SPLITS x MIN_SPLIT_COLUMNS elements are summed in the form timed faster: SPLITS
+    partial Grams (one batched GEMM; from SYMMETRIC_MIN_ROWS rows on without the block below the
+    diagonal) or one GEMM; each form is forced here. One that does not divide evenly is always one GEMM.
+    All against torch.func."""
+    from megatron_greats.ghost import reduction
     from megatron_greats.ghost.reduction import GramSum
 
+    timed, splits = [], []
+    original = GramSum._add_split
+
+    def spy(self, individual, upper, lower):
+        splits.append(individual.shape[1])
+        original(self, individual, upper, lower)
+
+    monkeypatch.setattr(reduction, "_SPLIT_IS_FASTER", {})
+    monkeypatch.setattr(GramSum, "split_is_faster", lambda self, individual: timed.append(individual.shape) or split)
+    monkeypatch.setattr(GramSum, "_add_split", spy)
     torch.manual_seed(8)
     wide = GramSum.SPLITS * GramSum.MIN_SPLIT_COLUMNS // 64           # 64 x wide: exactly split-sized
     model = nn.Sequential(nn.Linear(64, wide), nn.Tanh(), nn.Linear(wide, 67), nn.Tanh(),
@@ -233,6 +246,20 @@ def test_long_tiles_summed_in_column_splits_match_the_reference(samples, average
     full = reference_gram(model, token_losses, x, y, rec.parameters())
     expected = averaged_by_hand(full, samples - averaged) if averaged else full
     assert relative_error(gram, expected) < 1e-9
+    lengths = [shape[1] for shape in timed]
+    assert sorted(lengths) == [64 * wide, 67 * wide]  # the two long weights' lengths, each timed once
+    assert sorted(set(splits)) == (sorted(lengths) if split else [])
+
+
+def test_split_is_faster_times_both_forms_without_touching_the_sums():
+    from megatron_greats.ghost.reduction import GramSum
+
+    gram = GramSum(30, False, torch.float64, "cpu")
+    flat = torch.randn(30, GramSum.SPLITS * GramSum.MIN_SPLIT_COLUMNS, dtype=torch.float64)
+    assert isinstance(gram.split_is_faster(flat), bool)
+    assert gram.matrix().abs().max() == 0
+    gram.add_rows(flat)
+    assert relative_error(gram.matrix(), flat @ flat.T) < 1e-12
 
 
 def test_operands_are_freed_once_used_and_kept_only_for_an_update():
@@ -477,12 +504,18 @@ def test_norm_kind_comes_from_the_type(norm):
                                                         (200, 8 * 3 * 50, 6)],
                          ids=["whole", "column-tiles", "row-tiles", "row-and-column-tiles"])
 @pytest.mark.parametrize("fresh", [False, True], ids=["shared-buffer", "kept"])
-def test_materialised_blocks_sum_uses_whatever_samples_they_share(rows, chunk_elements, tiles, fresh):
+@pytest.mark.parametrize("packed", [False, True], ids=["views", "packed"])
+def test_materialised_blocks_sum_uses_whatever_samples_they_share(monkeypatch, rows, chunk_elements, tiles, fresh,
+                                                                  packed):
     """Uses covering overlapping, disjoint and missing sample ranges: each row is the sum of the uses that
     cover it, 0 where none does (the reused block buffer must never leak an earlier block), and the tiles
     cover every element of the parameter exactly once, whatever the chunk; kept tiles (fresh=True) each
-    in storage of their own."""
+    in storage of their own. packed: every operand slice copied first, as where its stride aliases."""
+    from megatron_greats.ghost import products
     from megatron_greats.ghost.products import Kind, Use, materialised_blocks
+
+    if packed:
+        monkeypatch.setattr(products, "ALIASING_STRIDE", 1)
 
     gen = torch.Generator().manual_seed(0)
     cols, tokens, total = 3, 4, 8  # samples 6 and 7: no use
@@ -508,6 +541,31 @@ def test_materialised_blocks_sum_uses_whatever_samples_they_share(rows, chunk_el
     storages = {b.untyped_storage().data_ptr() for b in blocks}
     assert len(blocks) == tiles and len(storages) == (tiles if fresh else 1) and bool((covered == 1).all())
     assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_operand_slices_are_packed_only_where_their_stride_aliases():
+    """A tile's output-gradient rows (at most MIN_TILE_ROWS of them) or input columns whose rows lie
+    ALIASING_STRIDE or more elements apart are copied to packed operands; others stay views."""
+    from megatron_greats.ghost.products import (ALIASING_STRIDE, MIN_TILE_ROWS, Kind, Use, _tile_grads_t,
+                                                _tile_inputs)
+
+    def use(rows, cols):
+        return Use(Kind.DENSE, rows, cols, slice(0, 2), torch.randn(2, 3, cols), torch.randn(2, 3, rows))
+
+    def packed(t, source):
+        return t.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
+
+    wide, narrow = use(ALIASING_STRIDE, ALIASING_STRIDE), use(ALIASING_STRIDE // 4, ALIASING_STRIDE // 4)
+    thin, tall = slice(0, MIN_TILE_ROWS), slice(0, 2 * MIN_TILE_ROWS)
+    grads_t = _tile_grads_t(wide, thin, torch.float32)
+    assert packed(grads_t, wide.grads) and grads_t.is_contiguous()
+    assert torch.equal(grads_t, wide.grads[:, :, thin].transpose(1, 2))
+    assert not packed(_tile_grads_t(wide, tall, torch.float32), wide.grads)   # tall tiles: the copy was slower
+    assert not packed(_tile_grads_t(narrow, thin, torch.float32), narrow.grads)
+    inputs = _tile_inputs(wide, thin, torch.float32)
+    assert packed(inputs, wide.inputs) and torch.equal(inputs, wide.inputs[:, :, thin])
+    assert not packed(_tile_inputs(narrow, thin, torch.float32), narrow.inputs)
+    assert not packed(_tile_inputs(wide, None, torch.float32), wide.inputs)     # whole rows: contiguous already
 
 
 def test_tiles_keep_enough_rows_for_a_fast_per_sample_gemm():

@@ -283,23 +283,23 @@ def materialised_blocks(uses: list, total: int, dtype, chunk_elements: int = DEF
     dense = [u for u in uses if u.kind == Kind.DENSE]
     one_tile = tile_rows == rows and tile_cols == cols
     buffer = None if fresh or one_tile else torch.empty(total * tile_rows * tile_cols, dtype=dtype, device=device)
-    for r0 in range(0, rows, tile_rows):
-        r = slice(r0, min(rows, r0 + tile_rows))
-        for c0 in range(0, cols, tile_cols):
-            c = slice(c0, min(cols, c0 + tile_cols))
+    for c0 in range(0, cols, tile_cols):  # columns outer: a use's input columns are packed once
+        c = slice(c0, min(cols, c0 + tile_cols))
+        inputs = [_tile_inputs(u, c if tile_cols < cols else None, dtype) for u in dense]
+        for r0 in range(0, rows, tile_rows):
+            r = slice(r0, min(rows, r0 + tile_rows))
             shape = (total, r.stop - r.start, c.stop - c.start)
             if buffer is None:
                 block = torch.empty(shape, dtype=dtype, device=device)
             else:
                 block = buffer[:shape[0] * shape[1] * shape[2]].view(shape)
-            _fill_tile(block, dense, r if tile_rows < rows else None, c if tile_cols < cols else None, total, dtype)
+            _fill_tile(block, dense, inputs, r if tile_rows < rows else None, total, dtype)
             for u, tokens in sparse:
                 tokens.add_to(block, u.samples.start, r, c)
             yield Tile(r, c, block)
 
 
-def _fill_tile(block: torch.Tensor, uses: list, rows: Optional[slice], cols: Optional[slice], total: int,
-               dtype) -> None:
+def _fill_tile(block: torch.Tensor, uses: list, inputs: list, rows: Optional[slice], total: int, dtype) -> None:
     """block = the sum over the dense uses of each sample's gradient tile (rows / cols None: all of
     them); 0 where none covers it. Which samples are written is tracked in Python: at small sizes the
     tensor ops would cost more."""
@@ -307,31 +307,50 @@ def _fill_tile(block: torch.Tensor, uses: list, rows: Optional[slice], cols: Opt
         block.zero_()
         return
     if len(uses) == 1 and uses[0].n == total:  # the common case: one layer call, every sample
-        torch.bmm(_tile_grads(uses[0], rows, dtype).transpose(1, 2), _tile_inputs(uses[0], cols, dtype), out=block)
+        torch.bmm(_tile_grads_t(uses[0], rows, dtype), inputs[0], out=block)
         return
     written = bytearray(total)
-    for u in uses:
+    for u, u_inputs in zip(uses, inputs):
         lo, hi = u.samples.start, u.samples.stop
         out = block if lo == 0 and hi == total else block[lo:hi]
         seen = written[lo:hi].count(1)
         if 0 < seen < hi - lo:  # partly written: the rest starts from zero
             out[torch.tensor([not w for w in written[lo:hi]], device=block.device)] = 0
-        grads_t, inputs = _tile_grads(u, rows, dtype).transpose(1, 2), _tile_inputs(u, cols, dtype)
+        grads_t = _tile_grads_t(u, rows, dtype)
         if seen:
-            out.baddbmm_(grads_t, inputs)
+            out.baddbmm_(grads_t, u_inputs)
         else:
-            torch.bmm(grads_t, inputs, out=out)
+            torch.bmm(grads_t, u_inputs, out=out)
         written[lo:hi] = b"\x01" * (hi - lo)
     if written.count(0):
         block[torch.tensor([not w for w in written], device=block.device)] = 0
 
 
-def _tile_grads(u: Use, rows: Optional[slice], dtype) -> torch.Tensor:
-    return _as(u.grads if rows is None else u.grads[:, :, rows], dtype)      # [n, T, r]
+# CPU BLAS reads a GEMM operand whose rows lie 4096 or more elements apart (16 KiB in fp32: an up
+# projection's output gradient, a down projection's input) far below its rate: cache sets alias. Measured
+# at B=32, T=128 with K = T: 4096 x 1024 weights 107-133 -> 144-197 GFLOP/s with the output-gradient tile
+# copied to a packed [n, rows, T] first, 1024 x 4096 weights 117-123 -> 155-176 with the input columns
+# copied. Copying costs one pass over the tile's operand, 1 / (2 x tile width) of its GEMM; it gains only
+# on thin tiles (MIN_TILE_ROWS rows: at 256 and more rows the copy measured slower), and only on CPU.
+ALIASING_STRIDE = 4096
+
+
+def _tile_grads_t(u: Use, rows: Optional[slice], dtype) -> torch.Tensor:
+    """B^T [n, r, T] of the tile's rows (a transposed view, or a packed copy where its stride aliases)."""
+    g = u.grads if rows is None else u.grads[:, :, rows]
+    if g.device.type != "cpu" or g.stride(1) < ALIASING_STRIDE or g.shape[2] > MIN_TILE_ROWS:
+        return _as(g, dtype).transpose(1, 2)
+    return torch.empty(g.shape[0], g.shape[2], g.shape[1], dtype=dtype, device=g.device).copy_(g.transpose(1, 2))
 
 
 def _tile_inputs(u: Use, cols: Optional[slice], dtype) -> torch.Tensor:
-    return _as(u.inputs if cols is None else u.inputs[:, :, cols], dtype)    # [n, T, c]
+    """A [n, T, c] of the tile's columns (a view, or a packed copy where its stride aliases)."""
+    if cols is None:
+        return _as(u.inputs, dtype)
+    a = u.inputs[:, :, cols]
+    if a.device.type != "cpu" or a.stride(1) < ALIASING_STRIDE:
+        return _as(a, dtype)
+    return torch.empty(a.shape, dtype=dtype, device=a.device).copy_(a)
 
 
 def blocks_fit(uses: list, total: int, dtype) -> bool:

@@ -12,6 +12,7 @@ Parallel sums (after finish() every rank of the model-parallel group holds the s
 from __future__ import annotations
 
 import contextlib
+import time
 from enum import Enum
 
 import torch
@@ -32,18 +33,30 @@ def reduction_of(param) -> Reduction:
     return Reduction.SUM if getattr(param, "tensor_model_parallel", False) else Reduction.ONCE
 
 
+_SPLIT_IS_FASTER = {}  # (rows, length, dtype) -> which Gram form GramSum uses on CPU (timed once)
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 class GramSum:
     """A Gram summed from parts. With averaged samples (their mean is the last of `size` rows) the
     individual rows' square block and the mean's column are held apart: a tile then adds one GEMM over
     the individual rows and one matrix-vector product for the column (a GEMM of a rows runs faster than
     one of a + 1 on CPU BLAS, and no slice of the Gram is updated piece by piece).
 
-    A long tile's square is summed in SPLITS column ranges, one batched GEMM into SPLITS partial Grams:
-    CPU BLAS runs a GEMM with a few dozen output rows and columns on one thread with a long inner loop
-    (measured: 90-100 GFLOP/s), the batched form on every thread (150-170 GFLOP/s, 30-60% less time
-    per tile just written by the per-sample GEMMs). From SYMMETRIC_MIN_ROWS rows on, the block below
-    the diagonal of the lower half is not formed (the transpose of the one above): a quarter fewer
-    products, 15-18% less time at 32 and 40 rows (at 16 rows the two GEMMs take longer than one).
+    A long tile's square is summed in one of two forms, whichever runs faster here (split_is_faster):
+      whole: one GEMM [a, L] x [L, a];
+      split: SPLITS column ranges, one batched GEMM into SPLITS partial Grams. From SYMMETRIC_MIN_ROWS
+             rows on, the block below the diagonal of the lower half is not formed (the transpose of
+             the one above): a quarter fewer products.
+    CPU BLAS libraries differ on which is faster, on the same MKL build: on one Xeon the whole GEMM ran on
+    one thread (90-100 GFLOP/s) and the split form on every thread (150-170, 30-60% less time per tile);
+    on a Sapphire Rapids the whole GEMM ran on both threads (78-93) and the split form at 41-51, twice
+    the time. So on CPU each (rows, length, dtype) is timed once per process on its first tile.
 
     Narrow parts (per-sample vectors of biases and norm weights) are deferred and summed together in
     one GEMM once DEFERRED_ELEMENTS have gathered, or at matrix(): one small GEMM each costs more in
@@ -74,20 +87,45 @@ class GramSum:
 
     def add_rows(self, flat: torch.Tensor) -> None:
         """+= the Gram of per-sample gradients flat [size, L] (with averaged samples: the mean last)."""
-        a, h = self.individual, self.upper_rows
+        a = self.individual
         individual = flat if self.column is None else flat[:a]
-        length = flat.shape[1]
-        if length % self.SPLITS == 0 and length >= self.SPLITS * self.MIN_SPLIT_COLUMNS:
-            parts = individual.view(a, self.SPLITS, -1).transpose(0, 1)  # [splits, a, L / splits]
-            if h < a:
-                self.upper.baddbmm_(parts[:, :h], parts.transpose(1, 2))
-                self.lower.baddbmm_(parts[:, h:], parts[:, h:].transpose(1, 2))
-            else:
-                self.upper.baddbmm_(parts, parts.transpose(1, 2))
+        if self._split(individual):
+            self._add_split(individual, self.upper, self.lower)
         else:
             self.whole.addmm_(individual, individual.T)
         if self.column is not None:
             self.column.addmv_(flat, flat[a])
+
+    def _add_split(self, individual: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor) -> None:
+        a, h = self.individual, self.upper_rows
+        parts = individual.view(a, self.SPLITS, -1).transpose(0, 1)  # [splits, a, L / splits]
+        if h < a:
+            upper.baddbmm_(parts[:, :h], parts.transpose(1, 2))
+            lower.baddbmm_(parts[:, h:], parts[:, h:].transpose(1, 2))
+        else:
+            upper.baddbmm_(parts, parts.transpose(1, 2))
+
+    def _split(self, individual: torch.Tensor) -> bool:
+        length = individual.shape[1]
+        if length % self.SPLITS or length < self.SPLITS * self.MIN_SPLIT_COLUMNS:
+            return False
+        if individual.device.type != "cpu":
+            return True
+        key = (self.individual, length, individual.dtype)
+        if key not in _SPLIT_IS_FASTER:
+            _SPLIT_IS_FASTER[key] = self.split_is_faster(individual)
+        return _SPLIT_IS_FASTER[key]
+
+    def split_is_faster(self, individual: torch.Tensor, tries: int = 3) -> bool:
+        """Time both forms on this tile into scratch sums (best of `tries` each, in turn). The forms round
+        differently (sums of L products in another order: about 1e-7 relative in fp32); the choice holds
+        for the rest of the process."""
+        upper, lower, whole = (torch.zeros_like(t) for t in (self.upper, self.lower, self.whole))
+        split_s, whole_s = [], []
+        for _ in range(tries):
+            split_s.append(_seconds(lambda: self._add_split(individual, upper, lower)))
+            whole_s.append(_seconds(lambda: whole.addmm_(individual, individual.T)))
+        return min(split_s) < min(whole_s)
 
     def _add_deferred(self) -> None:
         if self.deferred:
