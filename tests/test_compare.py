@@ -12,7 +12,8 @@ import yaml
 
 from conftest import REPO, TINY_DATA, TINY_MODEL, child_env
 
-METHODS = ["regular", "greats", "first_order", "gradnorm", "maxloss"]
+# two methods and one arm keep the run short (every method trains in test_selection_training.py)
+METHODS = ["regular", "greats"]
 ARM = "greats-adam: selection.method=greats selection.preconditioner=adam selection.eta=auto"
 
 
@@ -20,8 +21,9 @@ def test_compare_quick_writes_summary_plots_and_tensorboard(data_cache, tmp_path
     out = tmp_path / "compare"
     env = child_env(MEGATRON_GREATS_VENV=sys.prefix)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    command = ["bash", str(REPO / "launch" / "compare.sh"), "--quick", "--out", str(out), "--arm", ARM, "--",
-               f"data.cache_dir={data_cache}", *TINY_DATA, *TINY_MODEL]
+    command = ["bash", str(REPO / "launch" / "compare.sh"), "--quick", "--out", str(out),
+               "--methods", ",".join(METHODS), "--arm", ARM,
+               "--", f"data.cache_dir={data_cache}", *TINY_DATA, *TINY_MODEL]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -60,7 +62,7 @@ def test_compare_quick_writes_summary_plots_and_tensorboard(data_cache, tmp_path
             assert list((out / "runs" / method / f"seed{seed}" / "tensorboard").glob("events.out.tfevents.*"))
     # a second call reuses the finished runs and writes the same summary
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("finished before, kept") == 12
+    assert again.returncode == 0 and again.stdout.count("finished before, kept") == 2 * len(arms)
     assert json.loads((out / "summary.json").read_text()) == summary
 
 

@@ -580,3 +580,30 @@ def test_tiles_keep_enough_rows_for_a_fast_per_sample_gemm():
     assert tile_shape(4096, 1, 32, 1 << 10) == (32, 1)          # a vector: rows only
     assert tile_shape(4096, 128, 40, 1 << 22) == (683, 128)     # 819 rows fit: 6 even tiles, not a last one of 1
     assert tile_shape(128, 1000, 64, 1 << 20) == (128, 125)     # 128 columns fit: 8 even tiles of 125
+
+
+def test_megatron_rules_wait_until_megatron_core_is_loaded():
+    """Recording a plain torch model does not import megatron-core (4 s of a benchmark process's start);
+    once it is loaded, its layers have their rules."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, child_env
+
+    script = (
+        "import sys, torch\n"
+        "from megatron_greats.ghost import GhostRecorder, layers\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(3, 2))\n"
+        "rec = GhostRecorder(model)\n"
+        "with rec.capture():\n"
+        "    rec.backward(model(torch.randn(4, 1, 3)).sum(dim=(1, 2)))\n"
+        "assert rec.gram().shape == (4, 4)\n"
+        "assert 'megatron.core' not in sys.modules, 'imported megatron-core'\n"
+        "from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear\n"
+        "from megatron_greats.model.gpt import RMSNorm\n"
+        "layers.rule_for(model[0])\n"
+        "assert all(t in layers.RULES for t in (ColumnParallelLinear, RowParallelLinear, RMSNorm))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

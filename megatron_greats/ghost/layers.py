@@ -14,6 +14,7 @@ position embedding inside megatron-core's LanguageModelEmbedding).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -80,6 +81,7 @@ def register(*types, covers: Callable = _own_parameters, claims: Callable = lamb
 
 
 def rule_for(module: nn.Module):
+    _register_loaded()
     for cls in type(module).__mro__:
         if cls in RULES:
             return RULES[cls]
@@ -94,6 +96,7 @@ def recorded_modules(model: nn.Module) -> list:
 
 def supported_layer_names() -> list:
     """e.g. 'torch.nn.Linear', 'megatron.core.ColumnParallelLinear', 'megatron_greats.RMSNorm'."""
+    _register_loaded(every=True)
     home = {"torch": "torch.nn", "megatron": "megatron.core"}
     return sorted(f"{home.get(t.__module__.split('.')[0], t.__module__.split('.')[0])}.{t.__name__}" for t in RULES)
 
@@ -279,5 +282,13 @@ def _project_rules():
     register(RMSNorm)(gpt_norm(rms=True))
 
 
-_megatron_rules()
-_project_rules()
+# The rules of megatron-core's layers and of this project's model are registered on first use, once
+# their modules are loaded: a layer of theirs exists only if they are, and importing megatron-core costs
+# a process that records plain torch models (the ghost benchmark) about 4 seconds.
+_LAZY_RULES = {"megatron.core": _megatron_rules, "megatron_greats.model.gpt": _project_rules}
+
+
+def _register_loaded(every: bool = False) -> None:
+    """Register the lazy rules whose module is loaded (every=True: all of them, importing their modules)."""
+    for module_name in [m for m in _LAZY_RULES if every or m in sys.modules]:
+        _LAZY_RULES.pop(module_name)()
