@@ -52,11 +52,23 @@ def _config_file(text):
     return setup
 
 
+_FINISHED_RUNS = {}  # data_cache -> a finished 1-step run, trained once and copied by each case that needs one
+
+
+def _finished_run(data_cache, tmp) -> None:
+    """A finished 1-step run (1 process, hidden size 32, a checkpoint at step 1) in tmp / "run"."""
+    if data_cache not in _FINISHED_RUNS:
+        first = tmp / "finished"
+        proc = run_pretrain(tiny_overrides(data_cache, first, "train.steps=1", "train.save_interval=1"),
+                            launcher="python")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        _FINISHED_RUNS[data_cache] = first
+    shutil.copytree(_FINISHED_RUNS[data_cache], tmp / "run")
+
+
 def _checkpoint_of_another_shape(data_cache, tmp):
     """A finished 1-step run at hidden size 32 in run_dir; the bad call asks for 64 there."""
-    proc = run_pretrain(tiny_overrides(data_cache, tmp / "run", "train.steps=1", "train.save_interval=1"),
-                        launcher="python")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _finished_run(data_cache, tmp)
     return ["model.hidden_size=64", "train.steps=2"]
 
 
@@ -64,9 +76,7 @@ def _finished_run_without(name):
     """A finished 1-step run (1 process) in run_dir, with file `name` of its checkpoint deleted (None: none);
     the bad call resumes it for 2 steps."""
     def setup(data_cache, tmp):
-        proc = run_pretrain(tiny_overrides(data_cache, tmp / "run", "train.steps=1", "train.save_interval=1"),
-                            launcher="python")
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        _finished_run(data_cache, tmp)
         if name is not None:
             (tmp / "run" / "checkpoints" / "step_1" / name).unlink()
         return ["train.steps=2"]
