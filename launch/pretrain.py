@@ -58,6 +58,9 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides, world_size=launcher_world_size())
+        from megatron_greats.ghost.reduction import gram_form
+
+        gram_form()  # a bad MEGATRON_GREATS_GRAM_FORM ends the run here, before anything is built
         if launcher_rank() == 0:  # once per job, not once per rank
             for note in cfg.unread_selection_keys():
                 print(f"megatron_greats: note: {note}", file=sys.stderr, flush=True)

@@ -197,3 +197,15 @@ def test_bad_input_catalogue(case, data_cache, tmp_path):
     assert after == run_before
     leftovers = [p for p in tmp_path.rglob("*.tmp")]
     assert not leftovers, leftovers
+
+
+def test_bad_gram_form_variable_stops_the_launch(data_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(PRETRAIN), "--config", str(CONFIG),
+                           *tiny_overrides(data_cache, run_dir)], cwd=REPO,
+                          env=child_env(MEGATRON_GREATS_GRAM_FORM="fastest"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert error_lines(proc) == ["megatron_greats: error: MEGATRON_GREATS_GRAM_FORM='fastest'; "
+                                 "allowed: timed, whole, split"]
+    assert not run_dir.exists()

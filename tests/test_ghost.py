@@ -262,6 +262,36 @@ def test_split_is_faster_times_both_forms_without_touching_the_sums():
     assert relative_error(gram.matrix(), flat @ flat.T) < 1e-12
 
 
+@pytest.mark.parametrize("form", ["whole", "split"])
+def test_a_pinned_gram_form_is_used_without_timing(monkeypatch, form):
+    """MEGATRON_GREATS_GRAM_FORM=whole|split: every long tile in that form, none timed, the same Gram."""
+    from megatron_greats.ghost import reduction
+    from megatron_greats.ghost.reduction import GramSum
+
+    splits = []
+    original = GramSum._add_split
+    monkeypatch.setenv(reduction.GRAM_FORM_VARIABLE, form)
+    monkeypatch.setattr(reduction, "_SPLIT_IS_FASTER", {})
+    monkeypatch.setattr(GramSum, "split_is_faster", lambda self, individual: pytest.fail("timed a pinned form"))
+    monkeypatch.setattr(GramSum, "_add_split", lambda self, *a: splits.append(1) or original(self, *a))
+    gram = GramSum(30, False, torch.float64, "cpu")
+    flat = torch.randn(30, GramSum.SPLITS * GramSum.MIN_SPLIT_COLUMNS, dtype=torch.float64)
+    gram.add_rows(flat)
+    gram.add_rows(flat[:, :-1])  # too odd to split: one GEMM whatever the form
+    assert len(splits) == (1 if form == "split" else 0)
+    expected = flat @ flat.T + flat[:, :-1] @ flat[:, :-1].T
+    assert relative_error(gram.matrix(), expected) < 1e-12
+
+
+def test_a_bad_gram_form_is_a_one_line_error(monkeypatch):
+    from megatron_greats.errors import ConfigError
+    from megatron_greats.ghost import reduction
+
+    monkeypatch.setenv(reduction.GRAM_FORM_VARIABLE, "fastest")
+    with pytest.raises(ConfigError, match=r"^MEGATRON_GREATS_GRAM_FORM='fastest'; allowed: timed, whole, split$"):
+        reduction.GramSum(4, False, torch.float32, "cpu")
+
+
 def test_operands_are_freed_once_used_and_kept_only_for_an_update():
     """Without an update to form, a single micro-batch frees each parameter's operands during backward,
     as soon as its Gram part is formed. For an update from kept blocks, the capture holds exactly the

@@ -56,7 +56,14 @@ def main(argv=None) -> int:
         print(f"megatron_greats: error: --min-seconds {args.min_seconds}; allowed: >= 0", file=sys.stderr)
         return 2
     from megatron_greats.bench import ghost as bench_ghost
+    from megatron_greats.errors import GreatsError
+    from megatron_greats.ghost.reduction import gram_form
 
+    try:
+        gram_form()  # MEGATRON_GREATS_GRAM_FORM, checked before any measurement
+    except GreatsError as e:
+        print(f"megatron_greats: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     if args.one:  # one measurement, in its own process (run() spawns these)
         method, b, t, d = args.one
         measure = bench_ghost.measure_pairs if method == "pairs" else functools.partial(bench_ghost.measure, method)
@@ -85,7 +92,10 @@ def _step(args) -> int:
     from megatron_greats.bench import step as bench_step
     from megatron_greats.errors import GreatsError
 
+    from megatron_greats.ghost.reduction import gram_form
+
     try:
+        gram_form()  # MEGATRON_GREATS_GRAM_FORM, checked before anything is built
         report = bench_step.run(args.config, args.overrides, args.warmup, args.repeats, args.out, args.rounds)
     except GreatsError as e:
         print(f"megatron_greats: error: {e}", file=sys.stderr, flush=True)

@@ -12,12 +12,14 @@ Parallel sums (after finish() every rank of the model-parallel group holds the s
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from enum import Enum
 
 import torch
 import torch.distributed as dist
 
+from megatron_greats.errors import ConfigError
 from megatron_greats.ghost import products
 from megatron_greats.ghost.products import Path
 
@@ -34,6 +36,28 @@ def reduction_of(param) -> Reduction:
 
 
 _SPLIT_IS_FASTER = {}  # (rows, length, dtype) -> which Gram form GramSum uses on CPU (timed once)
+
+# The two forms round differently (about 1e-7 relative in fp32), so a timed choice can differ between
+# processes and flip a selection at a near-exact tie; pinning the form makes reruns bit-identical.
+GRAM_FORM_VARIABLE = "MEGATRON_GREATS_GRAM_FORM"
+
+
+class GramForm(str, Enum):
+    """How GramSum adds a long tile's square: TIMED (on CPU the faster form per shape, on accelerators
+    SPLIT), or pinned to WHOLE or SPLIT."""
+    TIMED = "timed"
+    WHOLE = "whole"
+    SPLIT = "split"
+
+
+def gram_form() -> GramForm:
+    """The form MEGATRON_GREATS_GRAM_FORM asks for (default timed); a bad value is a ConfigError."""
+    value = os.environ.get(GRAM_FORM_VARIABLE, GramForm.TIMED.value)
+    try:
+        return GramForm(value)
+    except ValueError:
+        raise ConfigError(f"{GRAM_FORM_VARIABLE}={value!r}; allowed: "
+                          f"{', '.join(f.value for f in GramForm)}") from None
 
 
 def _seconds(fn) -> float:
@@ -56,7 +80,8 @@ class GramSum:
     CPU BLAS libraries differ on which is faster, on the same MKL build: on one Xeon the whole GEMM ran on
     one thread (90-100 GFLOP/s) and the split form on every thread (150-170, 30-60% less time per tile);
     on a Sapphire Rapids the whole GEMM ran on both threads (78-93) and the split form at 41-51, twice
-    the time. So on CPU each (rows, length, dtype) is timed once per process on its first tile.
+    the time. So on CPU each (rows, length, dtype) is timed once per process on its first tile, unless
+    MEGATRON_GREATS_GRAM_FORM pins the form (gram_form).
 
     Narrow parts (per-sample vectors of biases and norm weights) are deferred and summed together in
     one GEMM once DEFERRED_ELEMENTS have gathered, or at matrix(): one small GEMM each costs more in
@@ -76,6 +101,7 @@ class GramSum:
         self.lower = torch.zeros(self.SPLITS, a - h, a - h, dtype=dtype, device=device)  # rows [h, a) x [h, a)
         self.column = torch.zeros(size, dtype=dtype, device=device) if averaged else None  # <g_i, mean>
         self.deferred, self.deferred_elements = [], 0
+        self.form = gram_form()
 
     def defer_rows(self, flat: torch.Tensor) -> None:
         """add_rows(flat) later, in one GEMM with other deferred parts; the caller leaves `flat` unchanged
@@ -109,6 +135,8 @@ class GramSum:
         length = individual.shape[1]
         if length % self.SPLITS or length < self.SPLITS * self.MIN_SPLIT_COLUMNS:
             return False
+        if self.form != GramForm.TIMED:
+            return self.form == GramForm.SPLIT
         if individual.device.type != "cpu":
             return True
         key = (self.individual, length, individual.dtype)
