@@ -637,3 +637,61 @@ def test_megatron_rules_wait_until_megatron_core_is_loaded():
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+class PositionModel(nn.Module):
+    """Token and position embeddings (positions given per token, padding row 7), a norm and an output layer:
+    inputs [B, T, 2] hold (token, position)."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(11, d), nn.Embedding(8, d, padding_idx=7)
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 11)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.tanh(self.embed(x[..., 0]) + self.pos(x[..., 1]))))
+
+
+POSITIONS = {  # positions of 6 tokens per sample; aligned: every sample the same rows, none twice
+    "aligned": ([0, 1, 2, 3, 4, 5], None, True),
+    "aligned-with-padding": ([7, 1, 2, 7, 4, 5], None, True),  # row 7 (padding) has no gradient
+    "one-sample-differs": ([0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], False),
+    "a-row-twice": ([0, 1, 1, 2, 3, 4], None, False),
+}
+
+
+@pytest.mark.parametrize("positions", list(POSITIONS))
+@pytest.mark.parametrize("averaged", [0, 2], ids=["all-rows", "averaged"])
+def test_aligned_position_rows_skip_the_per_sample_blocks(monkeypatch, positions, averaged):
+    """A position embedding whose samples use the same rows, none twice, has its Gram formed from its output
+    gradients (no per-sample block), and the update reads its operands; any other sparse use goes the usual
+    way. Gram and update against torch.func and an ordinary backward."""
+    from megatron_greats.ghost import products
+
+    flats = []
+    original = products.aligned_rows_flat
+    monkeypatch.setattr(products, "aligned_rows_flat", lambda u, dtype: flats.append(u.rows) or original(u, dtype))
+    row, other, aligned = POSITIONS[positions]
+    torch.manual_seed(9)
+    model = PositionModel().double()
+    samples = 5
+    pos = torch.tensor([row] * samples)
+    if other is not None:
+        pos[2] = torch.tensor(other)
+    inputs = torch.stack([torch.randint(0, 11, (samples, 6)), pos], dim=-1)
+    labels = torch.randint(0, 11, (samples, 6))
+    rec = GhostRecorder(model, path="materialise", keep_operands=True)
+    gram = captured_gram(rec, model, token_losses, inputs, labels, 1,
+                         averaged=slice(samples - averaged, samples) if averaged else None)
+    full = reference_gram(model, token_losses, inputs, labels, rec.parameters())
+    expected = averaged_by_hand(full, samples - averaged) if averaged else full
+    assert relative_error(gram, expected) < 1e-9
+    assert flats == ([8] if aligned else [])  # the position embedding only (8 rows); the tokens differ
+    if aligned:  # no blocks to keep (elsewhere blocks_fit decides)
+        assert rec.update_sources()["pos.weight"] == "operands"
+    weights = torch.tensor([0.5, 0.0, 0.5, 0.0, 0.0], dtype=torch.float64)[:samples]
+    grads = rec.weighted_gradients(weights)
+    model.zero_grad()
+    (token_losses(model(inputs), labels) * weights).sum().backward()
+    for name, p in model.named_parameters():
+        assert relative_error(grads[p], p.grad) < 1e-12, name

@@ -203,6 +203,28 @@ class _SparseTokens:
             block.view(-1, block.shape[-1]).index_add_(0, flat, self.grads[lo:hi, cols])
 
 
+def rows_aligned(uses: list, total: int) -> bool:
+    """Whether a sparse parameter has one use over every sample in which each sample looks up the same rows,
+    none twice (a position embedding): then sample i's gradient is its output gradient B_i placed at those
+    rows, and its Gram is that of the B_i (aligned_rows_flat), with no per-sample block formed."""
+    if len(uses) != 1 or uses[0].kind != Kind.SPARSE or uses[0].n != total:
+        return False
+    ids = uses[0].inputs
+    first = ids[0]
+    if not bool((ids == first).all()):
+        return False
+    rows = first[first >= 0]  # -1: a row on another rank, or the padding row: no gradient
+    return torch.unique(rows).numel() == rows.numel()
+
+
+def aligned_rows_flat(u: Use, dtype) -> torch.Tensor:
+    """[n, L] per-sample gradients of a use whose rows are aligned (rows_aligned), in the order of its tokens:
+    the output gradients of the tokens with a row on this rank."""
+    valid = u.inputs[0] >= 0
+    grads = u.grads if bool(valid.all()) else u.grads[:, valid]
+    return _as(grads, dtype).reshape(u.n, -1)
+
+
 @dataclass
 class Tile:
     """Per-sample gradients of one tile of a parameter [rows, cols]: block [total, rows, cols]."""

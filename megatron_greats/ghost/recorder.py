@@ -175,8 +175,10 @@ class GhostRecorder:
         """Whether the update keeps this scored parameter's per-sample gradients (not its operands)."""
         if not self.keep_operands or self.update_from == UpdateFrom.OPERANDS or param in self._tied:
             return False  # a tied weight's Gram blocks hold other stages' uses too
-        return self.update_from == UpdateFrom.BLOCKS or products.blocks_fit(uses, self._store.num_samples,
-                                                                          self._reduction.dtype)
+        if self.update_from == UpdateFrom.BLOCKS:
+            return True
+        total = self._store.num_samples  # aligned rows: the Gram forms no blocks, the update reads the operands
+        return not products.rows_aligned(uses, total) and products.blocks_fit(uses, total, self._reduction.dtype)
 
     def _free(self, param) -> None:
         """Drop a parameter's operands from its Use records themselves: the output-gradient hooks of the

@@ -227,6 +227,12 @@ class GramReduction:
             return  # replicated over tensor-parallel ranks: rank 0 counts it
         pre = self.preconditioning
         pre = pre if pre is not None and pre.covers(param) else None
+        if pre is None and not keep and products.rows_aligned(uses, total):
+            flat = products.aligned_rows_flat(uses[0], self.dtype)
+            if gram.size < total:  # the averaged samples' mean (a copy: the update may read the operands)
+                flat = torch.cat([flat[:gram.size - 1], flat[gram.size - 1:].mean(dim=0, keepdim=True)])
+            gram.add_rows(flat)
+            return
         rows, cols = uses[0].rows, uses[0].cols
         if products.choose_path(uses, total, self.path, preconditioned=pre is not None) == Path.GHOST:
             if pre is not None:  # exact for the rank-1 fit r c^T of D
