@@ -13,6 +13,8 @@ Two exact paths per parameter:
   ghost:        token-pair products, cost ~ n^2 T^2 (d_in + d_out), memory bounded by row chunks;
   materialise:  per-sample gradients block by block of parameter rows, then G G^T, cost ~ n T d_in d_out
                 + n^2 d_in d_out, memory bounded by the block size.
+A sparse use in which every sample looks up the same rows, none twice (a position embedding), needs
+neither: its per-sample gradients are its output gradients in place, so G G^T is B B^T (rows_aligned).
 """
 
 from __future__ import annotations
