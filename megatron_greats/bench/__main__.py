@@ -91,7 +91,6 @@ def _step(args) -> int:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
     from megatron_greats.bench import step as bench_step
     from megatron_greats.errors import GreatsError
-
     from megatron_greats.ghost.reduction import gram_form
 
     try:

@@ -178,7 +178,7 @@ class GhostRecorder:
         if self.update_from == UpdateFrom.BLOCKS:
             return True
         total = self._store.num_samples  # aligned rows: the Gram forms no blocks, the update reads the operands
-        return not products.rows_aligned(uses, total) and products.blocks_fit(uses, total, self._reduction.dtype)
+        return products.blocks_fit(uses, total, self._reduction.dtype) and not products.rows_aligned(uses, total)
 
     def _free(self, param) -> None:
         """Drop a parameter's operands from its Use records themselves: the output-gradient hooks of the
