@@ -59,7 +59,11 @@ def single_process(data_cache, tmp_path_factory):
     proc = run_pretrain(tiny_overrides(data_cache, run_dir, *STRICT), launcher="python")
     assert proc.returncode == 0, proc.stderr[-3000:]
     weights, metrics = step_weights(run_dir, 3), [m for m in read_metrics(run_dir) if "train/loss" in m]
-    ids = [r["selected"] for r in read_selections(run_dir)]  # regular: the stream's samples of each step
+    records = read_selections(run_dir)
+    # regular: the stream itself, no candidates beyond the k trained on
+    assert all(r["candidates"] == r["selected"] and r["gains"] == [] and len(r["selected_domains"]) == 8
+               for r in records)
+    ids = [r["selected"] for r in records]  # the stream's samples of each step
     saved = []
     for step, state in enumerate(weights[:-1], 1):
         saved.append(run_dir / f"weights_{step}.pt")
