@@ -46,24 +46,28 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    if args.bench == "step":
-        return _step(args)
-    if args.repeats < 1 or args.rounds < 1:  # before the heavy imports
-        print(f"megatron_greats: error: --repeats {args.repeats} / --rounds {args.rounds}; allowed: >= 1",
-              file=sys.stderr)
-        return 2
-    if not args.min_seconds >= 0:
-        print(f"megatron_greats: error: --min-seconds {args.min_seconds}; allowed: >= 0", file=sys.stderr)
-        return 2
-    from megatron_greats.bench import ghost as bench_ghost
+    if args.bench == "ghost":
+        if args.repeats < 1 or args.rounds < 1:  # before the heavy imports
+            print(f"megatron_greats: error: --repeats {args.repeats} / --rounds {args.rounds}; allowed: >= 1",
+                  file=sys.stderr)
+            return 2
+        if not args.min_seconds >= 0:
+            print(f"megatron_greats: error: --min-seconds {args.min_seconds}; allowed: >= 0", file=sys.stderr)
+            return 2
     from megatron_greats.errors import GreatsError
     from megatron_greats.ghost.reduction import gram_form
 
     try:
-        gram_form()  # MEGATRON_GREATS_GRAM_FORM, checked before any measurement
+        gram_form()  # MEGATRON_GREATS_GRAM_FORM, checked before anything is built or measured
+        return _step(args) if args.bench == "step" else _ghost(args)
     except GreatsError as e:
         print(f"megatron_greats: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+
+
+def _ghost(args) -> int:
+    from megatron_greats.bench import ghost as bench_ghost
+
     if args.one:  # one measurement, in its own process (run() spawns these)
         method, b, t, d = args.one
         measure = bench_ghost.measure_pairs if method == "pairs" else functools.partial(bench_ghost.measure, method)
@@ -90,15 +94,8 @@ def _step(args) -> int:
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
     from megatron_greats.bench import step as bench_step
-    from megatron_greats.errors import GreatsError
-    from megatron_greats.ghost.reduction import gram_form
 
-    try:
-        gram_form()  # MEGATRON_GREATS_GRAM_FORM, checked before anything is built
-        report = bench_step.run(args.config, args.overrides, args.warmup, args.repeats, args.out, args.rounds)
-    except GreatsError as e:
-        print(f"megatron_greats: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
+    report = bench_step.run(args.config, args.overrides, args.warmup, args.repeats, args.out, args.rounds)
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
