@@ -66,6 +66,12 @@ def test_ghost_benchmark_with_no_minimum_time_makes_exactly_the_repeats():
                          env=child_env(), capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "megatron_greats: error: --min-seconds -1.0; allowed: >= 0"]
+    for command in (["ghost", "--one", "ghost", "4", "16", "32"], ["step", "--config", "configs/tiny-cpu.yaml"]):
+        bad = subprocess.run([sys.executable, "-m", "megatron_greats.bench", *command], cwd=REPO,
+                             env=child_env(MEGATRON_GREATS_GRAM_FORM="fastest"), capture_output=True, text=True,
+                             timeout=120)
+        assert bad.returncode == 2 and [line for line in bad.stderr.splitlines() if "error" in line] == [
+            "megatron_greats: error: MEGATRON_GREATS_GRAM_FORM='fastest'; allowed: timed, whole, split"], command
 
 
 def test_floor_is_the_activation_backward_and_touches_no_parameter():
