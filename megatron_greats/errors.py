@@ -19,3 +19,7 @@ class TrainingError(GreatsError):
     """Training cannot go on (e.g. too many non-finite steps in a row); a checkpoint was saved first."""
 
     exit_code = 3
+
+
+class DependencyError(GreatsError):
+    """An installed package does not fit (e.g. a DeepSpeed release outside the supported range)."""

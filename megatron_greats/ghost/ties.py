@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_greats import deepspeed_internals
 from megatron_greats.ghost.products import Kind, Use
 
 _KINDS = tuple(Kind)
@@ -20,13 +21,13 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 def pipeline_ties(model, wanted: set) -> list:
     """[(param, group, ranks)] for the weights in `wanted` that the PipelineModule ties across stages."""
     ties = []
-    for key, comm in sorted(getattr(model, "tied_comms", {}).items()):
-        for attr in comm["weight_attr"]:
-            param = comm["module"]
+    for module, weight_attrs, group, ranks in deepspeed_internals.tied_weights(model):
+        for attr in weight_attrs:
+            param = module
             for part in attr.split("."):
                 param = getattr(param, part)
             if param in wanted:
-                ties.append((param, comm["group"], comm["ranks"]))
+                ties.append((param, group, ranks))
     return ties
 
 

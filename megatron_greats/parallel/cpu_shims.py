@@ -18,10 +18,8 @@ def apply() -> None:
     # device=torch.cuda.current_device(); on a CPU-only torch that call raises.
     torch.cuda.current_device = lambda: "cpu"
 
-    # DeepSpeed compiles a shared-memory all-reduce op at init on CPU (55-90 s with ninja). gloo
-    # does the same reductions; skip the build.
-    # (through sys.modules: the attribute deepspeed.comm.torch is shadowed by the torch module)
-    import importlib
+    # DeepSpeed compiles a shared-memory all-reduce op at init on CPU; skip the build.
+    from megatron_greats import deepspeed_internals
 
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed_internals.skip_shm_op_build()
     _applied = True

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_greats import deepspeed_internals
 from megatron_greats.data.cache import atomic_path
 from megatron_greats.errors import ConfigError
 
@@ -68,7 +69,7 @@ def _rank_state(engine) -> dict:
         "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": _python_state_to_plain(random.getstate()),
-        "micro_offset": int(getattr(engine.module, "micro_offset", 0)),
+        "micro_offset": deepspeed_internals.micro_offset(engine.module),
     }
     if acc.device_name() != "cpu":
         state["accelerator"] = acc.get_rng_state()
@@ -89,8 +90,7 @@ def _restore_rank_state(engine, state: dict) -> None:
                          n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
-    if hasattr(engine.module, "micro_offset"):
-        engine.module.micro_offset = state["micro_offset"]
+    deepspeed_internals.set_micro_offset(engine.module, state["micro_offset"])
     if "accelerator" in state:
         get_accelerator().set_rng_state(state["accelerator"])
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_greats import deepspeed_internals as ds
 from megatron_greats.model import mean_loss, per_sample_losses
 from megatron_greats.parallel.state import Layout
 from megatron_greats.training import pipeline_schedules
@@ -52,9 +53,8 @@ class PlainExecutor:
 
     def apply_gradients(self, grads: dict) -> None:
         engine = self.engine
-        engine.set_gradient_accumulation_boundary(True)  # one backward carries the whole step
-        # already the mean: no 1/gradient-accumulation
-        engine.backward(pipeline_schedules.surrogate_loss(grads), scale_wrt_gas=False)
+        # one backward carries the whole step; the gradients are already the mean
+        ds.backward_whole_step(engine, pipeline_schedules.surrogate_loss(grads))
         engine.step()
 
     @torch.no_grad()

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_greats import deepspeed_internals as ds
 from megatron_greats.parallel.state import any_rank
 
 
@@ -30,7 +31,7 @@ def global_grad_norm(parameters, tensor_rank: int, model_parallel_group) -> torc
     parameters = list(parameters)
     squares = torch.zeros((), dtype=torch.float64)
     for p in parameters:
-        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+        if p.grad is None or ds.is_pipeline_copy(p):
             continue
         if getattr(p, "tensor_model_parallel", False) or tensor_rank == 0:
             squares = squares + p.grad.detach().double().pow(2).sum().cpu()
@@ -42,9 +43,9 @@ def global_grad_norm(parameters, tensor_rank: int, model_parallel_group) -> torc
 
 def _model_parallel(engine) -> tuple:
     """(tensor rank, model-parallel group) of this rank, from the pipeline grid or megatron-core."""
-    grid = getattr(engine, "grid", None)
+    grid = ds.pipeline_grid(engine)
     if grid is not None:
-        return grid.get_slice_parallel_rank(), grid.get_model_parallel_group()
+        return grid
     from megatron.core import parallel_state as ps
 
     return ps.get_tensor_model_parallel_rank(), ps.get_model_parallel_group()
@@ -53,18 +54,16 @@ def _model_parallel(engine) -> tuple:
 def install_plain_step(engine, device) -> None:
     """Norm, clipping and non-finite skip for an optimizer that DeepSpeed does not wrap (see module doc)."""
     optimizer = engine.optimizer
-    if hasattr(optimizer, "overflow"):
+    if ds.wraps_optimizer(optimizer):
         return  # DeepSpeed's own optimizers check (and agree on) overflow and record the norm themselves
-    engine.clip_fp32_gradients = lambda: None  # clipped below, with the norm that counts every parameter once
     tensor_rank, group = _model_parallel(engine)
-    real_step = optimizer.step
 
-    def step(*args, **kwargs):
+    def step(real_step, *args, **kwargs):  # instead of DeepSpeed's clipping and the optimizer's step
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = float(global_grad_norm(params, tensor_rank, group))
-        optimizer._global_grad_norm = norm  # the engine copies it: engine.get_global_grad_norm()
-        optimizer.overflow = any_rank(not torch.isfinite(torch.tensor(norm)), device)
-        if optimizer.overflow:
+        skipped = any_rank(not torch.isfinite(torch.tensor(norm)), device)
+        ds.record_step(optimizer, norm, skipped)  # the engine reads both: get_global_grad_norm(), the skip
+        if skipped:
             return None
         clip = engine.gradient_clipping()
         if clip > 0 and norm + 1e-6 > clip:  # as ZeRO's unscale_and_clip_grads
@@ -73,7 +72,7 @@ def install_plain_step(engine, device) -> None:
                 p.grad.detach().mul_(coef)
         return real_step(*args, **kwargs)
 
-    optimizer.step = step
+    ds.replace_plain_optimizer_step(engine, step)
 
 
 def grad_norm(engine) -> Optional[float]:

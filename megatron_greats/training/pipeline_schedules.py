@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from deepspeed.runtime.pipe import schedule as ds_schedule
 
+from megatron_greats import deepspeed_internals as ds
 from megatron_greats.model import per_sample_losses
 from megatron_greats.training.telemetry import PhaseClock
 
@@ -101,39 +102,39 @@ class ScoringRun:
 def _exec_score_load(engine, buffer_id: int, micro_batch_id: int):
     run = engine.greats_run
     if engine.is_first_stage():
-        engine.pipe_buffers["inputs"][buffer_id] = run.inputs[micro_batch_id]
+        ds.set_pipe_buffer(engine, "inputs", buffer_id, run.inputs[micro_batch_id])
     if engine.is_last_stage():
-        engine.pipe_buffers["labels"][buffer_id] = run.labels[micro_batch_id]
+        ds.set_pipe_buffer(engine, "labels", buffer_id, run.labels[micro_batch_id])
 
 
 def _exec_score_forward(engine, buffer_id: int, micro_batch_id: int):
     run = engine.greats_run
-    inputs = engine.pipe_buffers["inputs"][buffer_id]
+    inputs = ds.pipe_buffer(engine, "inputs", buffer_id)
     if run.backward and len(run.inputs) > 1:
         # the Gram spans all micro-batches: tell the recorder where these samples sit
         run.recorder.begin_micro_batch(micro_batch_id, run.inputs[0].shape[0])
     with torch.set_grad_enabled(run.backward):
         outputs = run.module(inputs)
         if engine.is_last_stage():
-            losses = per_sample_losses(outputs, engine.pipe_buffers["labels"][buffer_id])
+            losses = per_sample_losses(outputs, ds.pipe_buffer(engine, "labels", buffer_id))
             run.losses[micro_batch_id] = losses.detach().float()
             outputs = losses.sum()
-    engine.pipe_buffers["outputs"][buffer_id] = outputs if run.backward or not engine.is_last_stage() else None
+    ds.set_pipe_buffer(engine, "outputs", buffer_id, outputs if run.backward or not engine.is_last_stage() else None)
 
 
 def _exec_score_backward(engine, buffer_id: int, micro_batch_id: int):
     run = engine.greats_run
-    outputs = engine.pipe_buffers["outputs"][buffer_id]
-    stage_input = engine.pipe_buffers["inputs"][buffer_id]
+    outputs = ds.pipe_buffer(engine, "outputs", buffer_id)
+    stage_input = ds.pipe_buffer(engine, "inputs", buffer_id)
     targets = [] if engine.is_first_stage() else [stage_input]
-    # grad_layer is a view of a buffer DeepSpeed reuses for the next micro-batch; the recorder keeps
-    # output gradients (autograd may hand this very tensor to a layer's hook) until gram()
-    output_grad = None if engine.is_last_stage() else engine.grad_layer.clone()
+    # the received gradient is a view of a buffer DeepSpeed reuses for the next micro-batch; the recorder
+    # keeps output gradients (autograd may hand this very tensor to a layer's hook) until gram()
+    output_grad = None if engine.is_last_stage() else ds.received_grad(engine).clone()
     grads = run.recorder.backward_from([outputs], [output_grad], inputs=targets)
     if targets:
         grad = grads[0]
         stage_input.grad = grad if grad is not None else torch.zeros_like(stage_input)
-    engine.pipe_buffers["outputs"][buffer_id] = None  # the graph is done with
+    ds.set_pipe_buffer(engine, "outputs", buffer_id, None)  # the graph is done with
 
 
 def _in_phase(name: str, execute):
@@ -147,45 +148,30 @@ _EXCHANGE = (ds_schedule.SendActivation, ds_schedule.RecvActivation, ds_schedule
 SCORING_INSTRUCTIONS = {ScoreLoad: _exec_score_load, ScoreForward: _in_phase("score_forward", _exec_score_forward),
                         ScoreBackward: _in_phase("score_backward", _exec_score_backward)}
 
-# Engine attributes that describe the training micro-batches' exchange; a run sets its own.
-_EXCHANGE_STATE = ("dynamic_shape", "is_pipe_partitioned", "is_grad_partitioned", "first_output_send",
-                   "pipe_recv_buf", "grad_layer", "_grad_layer_buf", "meta_buffer")
-
 
 @contextlib.contextmanager
 def _own_state(engine, instructions: dict, run, exchange_phase: str):
-    saved = {name: getattr(engine, name) for name in _EXCHANGE_STATE}
-    engine.dynamic_shape = True             # the run's micro-batches have their own shapes
-    engine.is_pipe_partitioned = engine.is_grad_partitioned = False
-    engine._grad_layer_buf = []             # do not resize the buffers training's grad_layer views
-    base = type(engine)._INSTRUCTION_MAP
-    exchange = {kind: _in_phase(exchange_phase, base[kind]) for kind in _EXCHANGE}
-    engine._INSTRUCTION_MAP = {**base, **exchange, **instructions}
-    engine.greats_run = run
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(engine, name, value)
-        del engine._INSTRUCTION_MAP         # back to the class's map
-        del engine.greats_run
-        for buffers in engine.pipe_buffers.values():
-            buffers[:] = [None] * len(buffers)  # free the run's activations
+    exchange = {kind: _in_phase(exchange_phase, ds.deepspeed_instruction(engine, kind)) for kind in _EXCHANGE}
+    with ds.separate_exchange(engine), ds.with_instructions(engine, {**exchange, **instructions}):
+        engine.greats_run = run
+        try:
+            yield
+        finally:
+            del engine.greats_run
 
 
 def run_schedule(engine, schedule, instructions: dict, run, exchange_phase: str = "score_exchange") -> None:
     """Execute `schedule` on this stage with `instructions` (instruction class -> fn(engine, **kwargs))
     in addition to DeepSpeed's; `run` (with a .clock) is what they read and write, as engine.greats_run."""
     with _own_state(engine, instructions, run, exchange_phase):
-        engine._exec_schedule(schedule)
+        ds.execute_schedule(engine, schedule)
 
 
 def score(engine, run: ScoringRun) -> Optional[torch.Tensor]:
     """The scoring pass of `run` on this stage; returns the per-sample losses on the last stage (None
     elsewhere)."""
     kind = ScoringSchedule if run.backward else ScoringForwardSchedule
-    schedule = kind(micro_batches=len(run.inputs), stages=engine.num_stages, stage_id=engine.stage_id)
-    run_schedule(engine, schedule, SCORING_INSTRUCTIONS, run)
+    run_schedule(engine, ds.make_schedule(engine, kind, len(run.inputs)), SCORING_INSTRUCTIONS, run)
     if not engine.is_last_stage():
         return None
     return torch.cat([run.losses[i] for i in range(len(run.inputs))])
@@ -224,16 +210,13 @@ class ApplyRun:
 def _exec_apply_gradients(engine):
     # the surrogate's backward, as DeepSpeed's BackwardPass runs a stage's backward
     grads = engine.greats_run.grads
-    if engine.using_bf16_optimizer:
-        engine.optimizer.clear_lp_grads()
-    if grads:
-        torch.autograd.backward(surrogate_loss(grads))
-    if engine.using_bf16_optimizer:
-        engine.optimizer.update_hp_grads(clear_lp_grads=False)
+    with ds.bf16_master_gradients(engine):
+        if grads:
+            torch.autograd.backward(surrogate_loss(grads))
 
 
 def apply_gradients(engine, grads: dict) -> None:
     """One optimizer step on `grads` on this stage (every stage calls it)."""
-    schedule = ApplyGradientsSchedule(micro_batches=1, stages=engine.num_stages, stage_id=engine.stage_id)
+    schedule = ds.make_schedule(engine, ApplyGradientsSchedule, 1)
     engine.module.train()
     run_schedule(engine, schedule, {ApplyGradients: _exec_apply_gradients}, ApplyRun(grads))

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_greats import deepspeed_internals as ds
 from megatron_greats.ghost.preconditioning import Preconditioning
 
 
@@ -42,17 +43,9 @@ class StepScale:
         return max(errors.values()) if errors else None
 
 
-def _torch_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer inside DeepSpeed's wrappers (ZeRO, bf16), or the engine's own."""
-    opt = engine.optimizer
-    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
-        opt = opt.optimizer
-    return opt
-
-
 def steps_taken(engine) -> int:
     """Optimizer steps applied so far (skipped non-finite steps do not count): Adam's own t."""
-    state = _torch_optimizer(engine).state
+    state = ds.torch_optimizer(engine).state
     steps = [int(s["step"]) for s in state.values() if "step" in s]
     return max(steps, default=0)
 
@@ -60,50 +53,30 @@ def steps_taken(engine) -> int:
 def second_moments(engine, params: list) -> dict:
     """{param: Adam's exp_avg_sq} for this rank's shard of each parameter (collective over the
     data-parallel group under ZeRO-1/2 and bf16: every rank of it calls this with the same params)."""
-    mapped = [p for p in params if getattr(p, "_hp_mapping", None) is not None or hasattr(p, "_dp_group")]
+    mapped = [p for p in params if ds.has_state_fragments(p)]
     if not mapped:  # ZeRO-0: torch's state per parameter
-        state = _torch_optimizer(engine).state
+        state = ds.torch_optimizer(engine).state
         return {p: state[p]["exp_avg_sq"].detach().float().clone() for p in params}
     # ZeRO-1/2, bf16: fragments of flat partitions; one all-reduce per data-parallel group
-    _link_state_fragments(engine)
+    ds.link_state_fragments(engine)
     by_group = {}
     for p in params:
-        by_group.setdefault(p._dp_group, []).append(p)
+        by_group.setdefault(ds.data_parallel_group(p), []).append(p)
     out = {}
     for group, members in by_group.items():
         sizes = [p.numel() for p in members]
         buffer = torch.zeros(sum(sizes), dtype=torch.float32, device=members[0].device)
         offset = 0
         for p, size in zip(members, sizes):
-            mapping = p._hp_mapping
-            if mapping is not None:  # this rank holds part of p's state
-                address = mapping.lp_fragment_address
-                buffer[offset + address.start: offset + address.start + address.numel].copy_(
-                    mapping.get_hp_fragment("exp_avg_sq").reshape(-1))
+            fragment = ds.state_fragment(p, "exp_avg_sq")
+            if fragment is not None:  # this rank holds part of p's state
+                start, numel, values = fragment
+                buffer[offset + start: offset + start + numel].copy_(values.reshape(-1))
             offset += size
         dist.all_reduce(buffer, group=group)
         for p, chunk in zip(members, torch.split(buffer, sizes)):
             out[p] = chunk.view(p.shape)
     return out
-
-
-def _link_state_fragments(engine) -> None:
-    """Point every parameter's fragment mapping at the optimizer state of its flat partition.
-
-    DeepSpeed 0.19 links them once, right after the first parameter group's step, when the later
-    groups have no state yet (their fragments stay empty); linking again is cheap (views)."""
-    from deepspeed.utils import lazy_init_hp_params_optimizer_state
-
-    wrapper, state = engine.optimizer, _torch_optimizer(engine).state
-    lp_groups = getattr(wrapper, "bit16_groups", None) or getattr(wrapper, "bf16_groups", None)
-    partitions = getattr(wrapper, "single_partition_of_fp32_groups", None) or \
-        getattr(wrapper, "fp32_groups_flat_partition", None)
-    if lp_groups is None or partitions is None:
-        raise NotImplementedError(f"selection.preconditioner=adam: cannot read Adam's state from "
-                                  f"{type(wrapper).__name__}")
-    for lp, flat in zip(lp_groups, partitions):
-        if flat in state:
-            lazy_init_hp_params_optimizer_state(lp, flat, state)
 
 
 class StepScaler:

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from megatron_greats import deepspeed_internals
 from megatron_greats.errors import ConfigError
 from megatron_greats.ghost import GhostRecorder
 from megatron_greats.ghost.layers import supported_layer_names
@@ -88,15 +89,14 @@ class ScoringPass:
         # eval: no dropout in scores; no activation recomputation (the recorder keeps layer inputs anyway,
         # and DeepSpeed's reentrant recomputation would run the capture inside backward)
         was_training = self.module.training
-        saved = {name: getattr(self.module, name) for name in ("checkpoint_activations",
-                                                              "activation_checkpoint_interval")
-                 if hasattr(self.module, name)}
+        saved = getattr(self.module, "checkpoint_activations", None)  # SequentialGPT's
         self.module.eval()
-        for name, value in saved.items():
-            setattr(self.module, name, False if isinstance(value, bool) else 0)
+        if saved is not None:
+            self.module.checkpoint_activations = False
         try:
-            yield
+            with deepspeed_internals.without_activation_checkpointing(self.module):  # a PipelineModule's
+                yield
         finally:
-            for name, value in saved.items():
-                setattr(self.module, name, value)
+            if saved is not None:
+                self.module.checkpoint_activations = saved
             self.module.train(was_training)

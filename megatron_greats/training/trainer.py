@@ -16,9 +16,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_greats import deepspeed_internals
 from megatron_greats.errors import ConfigError, TrainingError
 from megatron_greats.model import build_model
-from megatron_greats.parallel.state import Layout, MegatronMpu, device, init_distributed, init_model_parallel
+from megatron_greats.parallel.state import Layout, MegatronMpu, device, distributed_session, init_model_parallel
 from megatron_greats.training.deepspeed_config import deepspeed_config, parameter_groups
 from megatron_greats.training import checkpoint
 from megatron_greats.training.optimizer_step import grad_norm, install_plain_step
@@ -77,6 +78,7 @@ def build_engine(cfg, vocab_size: int, layout: Layout):
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
         mpu=None if layout.pipeline > 1 else MegatronMpu(),  # PipelineModule brings its own grid
     )
+    deepspeed_internals.check_engine(engine)
     install_plain_step(engine, device())
     return engine
 
@@ -87,7 +89,7 @@ def load_reference_model(cfg, vocab_size: int, layout: Layout) -> torch.nn.Modul
     model = model_from_checkpoint(cfg, vocab_size, layout, Path(cfg.selection.reference_checkpoint),
                                   "selection.reference_checkpoint")
     if layout.pipeline > 1:
-        model.seed_layers = False  # eval only: its forward must not reseed the training's random streams
+        deepspeed_internals.stop_layer_seeding(model)  # eval only: must not reseed the training's random streams
     return model.eval()
 
 
@@ -100,8 +102,6 @@ def model_from_checkpoint(cfg, vocab_size: int, layout: Layout, folder: Path, ke
     `<name>`; a tied layer only where it is first used). Either way layer i of the layer specs gets
     its weights, so the pipeline sizes of the two runs need not agree. Every rank checks every file
     that any rank reads before anything is loaded, so all ranks refuse alike."""
-    from deepspeed.pipe import TiedLayerSpec
-
     from megatron_greats.model import ModelSpec, layer_specs
 
     what = f"{key} '{folder}'"
@@ -119,9 +119,7 @@ def model_from_checkpoint(cfg, vocab_size: int, layout: Layout, folder: Path, ke
     pipelined = saved.get("parallel.pipeline", 1) > 1
 
     def files(tensor_rank: int) -> dict:  # layer index -> the file holding its weights
-        if not pipelined:
-            return {i: folder / f"mp_rank_{tensor_rank:02d}_model_states.pt" for i in set(owner)}
-        return {i: folder / f"layer_{i:02d}-model_{tensor_rank:02d}-model_states.pt" for i in set(owner)}
+        return deepspeed_internals.model_state_files(folder, set(owner), tensor_rank, pipelined)
 
     for tensor_rank in range(layout.tensor):
         missing = sorted({p.name for p in files(tensor_rank).values() if not p.is_file()})
@@ -130,8 +128,7 @@ def model_from_checkpoint(cfg, vocab_size: int, layout: Layout, folder: Path, ke
     mine = files(layout.tensor_rank)
     model = build_model(cfg, vocab_size, layout)
     if layout.pipeline > 1:  # this stage's layers; a tied layer's module also where only its forward_fn is used
-        local = {i: model.tied_modules[specs[i].key] if isinstance(specs[i], TiedLayerSpec) else
-                 model.forward_funcs[i - model._local_start] for i in range(model._local_start, model._local_stop)}
+        local = deepspeed_internals.local_layer_modules(model, specs)
     else:  # SequentialGPT holds each module once, in the order of first use
         local = dict(zip(sorted(set(owner)), model.layers, strict=True))
     loaded = {}  # file -> its state (the whole model's file is read once)
@@ -139,10 +136,10 @@ def model_from_checkpoint(cfg, vocab_size: int, layout: Layout, folder: Path, ke
         path = mine[owner[i]]
         if path not in loaded:  # tensors and plain values only
             loaded[path] = torch.load(path, map_location="cpu", weights_only=True)
-        state = loaded[path]
+        state = deepspeed_internals.saved_module_state(loaded[path], pipelined)
         if not pipelined:
             prefix = f"layers.{owner[i]}."
-            state = {k[len(prefix):]: v for k, v in state["module"].items() if k.startswith(prefix)}
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         try:
             layer.load_state_dict(state)
         except RuntimeError as e:
@@ -299,21 +296,24 @@ class Trainer:
 
 
 def start_up(cfg):
-    """torch.distributed, the data, megatron-core's groups: (data, layout). Data comes before the
-    model-parallel groups so that bad data fails before heavy work."""
+    """Inside a distributed_session: the data, megatron-core's groups: (data, layout). Data comes before
+    the model-parallel groups so that bad data fails before heavy work."""
+    deepspeed_internals.check_deepspeed()  # another DeepSpeed release ends the run here (once per process)
     timeout = cfg.parallel.distributed_timeout_minutes
-    init_distributed(timeout)
     data = load_data(cfg, show_progress=dist.get_rank() == 0)
     return data, init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, timeout)
 
 
 def pretrain(cfg) -> dict:
-    """Start-up in the order that lets bad input fail before heavy work, then train."""
+    """Start-up in the order that lets bad input fail before heavy work, then train. The process group
+    lives for this call only (distributed_session): it has ended when this returns or raises."""
+    deepspeed_internals.check_deepspeed()  # before the run folder is written
     run_dir = prepare_run_dir(cfg)
-    data, layout = start_up(cfg)
-    reference = load_reference_model(cfg, data.vocab_size, layout) if cfg.selection.method == "rholoss" else None
-    engine = build_engine(cfg, data.vocab_size, layout)
-    summary = Trainer(cfg, engine, data, layout, run_dir, reference_module=reference).train()
+    with distributed_session(cfg.parallel.distributed_timeout_minutes):
+        data, layout = start_up(cfg)
+        reference = load_reference_model(cfg, data.vocab_size, layout) if cfg.selection.method == "rholoss" else None
+        engine = build_engine(cfg, data.vocab_size, layout)
+        summary = Trainer(cfg, engine, data, layout, run_dir, reference_module=reference).train()
     summary.update(run_dir=str(run_dir), tensorboard=str(run_dir / "tensorboard"), world_size=layout.world_size,
                    layout=f"dp={layout.data} tp={layout.tensor} pp={layout.pipeline}")
     return summary
