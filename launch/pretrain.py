@@ -66,16 +66,12 @@ def main(argv=None) -> int:
                 print(f"megatron_greats: note: {note}", file=sys.stderr, flush=True)
         from megatron_greats.training.trainer import pretrain
 
-        summary = pretrain(cfg)
+        summary = pretrain(cfg)  # the process group has ended when it returns or raises
     except GreatsError as e:
         print(f"megatron_greats: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
-    import torch.distributed as dist
-
-    if dist.get_rank() == 0:
+    if launcher_rank() == 0:
         print(_format_summary(summary, cfg.data.target_domain), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
     return 0
 
 

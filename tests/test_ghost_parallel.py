@@ -14,13 +14,14 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, child_env, free_port
+from conftest import REPO, child_env
 
 WORKERS = REPO / "tests" / "workers"
 
 
 def torchrun(nproc: int, script: str, *args) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+    # --standalone: torchrun binds its own free port (a port from free_port() could be taken before use)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(WORKERS / script), *map(str, args)]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -12,10 +12,10 @@ from megatron_greats.model import build_model, per_sample_losses
 
 @pytest.fixture(scope="module")
 def layout():
-    from megatron_greats.parallel.state import init_distributed, init_model_parallel
+    from megatron_greats.parallel.state import distributed_session, init_model_parallel
 
-    init_distributed()
-    return init_model_parallel(1, 1)
+    with distributed_session():  # the group ends with this module: no test after it inherits one
+        yield init_model_parallel(1, 1)
 
 
 @pytest.mark.parametrize("arch, tied", [("gpt2", True), ("llama", False)])

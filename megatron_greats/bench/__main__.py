@@ -94,15 +94,12 @@ def _step(args) -> int:
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
     from megatron_greats.bench import step as bench_step
+    from megatron_greats.parallel.state import launcher_rank
 
     report = bench_step.run(args.config, args.overrides, args.warmup, args.repeats, args.out, args.rounds)
-    import torch.distributed as dist
-
-    if dist.get_rank() == 0:
+    if launcher_rank() == 0:  # the process group has ended (run's distributed_session)
         print(bench_step.markdown(report), flush=True)
         print(f"written: {args.out}/bench_step.json, {args.out}/bench_step.md", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
     return 0
 
 

@@ -168,7 +168,7 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
 
     from megatron_greats.config import load_config
     from megatron_greats.errors import ConfigError
-    from megatron_greats.parallel.state import launcher_world_size
+    from megatron_greats.parallel.state import distributed_session, launcher_world_size
     from megatron_greats.training.trainer import start_up
 
     if warmup < 0 or repeats < 1 or rounds < 1:
@@ -179,19 +179,20 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
     configs = {name: load_config(config_path, [*overrides, *extra], world_size=world)
                for name, extra in variant_overrides(base, world).items()}  # every variant checked before work
     out = Path(out_dir)
-    data, layout = start_up(base)
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        out.mkdir(parents=True, exist_ok=True)
-    per_round = []
-    for round_index in range(rounds):
-        results = {}
-        for name in rotated(VARIANTS, round_index):
-            results[name] = _measure(name, configs[name], data, layout, out, warmup, repeats,
-                                     show_progress=rank0 and base.train.progress)
-            gc.collect()  # the variant's engine is gone with _measure's frame: free it before the next
-            get_accelerator().empty_cache()
-        per_round.append(results)
+    with distributed_session(base.parallel.distributed_timeout_minutes):  # ended before the report is made
+        data, layout = start_up(base)
+        rank0 = dist.get_rank() == 0
+        if rank0:
+            out.mkdir(parents=True, exist_ok=True)
+        per_round = []
+        for round_index in range(rounds):
+            results = {}
+            for name in rotated(VARIANTS, round_index):
+                results[name] = _measure(name, configs[name], data, layout, out, warmup, repeats,
+                                         show_progress=rank0 and base.train.progress)
+                gc.collect()  # the variant's engine is gone with _measure's frame: free it before the next
+                get_accelerator().empty_cache()
+            per_round.append(results)
     results = _over_rounds(per_round)
     round_ratios = [_ratios(r) for r in per_round]
     report = {

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 _LAUNCHER_RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+# what set_single_process_env (or DeepSpeed's MPI discovery) may write: restored when a session ends
+_SESSION_ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,8 @@ def launcher_rank() -> int:
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> None:
-    """torch.distributed through DeepSpeed (env://, or MPI discovery through mpi4py under mpirun)."""
+    """torch.distributed through DeepSpeed (env://, or MPI discovery through mpi4py under mpirun).
+    Called by distributed_session only, which also ends the group: enter that instead."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -96,6 +102,88 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)
+
+
+# The most a failing rank waits for its group to end. Ending it waits for this rank's pending
+# collectives (gloo and NCCL alike); one that the other ranks never join would hold the failing rank
+# until the group's timeout (30 minutes by default) instead of letting it exit.
+FAILURE_TEARDOWN_SECONDS = 30.0
+
+
+@contextmanager
+def distributed_session(timeout_minutes: float = 30.0):
+    """The one way a process starts and ends its process group:
+
+        with distributed_session(timeout):
+            ...  # init_model_parallel, collectives, training
+
+    On entry: init_distributed. On exit the group is ended in this process, so that gloo's threads are
+    not left to interpreter shutdown (which can abort: "terminate called without an active exception").
+      normal end: a barrier (no rank tears down while another still talks to it), then the teardown;
+      exception (SystemExit and KeyboardInterrupt too): no barrier (the other ranks may never get
+          there); the teardown (NCCL: an abort), waited for at most FAILURE_TEARDOWN_SECONDS, and the
+          exception goes on. A rank still waiting on this one then sees its connection closed and fails
+          too, instead of waiting out the timeout.
+    Teardown: the world group (every group created from it ends with it), then megatron-core's
+    model-parallel state, then the launcher variables that set_single_process_env wrote are restored (a
+    later session in the same process picks a fresh port). A group that existed before entry belongs to
+    its creator: a nested session leaves it as it is.
+    """
+    if dist.is_initialized():
+        yield
+        return
+    saved_env = {var: os.environ.get(var) for var in _SESSION_ENV_VARS}
+    try:
+        try:
+            init_distributed(timeout_minutes)
+            yield
+        except BaseException:
+            _end_after_failure()
+            raise
+        try:
+            if dist.is_initialized():
+                dist.barrier()
+        finally:  # a failed barrier (a peer gone at the end) still ends the group, then raises
+            _end_process_group(abort=False)
+    finally:
+        for var, value in saved_env.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+def _end_process_group(abort: bool) -> None:
+    try:
+        if dist.is_initialized():
+            # after a failure NCCL's communicators are aborted (destroying a failed one can hang);
+            # torch documents abort for NCCL only: gloo's groups are destroyed
+            nccl = abort and "nccl" in str(dist.get_backend()).lower()
+            end = getattr(dist.distributed_c10d, "_abort_process_group", None) if nccl else None
+            (end or dist.destroy_process_group)()
+    finally:
+        ps = sys.modules.get("megatron.core.parallel_state")  # not imported: nothing to reset
+        if ps is not None:
+            ps.destroy_model_parallel()  # its groups are gone with the world's: this resets its globals
+
+
+def _end_after_failure() -> None:
+    """The teardown after an exception, bounded in time; its own errors are dropped (the exception that
+    ended the session is the one to report)."""
+    ended = threading.Event()
+
+    def end():
+        try:
+            _end_process_group(abort=True)
+        except Exception:
+            pass
+        finally:
+            ended.set()
+
+    threading.Thread(target=end, name="end-process-group", daemon=True).start()
+    if not ended.wait(FAILURE_TEARDOWN_SECONDS):
+        print(f"megatron_greats: note: the process group did not end within {FAILURE_TEARDOWN_SECONDS:.0f} s "
+              "(a collective still pending); exiting without ending it", file=sys.stderr, flush=True)
 
 
 def init_model_parallel(tensor: int, pipeline: int, timeout_minutes: float = 30.0) -> Layout:

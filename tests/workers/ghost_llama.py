@@ -26,7 +26,7 @@ from megatron_greats.config import load_config  # noqa: E402
 from megatron_greats.ghost import GhostRecorder  # noqa: E402
 from megatron_greats.model import build_model  # noqa: E402
 from megatron_greats.model.gpt import MLP, OutputLayer, RMSNorm, SelfAttention, TokenEmbedding  # noqa: E402
-from megatron_greats.parallel.state import init_distributed, init_model_parallel  # noqa: E402
+from megatron_greats.parallel.state import distributed_session, init_model_parallel  # noqa: E402
 from shards import gather  # noqa: E402  (tests/workers/shards.py, next to this script)
 
 VOCAB, B, T, H, HEADS, FFN, LAYERS, EPS, BASE = 50, 4, 8, 16, 4, 24, 2, 1e-5, 10000.0
@@ -103,7 +103,6 @@ def reference(w, inputs, labels):
 
 
 def main():
-    init_distributed()
     tp = dist.get_world_size()
     layout = init_model_parallel(tp, 1)
     tokens = torch.randint(0, VOCAB, (B, T + 1), generator=torch.Generator().manual_seed(7))
@@ -138,8 +137,8 @@ def main():
         if dist.get_rank() == 0:
             name = f"tp{tp}-tied{int(tied)}-sp{int(sp)}-{path}"
             print(f"RESULT {name} {error:.3e} {spread:.3e} {loss_error:.3e} {uncovered}", flush=True)
-    dist.barrier()
 
 
 if __name__ == "__main__":
-    main()
+    with distributed_session():  # ends the process group, also on failure
+        main()

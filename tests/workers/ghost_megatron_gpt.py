@@ -23,7 +23,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_greats.ghost import GhostRecorder  # noqa: E402
-from megatron_greats.parallel.state import init_distributed, init_model_parallel  # noqa: E402
+from megatron_greats.parallel.state import distributed_session, init_model_parallel  # noqa: E402
 
 VOCAB, B, T, H, HEADS, LAYERS = 64, 4, 8, 16, 4, 2
 
@@ -106,7 +106,6 @@ def reference(model, loss_fn, inputs, positions, labels, tp):
 
 
 def main():
-    init_distributed()
     tp = dist.get_world_size()
     init_model_parallel(tp, 1)
     cpu_rng_tracker()
@@ -141,8 +140,8 @@ def main():
             - sum(p.numel() for p in rec.parameters())
         if dist.get_rank() == 0:
             print(f"RESULT tp{tp}-{name} {error:.3e} {tolerance:g} {spread:.3e} {uncovered}", flush=True)
-    dist.barrier()
 
 
 if __name__ == "__main__":
-    main()
+    with distributed_session():  # ends the process group, also on failure
+        main()

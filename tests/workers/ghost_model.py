@@ -20,7 +20,7 @@ import torch.distributed as dist  # noqa: E402
 from megatron_greats.config import load_config  # noqa: E402
 from megatron_greats.ghost import GhostRecorder  # noqa: E402
 from megatron_greats.model import build_model, per_sample_losses  # noqa: E402
-from megatron_greats.parallel.state import init_distributed, init_model_parallel  # noqa: E402
+from megatron_greats.parallel.state import distributed_session, init_model_parallel  # noqa: E402
 
 VOCAB, B, T = 200, 4, 16
 
@@ -28,7 +28,6 @@ VOCAB, B, T = 200, 4, 16
 def main():
     out, tp, pp, sp, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
     want_reference = len(sys.argv) > 6
-    init_distributed()
     layout = init_model_parallel(tp, pp)
     cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=16", "model.num_heads=4", f"model.seq_len={T}",
                              "model.vocab_pad_multiple=8", f"parallel.tensor={tp}", f"parallel.pipeline={pp}",
@@ -50,7 +49,6 @@ def main():
         if want_reference:
             result["reference"] = reference_gram(model, inputs, labels)
         torch.save(result, out)
-    dist.barrier()
 
 
 def run_stages(model, rec, inputs, labels, layout, seq):
@@ -81,4 +79,5 @@ def reference_gram(model, inputs, labels):
 
 
 if __name__ == "__main__":
-    main()
+    with distributed_session():  # ends the process group, also on failure
+        main()

@@ -21,7 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.func import grad, vmap  # noqa: E402
 
 from megatron_greats.ghost import GhostRecorder  # noqa: E402
-from megatron_greats.parallel.state import init_distributed, init_model_parallel  # noqa: E402
+from megatron_greats.parallel.state import distributed_session, init_model_parallel  # noqa: E402
 from shards import gather  # noqa: E402  (tests/workers/shards.py, next to this script)
 
 V, H, FFN, T, B = 32, 8, 16, 4, 5
@@ -93,7 +93,6 @@ def reference(layers, tokens, tp, bias, tied):
 
 
 def main():
-    init_distributed()
     tp = dist.get_world_size()
     init_model_parallel(tp, 1)
     tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
@@ -115,8 +114,8 @@ def main():
         name = f"tp{tp}-bias{int(bias)}-skip{int(skip)}-sp{int(sp)}-tied{int(tied)}-{path}"
         if dist.get_rank() == 0:
             print(f"RESULT {name} {error:.3e} {spread:.3e}", flush=True)
-    dist.barrier()
 
 
 if __name__ == "__main__":
-    main()
+    with distributed_session():  # ends the process group, also on failure
+        main()

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_greats.config import load_config  # noqa: E402
-from megatron_greats.parallel.state import init_distributed, init_model_parallel  # noqa: E402
+from megatron_greats.parallel.state import distributed_session, init_model_parallel  # noqa: E402
 from megatron_greats.training.trainer import Trainer, build_engine, load_data, prepare_run_dir  # noqa: E402
 
 
@@ -27,7 +27,6 @@ def main():
     cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"), sys.argv[3:],
                       world_size=1)
     run_dir = prepare_run_dir(cfg)
-    init_distributed()
     data = load_data(cfg, show_progress=False)
     layout = init_model_parallel(1, 1)
     engine = build_engine(cfg, data.vocab_size, layout)
@@ -43,4 +42,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with distributed_session():  # ends the process group, also on failure
+        main()
