@@ -112,3 +112,43 @@ def test_a_diverged_seed_is_not_left_out_of_the_mean(tmp_path):
     assert math.isclose(regular["final_val"], 5.1) and regular["nan_seeds"]["final_val"] == []
     row = next(line for line in markdown(summary, "cmd").splitlines() if line.startswith("| greats |"))
     assert row.count("nan (NaN in seed 1235)") == 2 and "4.0000" not in row and "4.1000" not in row, row
+
+
+def test_side_by_side_puts_each_run_in_its_own_column(tmp_path):
+    """The quickstart's table (report.side_by_side) on two runs that differ in every number: each column
+    holds its own run's values, read here from that run's metrics.jsonl and selection.jsonl; only the
+    evaluation steps both runs have are rows. (The same run twice could not show a column swapped or
+    one run's values in both.)"""
+    from megatron_greats.report import side_by_side
+
+    runs = {"greats": ([2, 3, 4], [6.0, 5.5, 4.0], 7.5, ["python_docs"] * 3 + ["bible"]),
+            "regular": ([2, 4], [6.2, 5.0], 3.25, ["python_docs", "bible", "bible", "shakespeare"])}
+    for method, (steps, vals, seconds, domains) in runs.items():
+        run_dir = tmp_path / method
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({"data": {"target_domain": "python_docs"},
+                                                             "selection": {"method": method}}))
+        evals = [{"step": s, "val/loss": v, "test/loss": v + 0.25 + 0.01 * s,
+                  "train/elapsed_s": seconds * s / steps[-1]} for s, v in zip(steps, vals)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in evals))
+        picks = [{"step": s, "selected_domains": domains} for s in range(1, steps[-1] + 1)]
+        (run_dir / "selection.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picks))
+    order = ["greats", "regular"]
+    rows = side_by_side([tmp_path / m for m in order]).splitlines()
+    assert rows[0].split() == order
+
+    def cells(label):
+        (row,) = [r for r in rows if r.startswith(label)]
+        return row[len(label):].split()
+
+    def metrics(method):
+        return {m["step"]: m for m in map(json.loads, (tmp_path / method / "metrics.jsonl").read_text().splitlines())}
+
+    for step in (2, 4):  # step 3: greats only
+        assert cells(f"python_docs test loss at step {step}") == [f"{metrics(m)[step]['test/loss']:.4f}" for m in order]
+    assert not [r for r in rows if "at step 3" in r]
+    assert cells("python_docs val loss at step 4") == [f"{metrics(m)[4]['val/loss']:.4f}" for m in order]
+    assert cells("wall time of training (s)") == [f"{max(x['train/elapsed_s'] for x in metrics(m).values()):.1f}"
+                                                  for m in order]
+    shares = [sum(d == "python_docs" for d in runs[m][3]) / len(runs[m][3]) for m in order]
+    assert cells("python_docs share of trained samples") == [f"{s:.1%}" for s in shares]

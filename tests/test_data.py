@@ -354,13 +354,25 @@ def test_build_runs_on_local_rank_zero_then_barrier(tmp_path, monkeypatch):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0,
                                          world_size=1)
     try:
-        calls = []
+        calls = []  # the order of builds and barriers (a world of one: the barrier itself cannot block)
+        barrier = torch.distributed.barrier
+        monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: calls.append("barrier") or barrier(*a, **k))
         monkeypatch.setenv("LOCAL_RANK", "1")
-        _build_once_per_node(lambda: calls.append(1))
-        assert calls == []
+        _build_once_per_node(lambda: calls.append("build"))
+        assert calls == ["barrier"]  # waits for local rank 0, builds nothing
+        calls.clear()
         monkeypatch.setenv("LOCAL_RANK", "0")
-        _build_once_per_node(lambda: calls.append(0))
-        assert calls == [0]
+        _build_once_per_node(lambda: calls.append("build"))
+        assert calls == ["build", "barrier"]  # builds, then releases the others
+        calls.clear()
+
+        def failing():
+            calls.append("build")
+            raise DataError("build failed")
+
+        with pytest.raises(DataError, match="build failed"):
+            _build_once_per_node(failing)
+        assert calls == ["build", "barrier"]  # a failed build still releases the waiting ranks
     finally:
         torch.distributed.destroy_process_group()
 
