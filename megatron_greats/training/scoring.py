@@ -22,6 +22,7 @@ from megatron_greats.ghost.layers import supported_layer_names
 from megatron_greats.parallel.state import Layout
 from megatron_greats.selection import SelectorInputs
 from megatron_greats.training.candidates import micro_batches
+from megatron_greats.training.executors import eval_mode
 from megatron_greats.training.telemetry import PhaseClock
 
 
@@ -87,16 +88,14 @@ class ScoringPass:
     def _scoring_mode(self):
         # eval: no dropout in scores; no activation recomputation (the recorder keeps layer inputs anyway,
         # and DeepSpeed's reentrant recomputation would run the capture inside backward)
-        was_training = self.module.training
         saved = {name: getattr(self.module, name) for name in ("checkpoint_activations",
                                                               "activation_checkpoint_interval")
                  if hasattr(self.module, name)}
-        self.module.eval()
         for name, value in saved.items():
             setattr(self.module, name, False if isinstance(value, bool) else 0)
         try:
-            yield
+            with eval_mode(self.module):
+                yield
         finally:
             for name, value in saved.items():
                 setattr(self.module, name, value)
-            self.module.train(was_training)
