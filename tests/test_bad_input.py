@@ -209,3 +209,24 @@ def test_bad_gram_form_variable_stops_the_launch(data_cache, tmp_path):
     assert error_lines(proc) == ["megatron_greats: error: MEGATRON_GREATS_GRAM_FORM='fastest'; "
                                  "allowed: timed, whole, split"]
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("update", ["two_pass", "single_pass"])
+def test_a_parameter_no_capture_rule_covers_stops_the_launch(data_cache, tmp_path, update):
+    """A user's layer that no capture rule covers (tests/workers/pretrain_with_a_user_module.py adds a
+    learned scale to the model): the Gram would silently leave it out of every score, so GREATS refuses
+    with one line that names it and what is allowed, exit status 2, and writes nothing."""
+    run_dir = tmp_path / "run"
+    cache_before = _snapshot(data_cache)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "pretrain_with_a_user_module.py"),
+                           "--config", str(CONFIG),
+                           *tiny_overrides(data_cache, run_dir, *GREATS, f"selection.update={update}")],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = set(error_lines(proc))
+    assert "parameter 'layers.2.gain.scale' is in no supported layer" in line, line
+    allowed = "selection.update=two_pass" if update == "single_pass" else "selection.score_exclude pattern"
+    assert f"allowed: " in line and allowed in line, line
+    assert "megatron_greats/" not in proc.stderr  # no traceback of ours
+    assert _snapshot(data_cache) == cache_before
+    assert not (run_dir.exists() and _snapshot(run_dir)), _snapshot(run_dir)
