@@ -94,7 +94,11 @@ def test_sigkill_then_relaunch_resumes_exactly(data_cache, tmp_path):
     assert f"this run started at step {resumed_from}" in again.stdout
     ref_losses, ref_picks = per_step(reference_dir)
     losses, picks = per_step(run_dir)
-    assert sorted(losses) == sorted(ref_losses) == list(range(1, STEPS + 1))  # lines after the checkpoint replaced
+    assert sorted(ref_losses) == list(range(1, STEPS + 1))
+    # lines after the checkpoint replaced, none twice
+    assert [m["step"] for m in read_metrics(run_dir) if "train/loss" in m] == list(range(1, STEPS + 1))
+    assert [json.loads(line)["step"] for line in (run_dir / "selection.jsonl").read_text().splitlines()] == \
+        [json.loads(line)["step"] for line in (reference_dir / "selection.jsonl").read_text().splitlines()]
     for step in range(resumed_from + 1, STEPS + 1):
         assert picks[step] == ref_picks[step], step
         assert losses[step] == pytest.approx(ref_losses[step], rel=1e-6), step

@@ -237,6 +237,17 @@ def test_rholoss_selects_the_same_at_pp2_as_in_one_process(data_cache, tmp_path,
     # at step 1 the run's model is its initial one, which the reference run started from too: without the
     # reference's trained weights every excess loss would be exactly 0
     assert np.abs(single[0]).min() > 1e-3, single[0]
+    # step 1 against plain forwards outside the trainer (tests/workers/reference.py): each candidate's loss
+    # at the initial weights minus its loss at the reference checkpoint's weights, merged over its shards
+    merged = tmp_path / "reference_weights.pt"
+    torch.save(full_weights(step_dir), merged)
+    first = runs["single"][0]
+    spec = {"losses": [{"weights": w, "ids": first["candidates"]} for w in (None, str(merged))]}
+    own, ref = run_reference(spec, tiny_overrides(data_cache, tmp_path / "plain"), tmp_path)["losses"]
+    excess = (own - ref).double().numpy()
+    order = np.argsort(-excess, kind="stable")[:len(first["selected"])]
+    assert [first["candidates"][i] for i in order] == first["selected"]
+    np.testing.assert_allclose(first["gains"], excess[order], rtol=1e-4, atol=1e-6)
 
 
 def test_unknown_method_is_an_error(data_cache, tmp_path):

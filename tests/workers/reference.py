@@ -7,7 +7,8 @@ plain autograd with torch's own cross entropy: no DeepSpeed engine, no GhostReco
 SPEC_JSON:
   {"steps":  [{"weights": PT or null, "ids": [...], "lr": x, "clip": c}, ...],
    "select": [{"weights": PT or null, "candidates": [...], "validation": [...], "eta": x, "k": k}, ...],
-   "adamw":  {"ids": [[...], ...], "lrs": [...], "clip": c, "betas": [b1, b2], "eps": e, "weight_decay": w}}
+   "adamw":  {"ids": [[...], ...], "lrs": [...], "clip": c, "betas": [b1, b2], "eps": e, "weight_decay": w},
+   "losses": [{"weights": PT or null, "ids": [...]}, ...]}
 "weights" is a state dict saved with torch.save (null: the initial weights).
   steps:  the gradient of the mean per-sample loss over `ids`, its 2-norm, and the weights after one
           plain SGD step (no momentum, no weight decay) with clipping to `clip` (0: none);
@@ -17,11 +18,13 @@ SPEC_JSON:
           "eps", "clip"} the candidates' gradients are first multiplied by Adam's D for the coming
           step, rebuilt from scratch: v summed over the history's clipped mean gradients, then
           v_t = beta2 v + (1 - beta2) gbar^2 with gbar the candidates' mean gradient, bias-corrected.
+  losses: per-sample losses of train samples `ids` at the given weights (forward only);
   adamw:  consecutive steps from the initial weights with torch's own AdamW, on the mean gradient over
           each step's ids, clipped to `clip`, with parameter groups built here from Megatron's rule:
           no weight decay on biases, on the weights of normalisation layers, or on learned positions.
 Writes {"initial": state, "steps": [{"grad_norm", "weights"}], "select": [{"picked", "gains"}],
-"adamw": {"decayed": [names], "grad_norms": [...], "weights": [state after each step]}} to OUT.
+"losses": [tensor, ...], "adamw": {"decayed": [names], "grad_norms": [...], "weights": [state after each
+step]}} to OUT.
 """
 
 import json
@@ -169,6 +172,10 @@ def main():
         load(model, initial, s["weights"])
         picked, gains = select(model, data, s["candidates"], s["validation"], s["eta"], s["k"], diagonal)
         result["select"].append({"picked": picked, "gains": gains})
+    for s in spec.get("losses", []):
+        load(model, initial, s["weights"])
+        with torch.no_grad():
+            result.setdefault("losses", []).append(per_sample_losses(model, data.train.get(np.asarray(s["ids"]))))
     if "adamw" in spec:
         load(model, initial, None)
         result["adamw"] = adamw_steps(model, data, spec["adamw"], cfg.model.seq_len)
