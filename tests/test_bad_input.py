@@ -209,3 +209,23 @@ def test_bad_gram_form_variable_stops_the_launch(data_cache, tmp_path):
     assert error_lines(proc) == ["megatron_greats: error: MEGATRON_GREATS_GRAM_FORM='fastest'; "
                                  "allowed: timed, whole, split"]
     assert not run_dir.exists()
+
+
+def test_a_parameter_no_capture_rule_covers_stops_the_launch(data_cache, tmp_path):
+    """A user's layer that no capture rule covers (tests/workers/pretrain_with_a_user_module.py adds a
+    learned scale to the model): the single-pass update could not form its gradient, so GREATS refuses
+    with one line that names it and what is allowed, exit status 2, and writes nothing. (Under two_pass
+    the Gram would leave it out of every score: the same refusal, tests/test_ghost.py.)"""
+    run_dir = tmp_path / "run"
+    cache_before = _snapshot(data_cache)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "pretrain_with_a_user_module.py"),
+                           "--config", str(CONFIG),
+                           *tiny_overrides(data_cache, run_dir, *GREATS, "selection.update=single_pass")],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = set(error_lines(proc))
+    assert "parameter 'layers.2.gain.scale' is in no supported layer" in line, line
+    assert "allowed: " in line and "selection.update=two_pass" in line, line
+    assert "megatron_greats/" not in proc.stderr  # no traceback of ours
+    assert _snapshot(data_cache) == cache_before
+    assert not (run_dir.exists() and _snapshot(run_dir)), _snapshot(run_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,7 @@ ADAMW_STRICT = ["train.grad_clip=0.05", "train.lr=0.01", "train.warmup_steps=0",
 RTOL = 1e-5
 
 LAYOUTS = {
+    "dp2-zero0": (2, ["zero.stage=0"]),  # the project's own norm, clipping and skip (optimizer_step.py)
     "dp2-zero1": (2, ["zero.stage=1"]),
     "dp2-zero2": (2, ["zero.stage=2"]),
     "tp2": (2, ["parallel.tensor=2"]),
@@ -52,11 +54,11 @@ def assert_same_steps(run_dir: Path, reference: dict, name: str) -> None:
         assert gap < RTOL, f"{name}: weights after step {step} differ by {gap:.2e} of the step's update"
 
 
-@pytest.fixture(scope="module")
-def single_process(data_cache, tmp_path_factory):
-    """The 1-process run, checked against plain autograd + SGD outside the trainer (tests/workers/reference.py)."""
-    run_dir = tmp_path_factory.mktemp("single")
-    proc = run_pretrain(tiny_overrides(data_cache, run_dir, *STRICT), launcher="python")
+def checked_against_plain_sgd(data_cache, run_dir: Path, *extra: str) -> dict:
+    """A 1-process STRICT run (model options in `extra`), checked step by step against plain autograd +
+    SGD outside the trainer (tests/workers/reference.py): gradient norms, and the weights after each step
+    from the run's own previous weights, to RTOL. Returns what layouts are compared with."""
+    proc = run_pretrain(tiny_overrides(data_cache, run_dir, *STRICT, *extra), launcher="python")
     assert proc.returncode == 0, proc.stderr[-3000:]
     weights, metrics = step_weights(run_dir, 3), [m for m in read_metrics(run_dir) if "train/loss" in m]
     records = read_selections(run_dir)
@@ -70,23 +72,32 @@ def single_process(data_cache, tmp_path_factory):
         torch.save(state, saved[-1])
     spec = {"steps": [{"weights": None if s == 0 else str(saved[s - 1]), "ids": ids[s], "lr": metrics[s]["train/lr"],
                        "clip": CLIP} for s in range(3)]}
-    reference = run_reference(spec, tiny_overrides(data_cache, run_dir / "reference", *STRICT), run_dir)
+    reference = run_reference(spec, tiny_overrides(data_cache, run_dir / "reference", *STRICT, *extra), run_dir)
     norms = [r["grad_norm"] for r in reference["steps"]]
-    assert norms[0] > CLIP > max(norms[1:]), norms  # clipping active in step 1 only
     result = {"initial": {k: v.float() for k, v in reference["initial"].items()}, "weights": weights,
-              "grad_norms": grad_norms(run_dir), "losses": [m["train/loss"] for m in metrics]}
-    # The run itself against the independent reference: each step from the run's own previous weights.
+              "grad_norms": grad_norms(run_dir), "losses": [m["train/loss"] for m in metrics],
+              "reference_norms": norms}
     np.testing.assert_allclose(result["grad_norms"], norms, rtol=RTOL)
     previous = [result["initial"], *weights[:-1]]
     for step, (mine, ref, before) in enumerate(zip(weights, reference["steps"], previous), 1):
         ref_weights = {k: v.float() for k, v in ref["weights"].items()}
         gap = relative_gap(mine, ref_weights, {k: ref_weights[k] - before[k] for k in ref_weights})
         assert gap < RTOL, f"1 process: weights after step {step} differ from plain SGD by {gap:.2e} of the update"
+    assert np.std(result["losses"]) > 1e-3  # it trains: a layout that skipped updates would show
+    return result
+
+
+@pytest.fixture(scope="module")
+def single_process(data_cache, tmp_path_factory):
+    """The 1-process gpt2 run, checked against plain autograd + SGD outside the trainer."""
+    result = checked_against_plain_sgd(data_cache, tmp_path_factory.mktemp("single"))
+    norms = result["reference_norms"]
+    assert norms[0] > CLIP > max(norms[1:]), norms  # clipping active in step 1 only
     return result
 
 
 def test_single_process_step_is_plain_sgd_on_the_mean_gradient(single_process):
-    assert np.std(single_process["losses"]) > 1e-3  # it trains: a layout that skipped updates would show
+    assert len(single_process["weights"]) == 3  # the fixture compared every step with plain autograd + SGD
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -98,20 +109,59 @@ def test_layout_gives_the_same_norms_and_weights(name, single_process, data_cach
     assert_same_steps(tmp_path, single_process, name)
 
 
-def test_llama_untied_pipeline_matches_single_process(data_cache, tmp_path):
-    llama = ["model.arch=llama", "model.tie_embeddings=false", *STRICT]
-    single, piped = tmp_path / "single", tmp_path / "piped"
-    proc = run_pretrain(tiny_overrides(data_cache, single, *llama), launcher="python")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_pretrain(tiny_overrides(data_cache, piped, *llama, "parallel.tensor=2", "parallel.pipeline=2",
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_llama_matches_plain_autograd_and_the_pipeline_matches_it(data_cache, tmp_path, tied):
+    """llama (RMSNorm, SwiGLU, RoPE, no biases) in one process against plain autograd + SGD; untied, also
+    TP=2 x PP=2 with sequence parallelism against that run."""
+    llama = ["model.arch=llama", f"model.tie_embeddings={str(tied).lower()}"]
+    single = checked_against_plain_sgd(data_cache, tmp_path / "single", *llama)
+    if tied:
+        return
+    piped = tmp_path / "piped"
+    proc = run_pretrain(tiny_overrides(data_cache, piped, *STRICT, *llama, "parallel.tensor=2", "parallel.pipeline=2",
                                        "parallel.sequence_parallel=true"), nproc=4)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    np.testing.assert_allclose(train_losses(piped), train_losses(single), rtol=RTOL)
-    np.testing.assert_allclose(grad_norms(piped), grad_norms(single), rtol=RTOL)
-    ours, theirs = step_weights(piped, 3), step_weights(single, 3)
-    for step in (2, 3):
-        update = {k: theirs[step - 1][k] - theirs[step - 2][k] for k in theirs[step - 1]}
-        assert relative_gap(ours[step - 1], theirs[step - 1], update) < RTOL, step
+    np.testing.assert_allclose(train_losses(piped), single["losses"], rtol=RTOL)
+    assert_same_steps(piped, single, "llama tp2-pp2-sp")
+
+
+# AdamW with weight decay, clipping active in step 1; adam_eps=1e-3: an element whose gradient is 0 in
+# exact arithmetic (e.g. the attention key bias) holds only reduction-order noise, which eps=1e-8 would
+# blow up to a full step. weight_decay=0.5: decay moves each weight by lr x 0.5 x itself per step, so a
+# bias, norm weight or position row put in the wrong group moves the weights by 1e-4 .. 1e-2 of a step.
+ADAMW_DECAY = ["train.optimizer=adamw", "train.lr=0.01", "train.weight_decay=0.5", "train.adam_eps=1e-3",
+               "train.grad_clip=0.8", "train.warmup_steps=0", "model.dropout=0.0", "train.steps=3",
+               "train.save_interval=1"]
+
+
+@pytest.mark.parametrize("nproc, layout", [(1, []), (2, ["parallel.pipeline=2", "zero.stage=1"])],
+                         ids=["1p", "pp2-zero1"])
+def test_adamw_weight_decay_groups_match_torch_adamw(data_cache, tmp_path, nproc, layout):
+    """Three AdamW steps with weight decay against tests/workers/reference.py, which builds its own
+    parameter groups from Megatron's rule (stated on module types) and runs torch's AdamW from the
+    initial weights: the gradient norms, and the weights after every step, to RTOL of the step's update."""
+    import yaml
+
+    run_dir = tmp_path / "run"
+    proc = run_pretrain(tiny_overrides(data_cache, run_dir, *ADAMW_DECAY, *layout), nproc=nproc,
+                        launcher="python" if nproc == 1 else "torchrun")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    t = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
+    metrics = [m for m in read_metrics(run_dir) if "train/loss" in m]
+    spec = {"adamw": {"ids": [r["selected"] for r in read_selections(run_dir)], "lrs": [m["train/lr"] for m in metrics],
+                      "clip": t["grad_clip"], "betas": [t["beta1"], t["beta2"]], "eps": t["adam_eps"],
+                      "weight_decay": t["weight_decay"]}}
+    reference = run_reference(spec, tiny_overrides(data_cache, tmp_path / "reference", *ADAMW_DECAY), tmp_path)
+    adamw = reference["adamw"]
+    assert adamw["grad_norms"][0] > t["grad_clip"] > max(adamw["grad_norms"][1:])  # clipping in step 1 only
+    assert 0 < len(adamw["decayed"]) < len(reference["initial"])  # both groups are in play
+    np.testing.assert_allclose(grad_norms(run_dir), adamw["grad_norms"], rtol=RTOL)
+    before = {k: v.float() for k, v in reference["initial"].items()}
+    for step, (mine, theirs) in enumerate(zip(step_weights(run_dir, 3), adamw["weights"]), 1):
+        theirs = {k: v.float() for k, v in theirs.items()}
+        gap = relative_gap(mine, theirs, {k: theirs[k] - before[k] for k in theirs})
+        assert gap < RTOL, f"weights after step {step} differ from torch's AdamW by {gap:.2e} of the update"
+        before = theirs
 
 
 def test_outputs_tensorboard_and_resume(data_cache, tmp_path):
@@ -138,9 +188,10 @@ def test_outputs_tensorboard_and_resume(data_cache, tmp_path):
     assert (run_dir / "config.yaml").exists()
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"step_2", "step_4", "step_6", "latest"}
 
-    # The quickstart's side-by-side table: test loss first, at every evaluation, as metrics.jsonl has it.
+    # The quickstart's side-by-side table: test loss first, at every evaluation, as metrics.jsonl has it
+    # (one column here; which run's values land in which column: tests/test_compare.py).
     from megatron_greats.report import side_by_side
-    rows = side_by_side([run_dir, run_dir]).splitlines()
+    rows = side_by_side([run_dir]).splitlines()
     evals = [m for m in metrics if "test/loss" in m]
     assert [r.split()[1:5] for r in rows[1:4]] == [["test", "loss", "at", "step"]] * 3  # after the domain
     assert [float(r.split()[-1]) for r in rows[1:4]] == pytest.approx([m["test/loss"] for m in evals], abs=1e-4)
@@ -152,11 +203,21 @@ def test_outputs_tensorboard_and_resume(data_cache, tmp_path):
     shutil.copytree(run_dir, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_6")
     (resumed / "checkpoints" / "latest").write_text("step_4")
+    # the lines a run killed in step 6 left after its checkpoint, with losses no run computed: the resumed
+    # run must drop them and write its own (the copies would otherwise pass for its output)
+    lines = read_metrics(resumed)
+    for line in lines:
+        if line["step"] > 4:
+            line["train/loss"] = -1.0
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     proc = run_pretrain([*overrides, f"run_dir={resumed}"], launcher="python")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "this run started at step 4" in proc.stdout
     assert [m["step"] for m in read_metrics(resumed)] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose(train_losses(resumed), train_losses(run_dir), rtol=1e-6)
+    ours, theirs = (full_weights(d / "checkpoints" / "step_6") for d in (resumed, run_dir))
+    before = full_weights(run_dir / "checkpoints" / "step_4")
+    assert relative_gap(ours, theirs, {k: theirs[k] - before[k] for k in theirs}) < 1e-6  # steps 5 and 6 alike
 
 
 def test_finished_run_is_not_overwritten(data_cache, tmp_path):
@@ -182,24 +243,25 @@ def test_bf16_trains_with_fp32_master_weights(data_cache, tmp_path):
     np.testing.assert_allclose(piped, single, rtol=1e-3)
 
 
-def test_evaluate_restores_the_training_mode_when_the_forward_fails():
-    """Evaluation switches the module to eval mode; an error inside must not leave it there (dropout
-    would silently stay off for the rest of training)."""
-    from types import SimpleNamespace
+def test_passes_restore_the_training_mode_when_the_forward_fails(tmp_path):
+    """Evaluation and the scoring pass (Gram and forward-only) switch the module to eval mode; an error
+    inside must not leave it there (dropout would silently stay off for the rest of training). Plain
+    executor, and a real DeepSpeed PipelineEngine, whose eval_batch itself never restores the mode
+    (tests/workers/training_mode.py)."""
+    import subprocess
+    import sys
 
-    from megatron_greats.training.executors import PlainExecutor
+    from conftest import REPO, TINY_MODEL, child_env
 
-    class Failing(torch.nn.Module):
-        def forward(self, inputs):
-            assert not self.training  # evaluation runs in eval mode
-            raise RuntimeError("forward failed")
-
-    module = Failing().train()
-    batch = (torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
-    executor = PlainExecutor(SimpleNamespace(module=module), layout=None)
-    with pytest.raises(RuntimeError, match="forward failed"):
-        executor.evaluate([batch])
-    assert module.training
+    out = tmp_path / "modes.json"
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "training_mode.py"), str(out), *TINY_MODEL],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert sorted(result) == sorted(f"{executor}-{case}" for executor in ("plain", "pipeline")
+                                    for case in ("evaluate", "scores", "losses"))
+    for case, seen in result.items():
+        assert seen == {"raised": True, "training": True, "clean": True}, case
 
 
 def test_init_checkpoint_starts_from_its_weights_with_a_fresh_optimizer(data_cache, tmp_path):

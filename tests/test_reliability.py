@@ -94,7 +94,11 @@ def test_sigkill_then_relaunch_resumes_exactly(data_cache, tmp_path):
     assert f"this run started at step {resumed_from}" in again.stdout
     ref_losses, ref_picks = per_step(reference_dir)
     losses, picks = per_step(run_dir)
-    assert sorted(losses) == sorted(ref_losses) == list(range(1, STEPS + 1))  # lines after the checkpoint replaced
+    assert sorted(ref_losses) == list(range(1, STEPS + 1))
+    # lines after the checkpoint replaced, none twice
+    assert [m["step"] for m in read_metrics(run_dir) if "train/loss" in m] == list(range(1, STEPS + 1))
+    assert [json.loads(line)["step"] for line in (run_dir / "selection.jsonl").read_text().splitlines()] == \
+        [json.loads(line)["step"] for line in (reference_dir / "selection.jsonl").read_text().splitlines()]
     for step in range(resumed_from + 1, STEPS + 1):
         assert picks[step] == ref_picks[step], step
         assert losses[step] == pytest.approx(ref_losses[step], rel=1e-6), step
@@ -190,3 +194,54 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(data_
     for name in after_one:
         a, b = after_one[name], after_four[name]
         assert torch.equal(a, b) if torch.is_tensor(a) else a == b, name
+
+
+def test_eta_after_a_skipped_step_follows_the_optimizer(data_cache, tmp_path):
+    """DP=2 with ZeRO-0 (the project's own non-finite guard around torch's AdamW). Step 2's update is
+    made non-finite on rank 1 only (tests/workers/pretrain_with_a_bad_step.py; the data-parallel
+    reduction carries it to both replicas): the step must be skipped (no weight moves), the LR schedule
+    must not advance, and on the next selected step GREATS' eta
+    (preconditioner=adam, eta=auto: lr (1 - beta1) / ((1 - beta1^t) k)) must use the optimizer's LR and
+    its own step count t, not the trainer's step count. (The two-pass update's skip: the non-finite
+    tests above.)"""
+    import torch
+    import yaml
+
+    from megatron_greats.training.schedule import lr_at
+
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(data_cache, run_dir, "train.steps=4", "train.save_interval=1", "train.lr=0.01",
+                               "train.warmup_steps=0", "zero.stage=0", "selection.method=greats",
+                               "selection.candidates=16", "selection.preconditioner=adam", "selection.eta=auto",
+                               "selection.update=single_pass")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(REPO / "tests" / "workers" / "pretrain_with_a_bad_step.py"), "2", "1", "--config", CONFIG, *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 2 skipped: NaN/Inf in the training loss or gradients" in proc.stderr
+    t = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
+    metrics = {m["step"]: m for m in read_metrics(run_dir)}
+    assert [s for s in metrics if "train/step_skipped" in metrics[s]] == [2]
+
+    def scheduled(updates_applied):
+        return lr_at(updates_applied, t["lr"], t["min_lr"], t["warmup_steps"], t["steps"])
+
+    # the optimizer's LR at steps 1..4: the schedule advances only on the applied updates (steps 1, 3)
+    rates = [metrics[s]["train/lr"] for s in (1, 2, 3, 4)]
+    assert rates == pytest.approx([scheduled(0), scheduled(1), scheduled(1), scheduled(2)], rel=1e-12)
+    assert scheduled(1) != pytest.approx(scheduled(2), rel=1e-3)  # a schedule that ran ahead would show
+    records = {}
+    for line in (run_dir / "selection.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        records.setdefault(r["step"], []).append(r)
+    assert sorted(records) == [1, 3, 4]  # the skipped step logs no selection
+    k, beta1 = 4, t["beta1"]  # 8 samples over 2 replicas
+    for s, lr, adam_t in ((3, scheduled(1), 2), (4, scheduled(2), 3)):  # Adam's t: updates applied, plus 1
+        for r in records[s]:
+            assert r["preconditioner"] == "adam" and len(r["selected"]) == k
+            assert r["eta"] == pytest.approx(lr * (1 - beta1) / ((1 - beta1 ** adam_t) * k), rel=1e-12), (s, r["eta"])
+    # no weight moved in step 2 on either replica; step 3 trained
+    weights = [_module_weights(run_dir / "checkpoints" / f"step_{s}") for s in (1, 2, 3)]
+    tensors = [n for n in weights[0] if torch.is_tensor(weights[0][n])]
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in tensors)
+    assert not all(torch.equal(weights[1][n], weights[2][n]) for n in tensors)

@@ -20,6 +20,9 @@ from full_weights import full_weights, relative_gap
 # comparisons of two exact update paths must not hinge on that noise.
 STEPS = ["train.steps=3", "train.lr=0.01", "train.warmup_steps=0", "train.adam_eps=1e-3", "selection.val_batch=3",
          "train.save_interval=1"]
+# Plain SGD: its step is lr x gradient, so a wrong 1/k, a data-parallel sum or a doubled tied weight in
+# the single-pass gradient shows in the weights, where AdamW would divide it out.
+SGD = ["train.optimizer=sgd", "train.lr=0.5", "train.weight_decay=0"]
 
 def greats(data_cache, run_dir, *extra):
     return tiny_overrides(data_cache, run_dir, *STEPS, "selection.method=greats", "selection.candidates=16",
@@ -96,7 +99,7 @@ def assert_single_pass_equals_two_pass(two_pass_dir, data_cache, run_dir, nproc,
 @pytest.fixture(scope="module")
 def single_process_selection(data_cache, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("greats-single")
-    proc = run_pretrain(greats(data_cache, run_dir), launcher="python")
+    proc = run_pretrain(greats(data_cache, run_dir, *SGD), launcher="python")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = read_selections(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -111,17 +114,8 @@ def test_selection_in_one_process_matches_an_independent_reference(single_proces
     assert len(read_selections(single_process_selection)) == 3  # the fixture compared every step
 
 
-def test_single_pass_equals_two_pass_in_one_process(single_process_selection, data_cache, tmp_path):
-    assert_single_pass_equals_two_pass(single_process_selection, data_cache, tmp_path / "single", 1)
-
-
-def test_single_pass_equals_two_pass_under_plain_sgd(data_cache, tmp_path):
-    """SGD's step is lr x gradient: a wrong 1/k, a data-parallel sum or a doubled tied weight in the
-    single-pass gradient would show here, where AdamW would divide it out."""
-    sgd = ["train.optimizer=sgd", "train.lr=0.5", "train.weight_decay=0"]
-    proc = run_pretrain(greats(data_cache, tmp_path / "two", *sgd), launcher="python")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_single_pass_equals_two_pass(tmp_path / "two", data_cache, tmp_path / "single", 1, *sgd)
+def test_single_pass_equals_two_pass_in_one_process_under_plain_sgd(single_process_selection, data_cache, tmp_path):
+    assert_single_pass_equals_two_pass(single_process_selection, data_cache, tmp_path / "single", 1, *SGD)
 
 
 @pytest.mark.parametrize("nproc, layout", [
@@ -131,8 +125,10 @@ def test_single_pass_equals_two_pass_under_plain_sgd(data_cache, tmp_path):
     (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
 ], ids=["tp2", "tp2-sp", "pp2", "tp2-pp2"])
 def test_selection_at_a_layout_matches_the_reference(single_process_selection, data_cache, tmp_path, nproc, layout):
-    """PP=2 runs the production scoring path: DeepSpeed's 1F1B schedule with the scoring instructions."""
+    """PP=2 runs the production scoring path: DeepSpeed's 1F1B schedule with the scoring instructions.
+    Plain SGD, so the single-pass update's scale is checked too."""
     run_dir = tmp_path / "two"
+    layout = [*SGD, *layout]
     proc = run_pretrain(greats(data_cache, run_dir, *layout), nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["selected"] for r in read_selections(run_dir)] == \
@@ -158,16 +154,22 @@ def test_adam_preconditioned_selection_matches_the_reference(data_cache, tmp_pat
     assert_selections_match_reference(run_dir, data_cache, adam=True)
 
 
-@pytest.mark.parametrize("nproc, extra", [(1, []), (2, ["zero.stage=1"]), (2, ["zero.stage=2"])],
-                         ids=["dp1", "dp2-zero1", "dp2-zero2"])
+@pytest.mark.parametrize("nproc, extra", [
+    (1, []),
+    (2, ["zero.stage=0", *SGD]),   # the project's own norm and clipping around the plain optimizer
+    (2, ["zero.stage=1"]),
+    (2, ["zero.stage=2", *SGD]),
+], ids=["dp1", "dp2-zero0-sgd", "dp2-zero1", "dp2-zero2-sgd"])
 def test_update_equals_an_ordinary_step_on_the_selected_samples(data_cache, tmp_path, nproc, extra):
     """Two GREATS steps, then compare the weights with a single process that takes ordinary steps on
-    exactly the selected samples (same optimizer, same state): nothing of the scoring pass leaks in."""
+    exactly the selected samples (same optimizer, same state): nothing of the scoring pass leaks in.
+    At DP=2 the single_pass update is also compared with two_pass (DeepSpeed's reduction of its
+    gradients under ZeRO-0, 1 and 2; under SGD the gradients' scale shows in the weights)."""
     run_dir = tmp_path / "greats"
     overrides = greats(data_cache, run_dir, "train.steps=2", *extra)
     proc = run_pretrain(overrides, nproc=nproc, launcher="python" if nproc == 1 else "torchrun")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    if nproc > 1:  # the single_pass update at DP=2 (ZeRO-1 and ZeRO-2): DeepSpeed's reduction of its gradients
+    if nproc > 1:
         assert_single_pass_equals_two_pass(run_dir, data_cache, tmp_path / "single", nproc, "train.steps=2", *extra)
     records = read_selections(run_dir)
     steps = [[i for r in sorted(records, key=lambda r: r["replica"]) if r["step"] == s for i in r["selected"]]
@@ -176,7 +178,8 @@ def test_update_equals_an_ordinary_step_on_the_selected_samples(data_cache, tmp_
     ids_file, out = tmp_path / "ids.json", tmp_path / "reference.pt"
     ids_file.write_text(json.dumps(steps))
     ref_overrides = tiny_overrides(data_cache, tmp_path / "reference", "train.steps=2", "train.lr=0.01",
-                                   "train.warmup_steps=0", "train.adam_eps=1e-3")
+                                   "train.warmup_steps=0", "train.adam_eps=1e-3",
+                                   *[e for e in extra if e.startswith("train.")])
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "train_on_ids.py"), str(ids_file),
                            str(out), *ref_overrides], cwd=REPO, env=child_env(), capture_output=True, text=True,
                           timeout=600)
@@ -234,6 +237,17 @@ def test_rholoss_selects_the_same_at_pp2_as_in_one_process(data_cache, tmp_path,
     # at step 1 the run's model is its initial one, which the reference run started from too: without the
     # reference's trained weights every excess loss would be exactly 0
     assert np.abs(single[0]).min() > 1e-3, single[0]
+    # step 1 against plain forwards outside the trainer (tests/workers/reference.py): each candidate's loss
+    # at the initial weights minus its loss at the reference checkpoint's weights, merged over its shards
+    merged = tmp_path / "reference_weights.pt"
+    torch.save(full_weights(step_dir), merged)
+    first = runs["single"][0]
+    spec = {"losses": [{"weights": w, "ids": first["candidates"]} for w in (None, str(merged))]}
+    own, ref = run_reference(spec, tiny_overrides(data_cache, tmp_path / "plain"), tmp_path)["losses"]
+    excess = (own - ref).double().numpy()
+    order = np.argsort(-excess, kind="stable")[:len(first["selected"])]
+    assert [first["candidates"][i] for i in order] == first["selected"]
+    np.testing.assert_allclose(first["gains"], excess[order], rtol=1e-4, atol=1e-6)
 
 
 def test_unknown_method_is_an_error(data_cache, tmp_path):

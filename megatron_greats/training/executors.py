@@ -18,6 +18,8 @@ Both offer the same operations on this replica's micro-batches [(inputs, labels)
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -36,6 +38,18 @@ def data_parallel_mean(value: torch.Tensor, layout: Layout) -> float:
         dist.all_reduce(value, group=ps.get_data_parallel_group())
         value /= layout.data
     return float(value)
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Eval mode inside the block, the module's own mode after it, also when the block fails (dropout
+    must not silently stay off for the rest of training)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 class PlainExecutor:
@@ -60,12 +74,8 @@ class PlainExecutor:
     @torch.no_grad()
     def evaluate(self, micro: list) -> float:
         module = self.engine.module
-        was_training = module.training
-        module.eval()
-        try:
+        with eval_mode(module):
             losses = [per_sample_losses(module(inputs), labels).mean() for inputs, labels in micro]
-        finally:
-            module.train(was_training)
         return data_parallel_mean(torch.stack(losses).mean(), self.layout)
 
     def score(self, module, micro: list, recorder=None, clock: PhaseClock = None) -> torch.Tensor:
@@ -94,7 +104,8 @@ class PipelineExecutor:
         return float(self.engine.train_batch(iter(micro)))
 
     def evaluate(self, micro: list) -> float:
-        return float(self.engine.eval_batch(iter(micro), num_micro_batches=len(micro)))
+        with eval_mode(self.engine.module):  # DeepSpeed's eval_batch leaves the module in eval mode
+            return float(self.engine.eval_batch(iter(micro), num_micro_batches=len(micro)))
 
     def apply_gradients(self, grads: dict) -> None:
         pipeline_schedules.apply_gradients(self.engine, grads)

@@ -23,6 +23,7 @@ from megatron_greats.ghost.layers import supported_layer_names
 from megatron_greats.parallel.state import Layout
 from megatron_greats.selection import SelectorInputs
 from megatron_greats.training.candidates import micro_batches
+from megatron_greats.training.executors import eval_mode
 from megatron_greats.training.telemetry import PhaseClock
 
 
@@ -88,15 +89,12 @@ class ScoringPass:
     def _scoring_mode(self):
         # eval: no dropout in scores; no activation recomputation (the recorder keeps layer inputs anyway,
         # and DeepSpeed's reentrant recomputation would run the capture inside backward)
-        was_training = self.module.training
         saved = getattr(self.module, "checkpoint_activations", None)  # SequentialGPT's
-        self.module.eval()
         if saved is not None:
             self.module.checkpoint_activations = False
         try:
-            with deepspeed_internals.without_activation_checkpointing(self.module):  # a PipelineModule's
-                yield
+            with eval_mode(self.module), deepspeed_internals.without_activation_checkpointing(self.module):
+                yield  # a PipelineModule's recomputation is off meanwhile
         finally:
             if saved is not None:
                 self.module.checkpoint_activations = saved
-            self.module.train(was_training)

@@ -6,7 +6,9 @@ Builds the model at tensor/pipeline size 1 (its initial weights depend only on t
 plain autograd with torch's own cross entropy: no DeepSpeed engine, no GhostRecorder, no selector.
 SPEC_JSON:
   {"steps":  [{"weights": PT or null, "ids": [...], "lr": x, "clip": c}, ...],
-   "select": [{"weights": PT or null, "candidates": [...], "validation": [...], "eta": x, "k": k}, ...]}
+   "select": [{"weights": PT or null, "candidates": [...], "validation": [...], "eta": x, "k": k}, ...],
+   "adamw":  {"ids": [[...], ...], "lrs": [...], "clip": c, "betas": [b1, b2], "eps": e, "weight_decay": w},
+   "losses": [{"weights": PT or null, "ids": [...]}, ...]}
 "weights" is a state dict saved with torch.save (null: the initial weights).
   steps:  the gradient of the mean per-sample loss over `ids`, its 2-norm, and the weights after one
           plain SGD step (no momentum, no weight decay) with clipping to `clip` (0: none);
@@ -16,7 +18,13 @@ SPEC_JSON:
           "eps", "clip"} the candidates' gradients are first multiplied by Adam's D for the coming
           step, rebuilt from scratch: v summed over the history's clipped mean gradients, then
           v_t = beta2 v + (1 - beta2) gbar^2 with gbar the candidates' mean gradient, bias-corrected.
-Writes {"initial": state, "steps": [{"grad_norm", "weights"}], "select": [{"picked", "gains"}]} to OUT.
+  losses: per-sample losses of train samples `ids` at the given weights (forward only);
+  adamw:  consecutive steps from the initial weights with torch's own AdamW, on the mean gradient over
+          each step's ids, clipped to `clip`, with parameter groups built here from Megatron's rule:
+          no weight decay on biases, on the weights of normalisation layers, or on learned positions.
+Writes {"initial": state, "steps": [{"grad_norm", "weights"}], "select": [{"picked", "gains"}],
+"losses": [tensor, ...], "adamw": {"decayed": [names], "grad_norms": [...], "weights": [state after each
+step]}} to OUT.
 """
 
 import json
@@ -33,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from megatron_greats.config import load_config  # noqa: E402
 from megatron_greats.model import build_model  # noqa: E402
-from megatron_greats.parallel.state import init_distributed, init_model_parallel  # noqa: E402
+from megatron_greats.parallel.state import distributed_session, init_model_parallel  # noqa: E402
 from megatron_greats.training.trainer import load_data  # noqa: E402
 
 
@@ -46,6 +54,40 @@ def load(model, initial, weights):
     state = initial if weights is None else torch.load(weights, weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+
+
+def state_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+
+
+def decays(name, module, seq_len):
+    """Megatron's rule, stated on module types (the trainer's own rule reads tensor shapes and names)."""
+    is_norm = type(module).__name__.endswith("Norm")                                  # LayerNorm, RMSNorm
+    is_positions = isinstance(module, torch.nn.Embedding) and module.num_embeddings == seq_len
+    return not (name == "bias" or is_norm or is_positions)
+
+
+def adamw_steps(model, data, spec, seq_len):
+    decay, no_decay, decayed = [], [], []
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if decays(name, module, seq_len):
+                decay.append(param)
+                decayed.append(f"{module_name}.{name}")
+            else:
+                no_decay.append(param)
+    groups = [{"params": decay, "weight_decay": spec["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=spec["lrs"][0], betas=tuple(spec["betas"]), eps=spec["eps"])
+    norms, weights = [], []
+    for ids, lr in zip(spec["ids"], spec["lrs"]):
+        optimizer.zero_grad(set_to_none=True)
+        per_sample_losses(model, data.train.get(np.asarray(ids))).mean().backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), spec["clip"] or float("inf"))))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        weights.append(state_of(model))
+    return {"decayed": decayed, "grad_norms": norms, "weights": weights}
 
 
 def sgd_step(model, tokens, lr, clip):
@@ -113,16 +155,14 @@ def main():
     spec, out = json.loads(Path(sys.argv[1]).read_text()), sys.argv[2]
     cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"), sys.argv[3:],
                       world_size=1)
-    init_distributed()
     data = load_data(cfg, show_progress=False)
     model = build_model(cfg, data.vocab_size, init_model_parallel(1, 1)).eval()  # dropout off, as scoring
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    initial = state_of(model)
     result = {"initial": initial, "steps": [], "select": []}
     for s in spec.get("steps", []):
         load(model, initial, s["weights"])
         norm = sgd_step(model, data.train.get(np.asarray(s["ids"])), s["lr"], s["clip"])
-        result["steps"].append({"grad_norm": norm, "weights": {k: v.detach().clone() for k, v in
-                                                                 model.state_dict().items() if torch.is_tensor(v)}})
+        result["steps"].append({"grad_norm": norm, "weights": state_of(model)})
     for s in spec.get("select", []):
         diagonal, adam = None, s.get("adam")
         if adam is not None:
@@ -131,8 +171,16 @@ def main():
         load(model, initial, s["weights"])
         picked, gains = select(model, data, s["candidates"], s["validation"], s["eta"], s["k"], diagonal)
         result["select"].append({"picked": picked, "gains": gains})
+    for s in spec.get("losses", []):
+        load(model, initial, s["weights"])
+        with torch.no_grad():
+            result.setdefault("losses", []).append(per_sample_losses(model, data.train.get(np.asarray(s["ids"]))))
+    if "adamw" in spec:
+        load(model, initial, None)
+        result["adamw"] = adamw_steps(model, data, spec["adamw"], cfg.model.seq_len)
     torch.save(result, out)
 
 
 if __name__ == "__main__":
-    main()
+    with distributed_session():  # ends the process group, also on failure
+        main()
