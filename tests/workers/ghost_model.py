@@ -43,9 +43,14 @@ def main():
         else:
             run_stages(model, rec, inputs, labels, layout, seq=T // tp if sp else T)
     gram = rec.gram()
+    # every rank must hold the whole Gram, and every rank's parameters must be covered
+    everyone = [torch.empty_like(gram) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, gram.contiguous())
+    counts = torch.tensor([sum(p.numel() for p in rec.parameters()), sum(p.numel() for p in model.parameters())])
+    dist.all_reduce(counts)
     if dist.get_rank() == 0:
-        result = {"gram": gram, "covered": sum(p.numel() for p in rec.parameters()),
-                  "total": sum(p.numel() for p in model.parameters())}
+        result = {"gram": gram, "covered": int(counts[0]), "total": int(counts[1]),
+                  "spread": max(float((g - gram).abs().max()) for g in everyone)}
         if want_reference:
             result["reference"] = reference_gram(model, inputs, labels)
         torch.save(result, out)
