@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -28,9 +27,10 @@ TINY_TRAIN = ["train.global_batch=8", "train.micro_batch=2", "train.steps=5", "t
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a launcher's rendezvous (drawn below the ephemeral range: parallel/state.py)."""
+    from megatron_greats.parallel.state import free_port as draw
+
+    return draw()
 
 
 def child_env(**extra) -> dict:

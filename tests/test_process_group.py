@@ -153,3 +153,18 @@ def test_every_worker_and_entry_point_runs_in_a_session():
         function = next(node for node in ast.parse((REPO / path).read_text()).body
                         if isinstance(node, ast.FunctionDef) and node.name == name)
         assert sessions_in(function) == 1, f"{path}: {name}() does not enter distributed_session"
+
+
+def test_a_drawn_port_is_free_and_below_the_ephemeral_range():
+    """free_port() (every launcher in the suite, and a plain 1-process run's MASTER_PORT): a port that
+    other processes' outgoing connections cannot take before the launcher binds it."""
+    import socket
+
+    from megatron_greats.parallel.state import _ephemeral_ports, free_port
+
+    low, _ = _ephemeral_ports()
+    ports = [free_port() for _ in range(20)]
+    assert all(1024 <= p < low for p in ports) and len(set(ports)) > 1, ports
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("", port))

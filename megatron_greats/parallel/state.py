@@ -8,12 +8,14 @@ two libraries create for the same rank agree.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -50,9 +52,30 @@ class Layout:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def _ephemeral_ports() -> tuple:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port() -> int:
+    """A TCP port free now, for a rendezvous store bound a moment later. Drawn below the kernel's ephemeral
+    range: a port from bind(0) is an ephemeral one, which the connections other processes open meanwhile
+    (gloo opens many) can take before the store binds it (EADDRINUSE, seen on a loaded machine)."""
+    low, _ = _ephemeral_ports()
+    draw = random.Random(os.urandom(8))
+    for _ in range(200):
+        port = draw.randrange(10000, low) if low > 11000 else draw.randrange(1024, max(low, 1025))
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -62,7 +85,7 @@ def set_single_process_env() -> None:
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def launcher_world_size() -> int:
