@@ -62,7 +62,7 @@ def main(argv=None) -> int:
 
         gram_form()  # a bad MEGATRON_GREATS_GRAM_FORM ends the run here, before anything is built
         if launcher_rank() == 0:  # once per job, not once per rank
-            for note in cfg.unread_selection_keys():
+            for note in cfg.unread_selection_keys() + cfg.selection_notes(launcher_world_size()):
                 print(f"megatron_greats: note: {note}", file=sys.stderr, flush=True)
         from megatron_greats.training.trainer import pretrain
 

@@ -358,6 +358,21 @@ class Config:
                 for key, methods in METHODS_READING.items()
                 if sel.method not in methods and getattr(sel, key) != schema[key].default]
 
+    def selection_notes(self, world_size: int) -> list[str]:
+        """Settings that run but are unlikely what the user meant, one line each (printed at start).
+
+        N = k: the selection takes every candidate, so the run trains on the stream's samples as Regular
+        does, plus the cost of scoring them. A note, not an error: it is a valid run (a check that GREATS
+        with nothing to choose trains as Regular, or a measure of the scoring overhead), but rarely the
+        intent of a selection run."""
+        sel, k = self.selection, self.num_selected(world_size)
+        if sel.method == "regular" or self.num_candidates(world_size) != k:
+            return []
+        return [f"selection.candidates={sel.candidates} equals selection.select (k = {k}): selection.method="
+                f"{sel.method} takes every candidate, so this run trains on the samples selection.method=regular "
+                f"trains on, plus the cost of scoring them; to select, set selection.candidates > {k} "
+                f"(null: 2k = {2 * k})"]
+
     def check_combinations(self, world_size: Optional[int]) -> None:
         m, p, t = self.model, self.parallel, self.train
         if m.hidden_size % m.num_heads:

@@ -112,6 +112,24 @@ CASES = {
     "k not divisible into micro-batches": (["train.micro_batch=3"], ["train.global_batch=8 is not divisible"], 1),
     "scoring micro-batch not dividing N + m": ([*GREATS, "selection.score_micro_batch=4"],
                                                ["selection.score_micro_batch=4", "allowed: a divisor of 19"], 1),
+    "score_exclude leaving no parameter scored": ([*GREATS, "selection.score_exclude=['*']"],
+                                                  ["selection.score_exclude=['*'] excludes every trainable parameter"],
+                                                  1),
+    "score_exclude pattern matching no parameter": ([*GREATS, "selection.score_exclude=['*word*', '*wrod*']"],
+                                                    ["pattern '*wrod*' matches no parameter",
+                                                     "closest parameter names: 'layers.0.word.weight'"], 1),
+    "val_batch beyond the selection split": ([*GREATS, "selection.val_batch=5000"],
+                                             ["selection.val_batch=5000 is more than the selection split holds",
+                                              "allowed: <= "], 1),
+    "candidates beyond the train split": ([*GREATS, "selection.candidates=100000"],
+                                          ["selection.candidates=100000", "more than the train split holds"], 1),
+    # a vocabulary padded to 2^20: N + m = 5960 samples' logits alone are far more than any machine has
+    "scoring pass beyond the memory available": ([*GREATS, "model.vocab_pad_multiple=1048576",
+                                                  "selection.candidates=5800", "selection.val_batch=160"],
+                                                 ["the scoring pass would not fit in memory: estimated",
+                                                  "N + m = 5960 samples of 32 tokens", "is available; allowed: ",
+                                                  "selection.score_micro_batch", "selection.val_batch",
+                                                  "selection.candidates"], 1),
     "init checkpoint missing": (lambda d, t: [f"train.init_checkpoint={t / 'no_step'}"],
                                 ["train.init_checkpoint", "no_step", "is not a folder"], 1),
     "rholoss without a reference": (["selection.method=rholoss", "selection.candidates=16"],
@@ -229,3 +247,36 @@ def test_a_parameter_no_capture_rule_covers_stops_the_launch(data_cache, tmp_pat
     assert "megatron_greats/" not in proc.stderr  # no traceback of ours
     assert _snapshot(data_cache) == cache_before
     assert not (run_dir.exists() and _snapshot(run_dir)), _snapshot(run_dir)
+
+
+def test_split_sizes_refuse_what_one_step_cannot_draw_and_note_what_evaluation_uses():
+    """In-process, on split sizes alone (trainer.split_size_notes): a step's validation samples or
+    candidates beyond their split are refused (they would repeat within the step), for the methods that
+    draw them; evaluation beyond a held-out split is noted with the batches it uses."""
+    from types import SimpleNamespace
+
+    from megatron_greats.config import load_config
+    from megatron_greats.errors import ConfigError
+    from megatron_greats.training.trainer import split_size_notes
+
+    data = SimpleNamespace(train=range(100), val=range(20), test=range(9), selection=range(10))
+
+    def notes(*overrides, world_size=1):
+        return split_size_notes(load_config(None, ["train.global_batch=8", "train.micro_batch=4", "train.eval_batches=2",
+                                                   *overrides]),
+                                data, world_size)
+
+    assert notes("selection.val_batch=10", "selection.candidates=100") == []
+    with pytest.raises(ConfigError, match=r"selection.val_batch=11 is more than the selection split holds "
+                                          r"\(10 samples\).*allowed: <= 10"):
+        notes("selection.val_batch=11")
+    assert notes("selection.val_batch=11", "selection.method=maxloss") == []  # draws no validation samples
+    with pytest.raises(ConfigError, match=r"selection.candidates=101 asks each step for 101 candidates, more than "
+                                          r"the train split holds \(100 samples\).*allowed: <= 100"):
+        notes("selection.candidates=101")
+    with pytest.raises(ConfigError, match=r"asks each step for 60 x data-parallel size 2 = 120 .*allowed: <= 50"):
+        notes("selection.candidates=60", world_size=2)
+    assert notes("selection.candidates=101", "selection.method=regular") == []  # Regular draws k
+    (note,) = notes("train.eval_batches=3")
+    assert note == ("train.eval_batches=3 is more than a held-out split holds: each evaluation uses 3 batches on val "
+                    "(20 samples) and 2 batches on test (9 samples), of train.global_batch=8 samples each")

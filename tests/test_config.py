@@ -44,6 +44,21 @@ def test_keys_a_method_does_not_read_are_noted_not_refused():
     assert [n.split("=")[0] for n in notes] == ["selection.eta", "selection.temperature"]
 
 
+def test_candidates_equal_to_k_are_noted_not_refused():
+    """N = k: the selection takes every candidate (a valid run that trains as Regular does, at the cost of
+    scoring): one note naming both values, for every method that selects, none for regular."""
+    (note,) = load_config(None, ["selection.candidates=8", "train.global_batch=8"]).selection_notes(1)
+    assert note.startswith("selection.candidates=8 equals selection.select (k = 8): selection.method=greats takes "
+                           "every candidate"), note
+    assert "selection.candidates > 8 (null: 2k = 16)" in note
+    # per data-parallel replica: k = 16 / 2
+    assert load_config(None, ["selection.candidates=8", "train.global_batch=16", "selection.method=uniform"]
+                       ).selection_notes(2)
+    for overrides in (["selection.candidates=9"], ["selection.candidates=null"],
+                      ["selection.candidates=8", "selection.method=regular"]):
+        assert load_config(None, ["train.global_batch=8", *overrides]).selection_notes(1) == []
+
+
 @pytest.mark.parametrize("overrides, needle", [
     (["train.stepz=3"], "unknown config key 'train.stepz' (did you mean 'steps'?)"),
     (["modle.arch=gpt2"], "unknown config key 'modle' (did you mean 'model'?)"),

@@ -478,6 +478,28 @@ def test_uncovered_parameters_are_named_and_refused_by_the_scoring_pass():
     ScoringPass(model, _layout())
 
 
+def test_score_exclude_patterns_that_match_nothing_or_leave_nothing_scored_are_refused():
+    """A pattern that matches no parameter is almost always a typo: refused, naming the closest names.
+    Patterns that together exclude every trainable parameter would make every gain 0: refused. A scoring
+    pass without the Gram (losses only) does not read the patterns."""
+    from megatron_greats.errors import ConfigError
+    from megatron_greats.training.scoring import ScoringPass
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3))  # names 0.weight, 1.bias, ...
+    with pytest.raises(ConfigError) as error:
+        ScoringPass(model, _layout(), exclude=["0.*", "1.wieght"])
+    message = str(error.value)
+    assert "\n" not in message
+    assert "pattern '1.wieght' matches no parameter" in message, message
+    assert "closest parameter names: '1.weight'," in message, message
+    for patterns in (["*"], ["0.*", "1.*", "2.*"]):
+        with pytest.raises(ConfigError, match="excludes every trainable parameter from the score .all 6.") as error:
+            ScoringPass(model, _layout(), exclude=patterns)
+        assert "\n" not in str(error.value) and "allowed: " in str(error.value)
+    ScoringPass(model, _layout(), exclude=["0.*", "1.*"])          # 2.weight, 2.bias still scored
+    ScoringPass(model, _layout(), exclude=["*", "1.wieght"], gram=False)
+
+
 @pytest.fixture(scope="module")
 def layout():
     from megatron_greats.parallel.state import distributed_session, init_model_parallel

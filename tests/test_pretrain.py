@@ -296,3 +296,31 @@ def test_a_key_the_method_does_not_read_is_noted_at_start(data_cache, tmp_path):
     notes = [line for line in proc.stderr.splitlines() if line.startswith("megatron_greats: note:")]
     assert notes == ["megatron_greats: note: selection.preconditioner='adam' is not read by selection.method=regular "
                      "(it applies to greats, first_order, gradnorm); this run does not use it"]
+
+
+def test_nothing_to_select_and_more_eval_batches_than_a_split_holds_are_noted_at_start(data_cache, tmp_path):
+    """N = k (GREATS takes every candidate) and train.eval_batches beyond the held-out splits: the run goes
+    on, and says so once each at start; so does the scoring pass's memory estimate."""
+    proc = run_pretrain(tiny_overrides(data_cache, tmp_path, "train.steps=1", "selection.method=greats",
+                                       "selection.candidates=8", "train.eval_batches=100000"), launcher="python")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("megatron_greats: note:")]
+    assert len(notes) == 2, proc.stderr[-3000:]
+    assert notes[0].startswith("megatron_greats: note: selection.candidates=8 equals selection.select (k = 8): "
+                               "selection.method=greats takes every candidate"), notes
+    assert notes[1].startswith("megatron_greats: note: train.eval_batches=100000 is more than a held-out split holds: "
+                               "each evaluation uses "), notes
+    val, test = (len(samples) for samples in _held_out(data_cache))
+    assert f"uses {-(-val // 8)} batches on val ({val} samples) and {-(-test // 8)} batches on test ({test} samples)" \
+        in notes[1], notes
+    (memory,) = [line for line in proc.stderr.splitlines() if line.startswith("megatron_greats: memory:")]
+    assert "estimated peak " in memory and "N + m = 16 samples of 32 tokens at once" in memory, memory
+    assert "is available" in memory, memory
+
+
+def _held_out(data_cache):
+    from megatron_greats.data import prepare_data
+
+    data = prepare_data(cache_dir=str(data_cache), seq_len=32, max_docs_per_domain=30, vocab_size=512,
+                        show_progress=False)
+    return data.val, data.test

@@ -11,10 +11,14 @@ of the model-parallel group ends with the same losses and Gram.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import fnmatch
+import re
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from megatron_greats import deepspeed_internals
 from megatron_greats.errors import ConfigError
@@ -42,6 +46,16 @@ class ScoredBatch:
         return cls(tokens, slice(0, n), slice(n, n + m))
 
 
+def closest_names(pattern: str, names: list, count: int = 3) -> list:
+    """The `count` parameter names closest to a pattern (its wildcards left out), comparing it with the
+    whole name and with each dotted part of it ('*wrod*' is closest to names with a part 'word')."""
+    core = re.sub(r"[*?\[\]]", "", pattern)
+
+    def likeness(name: str) -> float:
+        return max(difflib.SequenceMatcher(None, core, part).ratio() for part in [name, *name.split(".")])
+    return sorted(names, key=lambda name: (-likeness(name), name))[:count]
+
+
 class ScoringPass:
     def __init__(self, module: torch.nn.Module, layout: Layout, executor=None, exclude=(), micro_batch=None,
                  gram: bool = True, keep_operands: bool = False):
@@ -60,7 +74,37 @@ class ScoringPass:
             more = f" and {len(uncovered) - 5} more" if len(uncovered) > 5 else ""
             raise ConfigError(f"selection scoring: parameter {names}{more} is in no supported layer "
                               f"(supported: {', '.join(supported_layer_names())}); allowed: {allowed}")
+        if gram and exclude:
+            self._check_exclude(list(exclude))
         self.use_clock(PhaseClock())  # seconds of score_forward / score_backward / ... per run
+
+    def _check_exclude(self, patterns: list) -> None:
+        """Refuse selection.score_exclude patterns that match no parameter (almost always a typo: the user
+        would believe something is left out of the score), or that together leave no trainable
+        parameter in it (every gain would be 0, and GREATS would take the first k candidates: Regular at
+        the cost of scoring). With a pipeline each stage holds some of the names: the stages of the
+        model-parallel group decide together, so every rank raises the same line."""
+        rec = self.recorder
+        names = list(rec.names.values())
+        trainable = [rec.names[p] for p in rec.trainable]
+        scored = [rec.names[p] for p in rec.trainable if p in rec.scored]
+        group = rec.model_parallel_group
+        if group is not None and dist.get_world_size(group) > 1:
+            gathered = [None] * dist.get_world_size(group)
+            dist.all_gather_object(gathered, (names, trainable, scored), group=group)
+            names, trainable, scored = ([name for stage in gathered for name in stage[i]] for i in range(3))
+        names, trainable = sorted(set(names)), set(trainable)
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                close = ", ".join(f"'{name}'" for name in closest_names(pattern, names))
+                raise ConfigError(f"selection.score_exclude pattern '{pattern}' matches no parameter of the model; "
+                                  f"closest parameter names: {close}; allowed: fnmatch patterns over the parameter "
+                                  "names, such as '*word*'")
+        if trainable and not scored:
+            raise ConfigError(f"selection.score_exclude={patterns!r} excludes every trainable parameter from the score "
+                              f"(all {len(trainable)}): every gain would be 0 and the selection would take the first k "
+                              "candidates; allowed: patterns that leave some parameter scored, or "
+                              "selection.method=regular")
 
     def use_clock(self, clock: PhaseClock) -> None:
         self.clock = self.recorder.clock = clock

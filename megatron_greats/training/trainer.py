@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_greats import deepspeed_internals
+from megatron_greats.config import GRAM_METHODS
 from megatron_greats.errors import ConfigError, TrainingError
-from megatron_greats.model import build_model
+from megatron_greats.model import ModelSpec, build_model
 from megatron_greats.parallel.state import Layout, MegatronMpu, device, distributed_session, init_model_parallel
 from megatron_greats.training.deepspeed_config import deepspeed_config, parameter_groups
 from megatron_greats.training import checkpoint
@@ -27,6 +28,7 @@ from megatron_greats.training.preemption import StopOnSigterm
 from megatron_greats.training.schedule import ScheduleFactor
 from megatron_greats.training.candidates import ReplicaBatches
 from megatron_greats.training.executors import executor_for
+from megatron_greats.training.memory import check_scoring_memory
 from megatron_greats.training.step import step_strategy
 from megatron_greats.training.telemetry import SelectionLog, Telemetry
 
@@ -173,7 +175,7 @@ class Trainer:
     def evaluation_ids(self, samples) -> list:
         """Global batches covering the first eval_batches x global_batch samples (wrapping when fewer)."""
         g = self.cfg.train.global_batch
-        count = min(self.cfg.train.eval_batches, -(-len(samples) // g))
+        count = evaluation_batches(self.cfg.train.eval_batches, len(samples), g)
         ids = np.arange(count * g) % len(samples)
         return [ids[i * g:(i + 1) * g] for i in range(count)]
 
@@ -295,12 +297,55 @@ class Trainer:
                 return
 
 
+def split_size_notes(cfg, data, world_size: int) -> list:
+    """Refuse what a split cannot serve in one step (ConfigError); return notes on what a split serves
+    less of than asked.
+
+    A step's candidates are a slice of the train split's epoch orders, and its validation samples
+    rotate through the selection split: both samplers go on over the split's end, so asking one step
+    for more than a split holds would put the same samples into that step more than once (in g_val a
+    repeated sample counts twice; a selection could take one twice), and cost scoring memory for no
+    new sample: refused. Evaluation takes at most the whole split (evaluation_ids): a note says how
+    much it uses."""
+    sel, t = cfg.selection, cfg.train
+    if sel.method in GRAM_METHODS and sel.val_batch > len(data.selection):
+        raise ConfigError(f"selection.val_batch={sel.val_batch} is more than the selection split holds "
+                          f"({len(data.selection)} samples): a step's validation samples would repeat some of them; "
+                          f"allowed: <= {len(data.selection)}, or a larger data.selection_fraction")
+    if sel.method != "regular":
+        dp = cfg.data_parallel_size(world_size)
+        n = cfg.num_candidates(world_size)
+        if n * dp > len(data.train):
+            per_step = f"{n} x data-parallel size {dp} = {n * dp}" if dp > 1 else f"{n}"
+            raise ConfigError(f"selection.candidates={sel.candidates} asks each step for {per_step} candidates, more "
+                              f"than the train split holds ({len(data.train)} samples): a step would score samples "
+                              f"twice; allowed: <= {len(data.train) // dp}")
+    used = {name: evaluation_batches(t.eval_batches, len(getattr(data, name)), t.global_batch)
+            for name in ("val", "test")}
+    if all(count == t.eval_batches for count in used.values()):
+        return []
+    splits = " and ".join(f"{count} batches on {name} ({len(getattr(data, name))} samples)"
+                          for name, count in used.items())
+    return [f"train.eval_batches={t.eval_batches} is more than a held-out split holds: each evaluation uses "
+            f"{splits}, of train.global_batch={t.global_batch} samples each"]
+
+
+def evaluation_batches(eval_batches: int, samples: int, global_batch: int) -> int:
+    """How many global batches an evaluation of a split of `samples` samples takes (the last one wraps)."""
+    return min(eval_batches, -(-samples // global_batch))
+
+
 def start_up(cfg):
     """Inside a distributed_session: the data, megatron-core's groups: (data, layout). Data comes before
-    the model-parallel groups so that bad data fails before heavy work."""
+    the model-parallel groups so that bad data fails before heavy work; so do the split sizes
+    (split_size_notes: its notes are printed on rank 0)."""
     deepspeed_internals.check_deepspeed()  # another DeepSpeed release ends the run here (once per process)
     timeout = cfg.parallel.distributed_timeout_minutes
     data = load_data(cfg, show_progress=dist.get_rank() == 0)
+    notes = split_size_notes(cfg, data, dist.get_world_size())
+    if dist.get_rank() == 0:
+        for note in notes:
+            print(f"megatron_greats: note: {note}", file=sys.stderr, flush=True)
     return data, init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, timeout)
 
 
@@ -313,7 +358,10 @@ def pretrain(cfg) -> dict:
         data, layout = start_up(cfg)
         reference = load_reference_model(cfg, data.vocab_size, layout) if cfg.selection.method == "rholoss" else None
         engine = build_engine(cfg, data.vocab_size, layout)
-        summary = Trainer(cfg, engine, data, layout, run_dir, reference_module=reference).train()
+        trainer = Trainer(cfg, engine, data, layout, run_dir, reference_module=reference)
+        # before the first step (and before anything is written): the scoring pass must fit in memory
+        check_scoring_memory(cfg, trainer.strategy, ModelSpec.from_config(cfg, data.vocab_size).vocab_size, layout)
+        summary = trainer.train()
     summary.update(run_dir=str(run_dir), tensorboard=str(run_dir / "tensorboard"), world_size=layout.world_size,
                    layout=f"dp={layout.data} tp={layout.tensor} pp={layout.pipeline}")
     return summary
