@@ -368,9 +368,10 @@ class Config:
         sel, k = self.selection, self.num_selected(world_size)
         if sel.method == "regular" or self.num_candidates(world_size) != k:
             return []
-        return [f"selection.candidates={sel.candidates} equals selection.select (k = {k}): selection.method="
-                f"{sel.method} takes every candidate, so this run trains on the samples selection.method=regular "
-                f"trains on, plus the cost of scoring them; to select, set selection.candidates > {k} "
+        return [f"selection.candidates={sel.candidates} equals k = {k} (selected per step and replica): "
+                f"selection.method={sel.method} takes every candidate, so this run trains on the samples "
+                f"selection.method=regular trains on, plus the cost of scoring them; to select, set "
+                f"selection.candidates > {k} "
                 f"(null: 2k = {2 * k})"]
 
     def check_combinations(self, world_size: Optional[int]) -> None:

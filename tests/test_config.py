@@ -48,8 +48,8 @@ def test_candidates_equal_to_k_are_noted_not_refused():
     """N = k: the selection takes every candidate (a valid run that trains as Regular does, at the cost of
     scoring): one note naming both values, for every method that selects, none for regular."""
     (note,) = load_config(None, ["selection.candidates=8", "train.global_batch=8"]).selection_notes(1)
-    assert note.startswith("selection.candidates=8 equals selection.select (k = 8): selection.method=greats takes "
-                           "every candidate"), note
+    assert note.startswith("selection.candidates=8 equals k = 8 (selected per step and replica): "
+                           "selection.method=greats takes every candidate"), note
     assert "selection.candidates > 8 (null: 2k = 16)" in note
     # per data-parallel replica: k = 16 / 2
     assert load_config(None, ["selection.candidates=8", "train.global_batch=16", "selection.method=uniform"]

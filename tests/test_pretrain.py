@@ -306,8 +306,8 @@ def test_nothing_to_select_and_more_eval_batches_than_a_split_holds_are_noted_at
     assert proc.returncode == 0, proc.stderr[-3000:]
     notes = [line for line in proc.stderr.splitlines() if line.startswith("megatron_greats: note:")]
     assert len(notes) == 2, proc.stderr[-3000:]
-    assert notes[0].startswith("megatron_greats: note: selection.candidates=8 equals selection.select (k = 8): "
-                               "selection.method=greats takes every candidate"), notes
+    assert notes[0].startswith("megatron_greats: note: selection.candidates=8 equals k = 8 (selected per step and "
+                               "replica): selection.method=greats takes every candidate"), notes
     assert notes[1].startswith("megatron_greats: note: train.eval_batches=100000 is more than a held-out split holds: "
                                "each evaluation uses "), notes
     val, test = (len(samples) for samples in _held_out(data_cache))
