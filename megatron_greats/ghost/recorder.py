@@ -43,7 +43,7 @@ from megatron_greats.ghost.ties import gather_tied_uses, pipeline_ties
 __all__ = ["GhostRecorder", "frozen_parameters"]
 
 
-def _matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
+def matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
@@ -81,7 +81,7 @@ class GhostRecorder:
         self._order = {p: i for i, p in enumerate(self.names)}
         self._parameters = list(self.names)  # listed once: model.parameters() walks every module each time
         self.scored = {p for p, name in self.names.items()
-                       if (include is None or _matches(name, include)) and not _matches(name, exclude)}
+                       if (include is None or matches(name, include)) and not matches(name, exclude)}
         self.trainable = {p for p in self.names if p.requires_grad}  # read now: a capture freezes them
         self.captured = self.scored | (self.trainable if keep_operands else set())
         self.modules = recorded_modules(model)

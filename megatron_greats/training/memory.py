@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -191,9 +191,8 @@ def estimate_for_step(cfg, strategy, vocab_size: int, world_size: int) -> Option
         return None
     gram = strategy.selector.needs_gram
     samples = cfg.num_candidates(world_size) + (cfg.selection.val_batch if gram else 0)
-    estimate = estimate_scoring_memory(cfg, scoring, vocab_size, samples, gram)
-    return ScoringMemory(estimate.samples, estimate.micro_batch, estimate.tokens, estimate.update,
-                         estimate.scoring_pass, first_step_bytes(cfg, scoring.module))
+    return replace(estimate_scoring_memory(cfg, scoring, vocab_size, samples, gram),
+                   first_step=first_step_bytes(cfg, scoring.module))
 
 
 # ---- the memory there is ------------------------------------------------------------------------------

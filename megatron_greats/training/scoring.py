@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from megatron_greats import deepspeed_internals
 from megatron_greats.errors import ConfigError
 from megatron_greats.ghost import GhostRecorder
+from megatron_greats.ghost.recorder import matches
 from megatron_greats.ghost.layers import supported_layer_names
 from megatron_greats.parallel.state import Layout
 from megatron_greats.selection import SelectorInputs
@@ -95,7 +95,7 @@ class ScoringPass:
             names, trainable, scored = ([name for stage in gathered for name in stage[i]] for i in range(3))
         names, trainable = sorted(set(names)), set(trainable)
         for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            if not any(matches(name, [pattern]) for name in names):
                 close = ", ".join(f"'{name}'" for name in closest_names(pattern, names))
                 raise ConfigError(f"selection.score_exclude pattern '{pattern}' matches no parameter of the model; "
                                   f"closest parameter names: {close}; allowed: fnmatch patterns over the parameter "
