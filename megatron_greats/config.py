@@ -59,6 +59,9 @@ ALIGNMENTS = ("dot", "cosine")
 # Those whose scores need the Gram (a backward over the candidates): the ones selection.update applies to.
 GRAM_METHODS = ("greats", "first_order", "gradnorm")
 UPDATE_MODES = ("two_pass", "single_pass")
+# Those that run a scoring pass (a forward over the candidates, with or without the Gram's backward).
+SCORING_METHODS = GRAM_METHODS + ("maxloss", "rholoss")
+WINDOW_PLACEMENTS = ("start", "random")
 # The selection keys only some methods read. A config may set them for greats and still be run with
 # selection.method=regular (quickstart, compare): such a run notes the unread keys instead of refusing.
 METHODS_READING = {
@@ -69,6 +72,11 @@ METHODS_READING = {
     "self_term": ("greats",),
     "batch_mean": ("greats",),
     "score_exclude": GRAM_METHODS,
+    "score_window": SCORING_METHODS,
+    "score_window_at": SCORING_METHODS,
+    "score_layers": GRAM_METHODS,
+    # maxloss ranks by the loss itself: its top k of the M highest losses is its top k of all N
+    "prefilter": ("greats", "first_order", "gradnorm", "rholoss"),
 }
 OPT_INT, OPT_FLOAT, OPT_STR = (int, type(None)), (float, int, type(None)), (str, type(None))
 
@@ -154,12 +162,29 @@ SCHEMA: dict = {
         "self_term": Key(BOOL, False, help="GREATS variant: subtract (eta^2/2)||g_i||^2"),
         "batch_mean": Key(BOOL, False, help="GREATS variant: eta / k (the update averages k gradients)"),
         "score_exclude": Key((list,), [], help="parameter-name patterns left out of the score"),
+        "score_window": Key(OPT_INT, None, lambda v: None if v is None or v > 0 else "allowed: > 0 or null",
+                            help="score each candidate and validation sample on a window of this many tokens (its "
+                                 "losses and gradients over them); training still reads the whole sequence. "
+                                 "null: the whole sequence"),
+        "score_window_at": Key(STR, "start", _one_of(*WINDOW_PLACEMENTS),
+                               help="start: the first score_window tokens of every sample (the same tokens, with the "
+                                    "same context, as in training); random: one offset per step, drawn from the "
+                                    "seed and the step, shared by all samples (logged in selection.jsonl)"),
+        "score_layers": Key(OPT_INT, None, lambda v: None if v is None or v > 0 else "allowed: > 0 or null",
+                            help="score only the top L transformer layers and the layers above them (final norm, "
+                                 "untied output layer); the scoring backward stops below them, and embeddings (a "
+                                 "tied one included) are left out of the score. null: every layer"),
+        "prefilter": Key(OPT_INT, None, lambda v: None if v is None or v > 0 else "allowed: > 0 or null",
+                         help="M: a forward over all N candidates first, then only the M with the highest loss "
+                              "are scored with gradients and selected from (k <= M < N). null: all N"),
         "reference_checkpoint": Key(OPT_STR, None, help="rholoss: checkpoint folder (step_N) of a reference run"),
         "update": Key(STR, "single_pass", _one_of(*UPDATE_MODES),
                       help="for the methods that score with the Gram (greats, first_order, gradnorm); single_pass: "
                            "the selected samples' gradient formed from the scoring pass's own layer operands (no "
                            "second pass; needs model.dropout=0 and zero.stage<=2); two_pass: an ordinary "
-                           "forward/backward on them. The other methods always take an ordinary step"),
+                           "forward/backward on them. The other methods always take an ordinary step, and so does "
+                           "a scoring pass with score_window or score_layers (single_pass then falls back to "
+                           "two_pass, with a note)"),
     },
     "train": {
         "steps": Key(INT, 100, _at_least(1)),
@@ -347,6 +372,28 @@ class Config:
         n = self.selection.candidates
         return 2 * self.num_selected(world_size) if n is None else n
 
+    def num_scored(self, world_size: int) -> int:
+        """The candidates scored with gradients per replica: the prefilter's M, or all N."""
+        prefilter = self.selection.prefilter
+        return self.num_candidates(world_size) if prefilter is None or self.selection.method not in \
+            METHODS_READING["prefilter"] else prefilter
+
+    def partial_scoring(self) -> list[str]:
+        """The settings, as 'key=value', with which the scoring pass covers less than every layer over the
+        whole sequence (those single_pass cannot form an update from)."""
+        sel = self.selection
+        keys = [key for key in ("score_window", "score_layers")
+                if getattr(sel, key) is not None and sel.method in METHODS_READING[key]]
+        return [f"selection.{key}={getattr(sel, key)}" for key in keys]
+
+    def update_mode(self) -> str:
+        """The update a step takes. single_pass forms it from the scoring pass's operands of every layer
+        over the whole sequence, so it applies to the Gram methods, and only where the scoring pass has
+        those: with a score window or top layers only, the run takes two_pass steps (noted at start)."""
+        sel = self.selection
+        single = sel.update == "single_pass" and sel.method in GRAM_METHODS and not self.partial_scoring()
+        return "single_pass" if single else "two_pass"
+
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tensor * self.parallel.pipeline)
 
@@ -366,9 +413,14 @@ class Config:
         with nothing to choose trains as Regular, or a measure of the scoring overhead), but rarely the
         intent of a selection run."""
         sel, k = self.selection, self.num_selected(world_size)
+        notes = []
+        if sel.update == "single_pass" and sel.method in GRAM_METHODS and self.partial_scoring():
+            notes.append(f"selection.update=single_pass forms the update from every layer's operands over the whole "
+                         f"sequence, which a scoring pass with {' and '.join(self.partial_scoring())} does not "
+                         "have: this run takes two_pass steps (an ordinary forward/backward on the selected samples)")
         if sel.method == "regular" or self.num_candidates(world_size) != k:
-            return []
-        return [f"selection.candidates={sel.candidates} equals k = {k} (selected per step and replica): "
+            return notes
+        return notes + [f"selection.candidates={sel.candidates} equals k = {k} (selected per step and replica): "
                 f"selection.method={sel.method} takes every candidate, so this run trains on the samples "
                 f"selection.method=regular trains on, plus the cost of scoring them; to select, set "
                 f"selection.candidates > {k} "
@@ -419,7 +471,17 @@ class Config:
         if sel.method == "rholoss" and sel.reference_checkpoint is None:
             raise ConfigError("selection.method=rholoss needs selection.reference_checkpoint; allowed: a step_N checkpoint "
                               "folder of a reference run of the same model")
-        single_pass = sel.update == "single_pass" and sel.method in GRAM_METHODS
+        if sel.score_window is not None and sel.score_window > m.seq_len:
+            raise ConfigError(f"selection.score_window={sel.score_window} is longer than model.seq_len={m.seq_len}; "
+                              f"allowed: 1..{m.seq_len}, or null (the whole sequence)")
+        if sel.score_window is not None and p.sequence_parallel and sel.score_window % p.tensor:
+            raise ConfigError(f"selection.score_window={sel.score_window} is not divisible by parallel.tensor={p.tensor} "
+                              "(sequence parallel splits the window); allowed: a multiple of "
+                              f"{p.tensor}, or null")
+        if sel.score_layers is not None and sel.score_layers > m.num_layers:
+            raise ConfigError(f"selection.score_layers={sel.score_layers} exceeds model.num_layers={m.num_layers}; "
+                              f"allowed: 1..{m.num_layers}, or null (every layer)")
+        single_pass = self.update_mode() == "single_pass"
         if single_pass and self.zero.stage == 3:
             raise ConfigError("selection.update=single_pass with zero.stage=3: ZeRO-3 partitions the parameters the "
                               "update is formed for; allowed with single_pass (the default): zero.stage 0, 1 or 2, or "
@@ -452,10 +514,18 @@ class Config:
         if sel.select is not None and sel.select != k:
             raise ConfigError(f"selection.select={sel.select} but train.global_batch / data-parallel size = "
                               f"{t.global_batch} / {dp} = {k}; allowed: {k} (or null)")
-        scored = self.num_candidates(world_size) + sel.val_batch
-        if sel.score_micro_batch is not None and scored % sel.score_micro_batch:
-            raise ConfigError(f"selection.score_micro_batch={sel.score_micro_batch} does not divide candidates + "
-                              f"val_batch = {scored}; allowed: a divisor of {scored}, or null")
-        if self.num_candidates(world_size) < k:
+        n = self.num_candidates(world_size)
+        if n < k:
             raise ConfigError(f"selection.candidates={sel.candidates} is smaller than selection.select={k}; "
                               f"allowed: >= {k}")
+        prefilter = sel.prefilter if sel.method in METHODS_READING["prefilter"] else None  # else noted as unread
+        if prefilter is not None and not k <= prefilter < n:
+            raise ConfigError(f"selection.prefilter={sel.prefilter} with k = {k} selected of N = {n} candidates; "
+                              f"allowed: {k}..{n - 1} (k <= M < N), or null" if n > k else
+                              f"selection.prefilter={sel.prefilter} with N = k = {n} candidates: there is nothing to "
+                              f"filter; allowed: null, or selection.candidates > {k}")
+        scored = self.num_scored(world_size) + sel.val_batch
+        if sel.score_micro_batch is not None and scored % sel.score_micro_batch:
+            what = "prefilter" if sel.prefilter is not None else "candidates"
+            raise ConfigError(f"selection.score_micro_batch={sel.score_micro_batch} does not divide {what} + "
+                              f"val_batch = {scored}; allowed: a divisor of {scored}, or null")

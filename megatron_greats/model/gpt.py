@@ -177,10 +177,10 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, block: int = 0):
         super().__init__()
         config = spec.parallel_config()
-        self.spec = spec
+        self.spec, self.block = spec, block  # block: 0 for the lowest transformer layer
         self.attn_norm = NORMS[spec.arch](spec)
         self.attention = SelfAttention(spec, config)
         self.mlp_norm = NORMS[spec.arch](spec)
@@ -263,8 +263,21 @@ def layer_specs(spec: ModelSpec) -> list:
     else:
         first, last = LayerSpec(TokenEmbedding, spec), LayerSpec(OutputLayer, spec)
     return ([first, LayerSpec(EmbeddingOutput, spec)]
-            + [LayerSpec(TransformerLayer, spec) for _ in range(spec.num_layers)]
+            + [LayerSpec(TransformerLayer, spec, block) for block in range(spec.num_layers)]
             + [LayerSpec(NORMS[spec.arch], spec), last])
+
+
+def parameters_below_top_layers(module: nn.Module, top: int) -> set:
+    """The parameters of this model (or pipeline stage) that sit below its top `top` transformer layers:
+    the lower transformer layers and the embeddings, including a tied embedding that the output layer
+    also uses (its gradient has a part from below). Found by module type, so the same for SequentialGPT
+    and a PipelineModule stage."""
+    below = set()
+    for m in module.modules():
+        lower_block = isinstance(m, TransformerLayer) and m.block < m.spec.num_layers - top
+        if lower_block or isinstance(m, (TokenEmbedding, EmbeddingOutput)):
+            below.update(m.parameters())
+    return below
 
 
 def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

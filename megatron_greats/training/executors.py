@@ -10,10 +10,12 @@ Both offer the same operations on this replica's micro-batches [(inputs, labels)
                           over this replica's samples}: DeepSpeed does the rest as after any backward
                           (data-parallel mean, ZeRO partitions, tied weights, global norm and
                           clipping, overflow check, LR schedule)
-  score(module, micro, recorder)
+  score(module, micro, recorder, input_grad)
                           per-sample losses of every sample, on every rank of the model-parallel
                           group; with a recorder: a forward and a backward w.r.t. activations through
-                          it (the Gram spans the micro-batches), without: forward only
+                          it (the Gram spans the micro-batches), without: forward only. input_grad:
+                          whether a pipeline stage sends its input's gradient down (something below
+                          is scored); otherwise the backward stops in the stage
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ class PlainExecutor:
             losses = [per_sample_losses(module(inputs), labels).mean() for inputs, labels in micro]
         return data_parallel_mean(torch.stack(losses).mean(), self.layout)
 
-    def score(self, module, micro: list, recorder=None, clock: PhaseClock = None) -> torch.Tensor:
-        clock = clock or PhaseClock()
+    def score(self, module, micro: list, recorder=None, clock: PhaseClock = None, input_grad: bool = False) -> torch.Tensor:
+        clock = clock or PhaseClock()  # input_grad: for the pipeline's stages; the model's input is token ids
         losses = []
         for index, (inputs, labels) in enumerate(micro):
             if recorder is None:
@@ -110,11 +112,12 @@ class PipelineExecutor:
     def apply_gradients(self, grads: dict) -> None:
         pipeline_schedules.apply_gradients(self.engine, grads)
 
-    def score(self, module, micro: list, recorder=None, clock: PhaseClock = None) -> torch.Tensor:
+    def score(self, module, micro: list, recorder=None, clock: PhaseClock = None, input_grad: bool = True) -> torch.Tensor:
         from megatron.core import parallel_state as ps
 
         inputs, labels = [m[0] for m in micro], [m[1] for m in micro]
-        run = pipeline_schedules.ScoringRun(module, inputs, labels, recorder, clock=clock or PhaseClock())
+        run = pipeline_schedules.ScoringRun(module, inputs, labels, recorder, input_grad=input_grad,
+                                            clock=clock or PhaseClock())
         losses = pipeline_schedules.score(self.engine, run)
         if losses is None:
             losses = torch.zeros(sum(len(x) for x in inputs), dtype=torch.float32, device=inputs[0].device)

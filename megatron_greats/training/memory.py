@@ -47,6 +47,7 @@ from typing import Optional
 
 import torch
 
+from megatron_greats.config import METHODS_READING
 from megatron_greats.errors import ConfigError
 
 # What a first pass allocates besides its tensors (allocator arenas, kernels' scratch), measured on CPU.
@@ -142,10 +143,12 @@ def estimate_scoring_memory(cfg, scoring, vocab_size: int, samples: int, gram: b
     vocab_size: the padded vocabulary (all tensor-parallel ranks together)."""
     from megatron_greats.ghost import products
 
-    sel, T = cfg.selection, cfg.model.seq_len
+    sel, T = cfg.selection, scoring_tokens(cfg)
     act = 2 if cfg.train.precision == "bf16" else 4
     vocab_local = vocab_size // cfg.parallel.tensor
     layers = _transformer_layers(scoring.module)
+    if gram and scoring.top_layers is not None:  # autograd keeps nothing below the scored layers
+        layers = min(layers, scoring.top_layers)
     inputs, grads, logits, logits_captured = recorder_widths(scoring.recorder, vocab_local)
     # the float32 softmax, formed in place in the (float32 copy of the) logits
     vocab_bytes = vocab_local * (4 + (act if act != 4 else 0)) if logits else 0
@@ -174,6 +177,13 @@ def estimate_scoring_memory(cfg, scoring, vocab_size: int, samples: int, gram: b
     return ScoringMemory(samples, micro, T, "single_pass" if keeps_all else "two_pass", peak, 0)
 
 
+def scoring_tokens(cfg) -> int:
+    """Tokens per sample in the scoring pass: selection.score_window, or the whole sequence."""
+    window = cfg.selection.score_window
+    return cfg.model.seq_len if window is None or cfg.selection.method not in METHODS_READING["score_window"] \
+        else window
+
+
 def first_step_bytes(cfg, module: torch.nn.Module) -> int:
     """What the first optimizer step allocates that the engine has not yet: under ZeRO stage 0 the
     gradients (4 bytes per parameter) and AdamW's two moments (8); ZeRO allocates its partitions when
@@ -190,7 +200,8 @@ def estimate_for_step(cfg, strategy, vocab_size: int, world_size: int) -> Option
     if scoring is None:
         return None
     gram = strategy.selector.needs_gram
-    samples = cfg.num_candidates(world_size) + (cfg.selection.val_batch if gram else 0)
+    # the prefilter's forward over all N holds less than the M + m samples' pass with a backward
+    samples = cfg.num_scored(world_size) + cfg.selection.val_batch if gram else cfg.num_candidates(world_size)
     return replace(estimate_scoring_memory(cfg, scoring, vocab_size, samples, gram),
                    first_step=first_step_bytes(cfg, scoring.module))
 

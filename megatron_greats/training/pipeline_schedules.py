@@ -91,6 +91,7 @@ class ScoringRun:
     inputs: list                                  # per micro-batch token ids (first stage)
     labels: list                                  # per micro-batch labels (last stage)
     recorder: Optional[object] = None             # GhostRecorder; None: forward only
+    input_grad: bool = True                       # an earlier stage captures: send it the stage input's gradient
     losses: dict = field(default_factory=dict)    # micro-batch id -> per-sample losses (last stage)
     clock: PhaseClock = field(default_factory=PhaseClock)
 
@@ -113,6 +114,9 @@ def _exec_score_forward(engine, buffer_id: int, micro_batch_id: int):
     if run.backward and len(run.inputs) > 1:
         # the Gram spans all micro-batches: tell the recorder where these samples sit
         run.recorder.begin_micro_batch(micro_batch_id, run.inputs[0].shape[0])
+    if not run.input_grad and not engine.is_first_stage():
+        # nothing below is scored: the backward stops at this stage's first captured layer
+        inputs = inputs.detach()
     with torch.set_grad_enabled(run.backward):
         outputs = run.module(inputs)
         if engine.is_last_stage():
@@ -126,13 +130,13 @@ def _exec_score_backward(engine, buffer_id: int, micro_batch_id: int):
     run = engine.greats_run
     outputs = ds.pipe_buffer(engine, "outputs", buffer_id)
     stage_input = ds.pipe_buffer(engine, "inputs", buffer_id)
-    targets = [] if engine.is_first_stage() else [stage_input]
+    targets = [stage_input] if run.input_grad and not engine.is_first_stage() else []
     # the received gradient is a view of a buffer DeepSpeed reuses for the next micro-batch; the recorder
     # keeps output gradients (autograd may hand this very tensor to a layer's hook) until gram()
     output_grad = None if engine.is_last_stage() else ds.received_grad(engine).clone()
     grads = run.recorder.backward_from([outputs], [output_grad], inputs=targets)
-    if targets:
-        grad = grads[0]
+    if not engine.is_first_stage():  # DeepSpeed's SendGrad sends the stage input's .grad: zeros where unused
+        grad = grads[0] if targets else None
         stage_input.grad = grad if grad is not None else torch.zeros_like(stage_input)
     ds.set_pipe_buffer(engine, "outputs", buffer_id, None)  # the graph is done with
 

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -24,6 +25,7 @@ from megatron_greats.errors import ConfigError
 from megatron_greats.ghost import GhostRecorder
 from megatron_greats.ghost.recorder import matches
 from megatron_greats.ghost.layers import supported_layer_names
+from megatron_greats.model.gpt import parameters_below_top_layers
 from megatron_greats.parallel.state import Layout
 from megatron_greats.selection import SelectorInputs
 from megatron_greats.training.candidates import micro_batches
@@ -56,15 +58,56 @@ def closest_names(pattern: str, names: list, count: int = 3) -> list:
     return sorted(names, key=lambda name: (-likeness(name), name))[:count]
 
 
+# one stream of the run's seed per use (data/splits and the selector draw from others)
+_WINDOW_STREAM = 0x5C0E
+
+
+@dataclass(frozen=True)
+class ScoreWindow:
+    """What the scoring pass reads of each sample (selection.score_window, score_window_at): `length`
+    tokens and their labels from `offset` on, or the whole sequence (length None). Training reads the
+    whole sequence. The offset depends only on the seed and the step: the same at every layout."""
+    length: Optional[int] = None
+    at: str = "start"
+    seq_len: int = 0
+    seed: int = 0
+
+    @classmethod
+    def of(cls, cfg) -> "ScoreWindow":
+        sel = cfg.selection
+        return cls(sel.score_window, sel.score_window_at, cfg.model.seq_len, cfg.seed)
+
+    def offset(self, step: int) -> int:
+        if self.length is None or self.at == "start":
+            return 0
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, step, _WINDOW_STREAM]))
+        return int(rng.integers(0, self.seq_len - self.length + 1))
+
+    def cut(self, tokens: torch.Tensor, offset: int) -> torch.Tensor:
+        """tokens [n, seq + 1] -> [n, length + 1] (inputs and labels of the window)."""
+        return tokens if self.length is None else tokens[:, offset: offset + self.length + 1]
+
+    def logged(self, step: int) -> Optional[list]:
+        """[offset, length] for selection.jsonl; None: the whole sequence."""
+        return None if self.length is None else [self.offset(step), self.length]
+
+
 class ScoringPass:
     def __init__(self, module: torch.nn.Module, layout: Layout, executor=None, exclude=(), micro_batch=None,
-                 gram: bool = True, keep_operands: bool = False):
+                 gram: bool = True, keep_operands: bool = False, top_layers: Optional[int] = None):
         """module: the model (or this stage of it) to score with; executor: the layout's (executors.py);
         gram: whether Gram-based scores will be asked for (then every trainable parameter must be
         covered by a capture rule or excluded by a pattern); keep_operands: keep every trainable
-        parameter's operands for an update formed from them (then every one must be covered)."""
+        parameter's operands for an update formed from them (then every one must be covered);
+        top_layers: score only the top L transformer layers and what lies above them
+        (selection.score_layers). Nothing below them is captured, so nothing there requires grad: the
+        scoring forward keeps no autograd state below them and the backward stops there."""
         self.module, self.layout, self.executor, self.micro_batch = module, layout, executor, micro_batch
-        self.recorder = GhostRecorder(module, exclude=list(exclude), batch_dim=1, keep_operands=keep_operands)
+        self.top_layers = top_layers
+        below = parameters_below_top_layers(module, top_layers) if top_layers is not None else set()
+        below_names = [name for name, p in module.named_parameters() if p in below]
+        self.recorder = GhostRecorder(module, exclude=list(exclude) + below_names, batch_dim=1,
+                                      keep_operands=keep_operands)
         uncovered = self.recorder.uncovered() if gram or keep_operands else []
         allowed = ("a supported layer type (selection.update=single_pass forms every parameter's gradient from "
                    "the scoring pass), or selection.update=two_pass") if keep_operands else \
@@ -74,9 +117,22 @@ class ScoringPass:
             more = f" and {len(uncovered) - 5} more" if len(uncovered) > 5 else ""
             raise ConfigError(f"selection scoring: parameter {names}{more} is in no supported layer "
                               f"(supported: {', '.join(supported_layer_names())}); allowed: {allowed}")
-        if gram and exclude:
+        if gram and (exclude or top_layers is not None):
             self._check_exclude(list(exclude))
+        # a pipeline stage sends a gradient to the stage below only if something below is scored
+        self.input_grad = gram and self._captured_below()
         self.use_clock(PhaseClock())  # seconds of score_forward / score_backward / ... per run
+
+    def _captured_below(self) -> bool:
+        """Whether an earlier pipeline stage captures anything (every rank of the pipeline calls this)."""
+        if self.layout.pipeline == 1:
+            return False  # the first stage's input is token ids
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_pipeline_model_parallel_group()
+        captured = [None] * dist.get_world_size(group)
+        dist.all_gather_object(captured, bool(self.recorder.captured), group=group)
+        return any(captured[:ps.get_pipeline_model_parallel_rank()])
 
     def _check_exclude(self, patterns: list) -> None:
         """Refuse selection.score_exclude patterns that match no parameter (almost always a typo: the user
@@ -101,9 +157,10 @@ class ScoringPass:
                                   f"closest parameter names: {close}; allowed: fnmatch patterns over the parameter "
                                   "names, such as '*word*'")
         if trainable and not scored:
-            raise ConfigError(f"selection.score_exclude={patterns!r} excludes every trainable parameter from the score "
-                              f"(all {len(trainable)}): every gain would be 0 and the selection would take the first k "
-                              "candidates; allowed: patterns that leave some parameter scored, or "
+            layers = "" if self.top_layers is None else f" with selection.score_layers={self.top_layers}"
+            raise ConfigError(f"selection.score_exclude={patterns!r}{layers} excludes every trainable parameter from "
+                              f"the score (all {len(trainable)}): every gain would be 0 and the selection would take "
+                              "the first k candidates; allowed: patterns that leave some parameter scored, or "
                               "selection.method=regular")
 
     def use_clock(self, clock: PhaseClock) -> None:
@@ -120,7 +177,7 @@ class ScoringPass:
         # the validation samples count only through their mean gradient: one Gram row for all of them
         with self._scoring_mode(), self.recorder.capture(preconditioning, averaged=batch.validation):
             losses = self.executor.score(self.module, micro_batches(batch.tokens, self.micro_batch),
-                                         recorder=self.recorder, clock=self.clock)
+                                         recorder=self.recorder, clock=self.clock, input_grad=self.input_grad)
         gram, c, v = self.recorder.gram(), batch.candidates, batch.validation
         return SelectorInputs(losses=losses[c], gram=gram[c, c],
                               val_alignment=gram[c, v.start] if v.stop > v.start else None)

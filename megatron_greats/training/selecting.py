@@ -30,6 +30,8 @@ class StepChoice:
     scores: Optional[np.ndarray] = None   # per candidate (see REPORTED_SCORE), or None
     picked: Optional[np.ndarray] = None   # positions of the picks among the candidates
     validation: Optional[np.ndarray] = None  # ids in the selection split scored against (Gram methods)
+    prefiltered: Optional[np.ndarray] = None  # positions of the M candidates the prefilter kept (None: all)
+    score_window: Optional[list] = None   # [offset, length] of the scored tokens (None: the whole sequence)
     eta: Optional[float] = None           # the greedy's step size (greats)
     preconditioner: Optional[str] = None  # what scaled the scores: "adam", "none", or why none (Gram methods)
     rank_one_error: Optional[float] = None  # the largest error of its rank-1 fits (ghost path), if any
@@ -42,6 +44,7 @@ class Selector:
         sel = cfg.selection
         self.cfg, self.layout, self.method = cfg, layout, sel.method
         self.k, self.n = cfg.num_selected(layout.world_size), cfg.num_candidates(layout.world_size)
+        self.scored = cfg.num_scored(layout.world_size)  # N, or the prefilter's M
         self.needs_gram = self.method in GRAM_METHODS
         self.needs_scores = bool(METHODS[self.method].needs)
         self.greats_options = {"self_term": sel.self_term, "batch_mean": sel.batch_mean,
@@ -64,7 +67,7 @@ class Selector:
         elif selecting:
             seed = np.random.SeedSequence([self.cfg.seed, step, self.layout.data_rank]).generate_state(1)[0]
             generator = torch.Generator().manual_seed(int(seed))
-            choice = select(self.method, self.k, self.n, eta=eta, generator=generator,
+            choice = select(self.method, self.k, len(inputs.losses) if inputs.losses is not None else self.n, eta=eta, generator=generator,
                             greats_options=self.greats_options, **self.prepared(inputs).tensors())
             picked.copy_(choice.picked)
             gains.copy_(choice.scores.to(torch.float64))
@@ -73,6 +76,21 @@ class Selector:
             dist.broadcast(picked, ps.get_model_parallel_src_rank(), group=group)
             dist.broadcast(gains, ps.get_model_parallel_src_rank(), group=group)
         return picked.cpu().numpy(), gains.cpu().numpy()
+
+    def prefilter(self, losses: torch.Tensor) -> np.ndarray:
+        """The positions (ascending) of the M = selection.prefilter highest losses, ties to the lower
+        position; decided on the selecting rank and broadcast, like the picks. All -1 when the losses
+        hold NaN/Inf."""
+        from megatron.core import parallel_state as ps
+
+        kept = torch.argsort(-losses.to(torch.float64), stable=True)[:self.scored].sort().values
+        kept = kept.to(device=device(), dtype=torch.int64)
+        if not bool(torch.isfinite(losses).all()):
+            kept.fill_(-1)  # NaN/Inf losses: the step is skipped, as with any non-finite score
+        group = ps.get_model_parallel_group()
+        if dist.get_world_size(group) > 1:
+            dist.broadcast(kept, ps.get_model_parallel_src_rank(), group=group)
+        return kept.cpu().numpy()
 
     def reported_score(self, inputs: SelectorInputs) -> Optional[np.ndarray]:
         kind = REPORTED_SCORE.get(self.method)

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_greats.config import GRAM_METHODS
+from megatron_greats.config import METHODS_READING
 from megatron_greats.parallel.state import Layout, any_rank, device
 from megatron_greats.selection import SelectorInputs
 from megatron_greats.training.candidates import CandidateStream, ReplicaBatches
 from megatron_greats.training.executors import data_parallel_mean
 from megatron_greats.training.preconditioning import StepScaler
-from megatron_greats.training.scoring import ScoredBatch, ScoringPass
+from megatron_greats.training.scoring import ScoredBatch, ScoreWindow, ScoringPass
 from megatron_greats.training.selecting import Selector, StepChoice
 from megatron_greats.training.telemetry import PhaseClock
 
@@ -47,11 +47,14 @@ class TwoPassStep:
         self.batches = ReplicaBatches(layout, cfg.train.micro_batch)
         self.scaler = StepScaler(cfg, engine, self.selector.k)
         self.scoring = self.reference = None
+        self.window = ScoreWindow.of(cfg) if sel.method in METHODS_READING["score_window"] else ScoreWindow()
+        self.prefilter = sel.prefilter if sel.method in METHODS_READING["prefilter"] else None
         if self.selector.needs_scores:
             gram = self.selector.needs_gram
             self.scoring = ScoringPass(engine.module, layout, executor, exclude=sel.score_exclude,
                                        micro_batch=sel.score_micro_batch if gram else None, gram=gram,
-                                       keep_operands=self.keep_operands)
+                                       keep_operands=self.keep_operands,
+                                       top_layers=sel.score_layers if gram else None)
         if reference_module is not None:
             self.reference = ScoringPass(reference_module, layout, executor, gram=False)
         # what the Gram covers (fixed for the run): where a preconditioner is read
@@ -95,32 +98,55 @@ class TwoPassStep:
         validation = self.stream.validation(step) if selector.needs_gram else None
         self.clock.take()
         with self.clock.phase("allreduce"):  # Adam's state, gathered over data-parallel ranks under ZeRO
-            scale = self.scaler.for_step(lr, self.gram_params, slice(0, len(candidates)))
-        inputs = self.score(candidates, validation, scale.preconditioning)
+            scale = self.scaler.for_step(lr, self.gram_params, slice(0, selector.scored))
+        offset = self.window.offset(step)
+        kept, losses = self.prefiltered(candidates, offset)
+        if kept is not None:
+            inputs = self.score(candidates[kept], validation, offset, scale.preconditioning, losses=losses)
         scoring = self.clock.take()
-        eta = scale.eta
         with self.clock.phase("selection"):
-            picked, gains = selector.select(step, eta, inputs)
+            picked, gains = selector.select(step, scale.eta, inputs) if kept is not None else (np.full(1, -1), None)
             skipped = any_rank(bool(picked[0] < 0), device())  # every replica skips the step together
             scores = None if skipped else selector.reported_score(inputs)
         seconds = {"scoring": sum(scoring.values()), **scoring, **self.clock.take()}
         if skipped:
             return StepChoice(ids=np.zeros(0, dtype=np.int64), candidates=candidates, skipped=True, seconds=seconds)
+        picked = kept[picked]  # positions among the N candidates
+        if scores is not None and len(kept) < len(candidates):  # NaN for the candidates the prefilter dropped
+            spread = np.full(len(candidates), np.nan)
+            spread[kept] = scores
+            scores = spread
         return StepChoice(ids=candidates[picked], candidates=candidates, gains=gains, picked=picked, scores=scores,
                           seconds=seconds, validation=validation,
-                          eta=eta if selector.method == "greats" else None,
+                          prefiltered=kept if self.prefilter is not None else None,
+                          score_window=self.window.logged(step),
+                          eta=scale.eta if selector.method == "greats" else None,
                           preconditioner=scale.label if selector.needs_gram else None,
                           rank_one_error=scale.rank_one_error())
 
-    def score(self, candidates: np.ndarray, validation, preconditioning=None) -> SelectorInputs:
+    def prefiltered(self, candidates: np.ndarray, offset: int) -> tuple:
+        """(positions of the candidates to score, ascending; their losses where already known). With
+        selection.prefilter = M: a forward over all N, then the M highest losses (None: NaN/Inf losses,
+        the step is skipped)."""
+        if self.prefilter is None:
+            return np.arange(len(candidates)), None
+        losses = self.scoring.losses(self.window.cut(self.data.train.get(candidates), offset))
+        kept = self.selector.prefilter(losses)
+        if kept[0] < 0:
+            return None, None
+        return kept, losses[torch.as_tensor(kept, device=losses.device)]
+
+    def score(self, candidates: np.ndarray, validation, offset: int = 0, preconditioning=None,
+              losses=None) -> SelectorInputs:
+        """The selector's inputs for `candidates` (their losses too, where known: the prefilter's)."""
         if self.scoring is None:
             return SelectorInputs()
-        tokens = self.data.train.get(candidates)
+        tokens = self.window.cut(self.data.train.get(candidates), offset)
         if validation is not None:
-            inputs = self.scoring.scores(ScoredBatch.of(tokens, self.data.selection.get(validation)),
-                                         preconditioning)
+            scored = ScoredBatch.of(tokens, self.window.cut(self.data.selection.get(validation), offset))
+            inputs = self.scoring.scores(scored, preconditioning)
         else:
-            inputs = SelectorInputs(losses=self.scoring.losses(tokens))
+            inputs = SelectorInputs(losses=self.scoring.losses(tokens) if losses is None else losses)
         if self.reference is not None:
             inputs.reference_losses = self.reference.losses(tokens)
         return inputs
@@ -137,20 +163,22 @@ class SinglePassStep(TwoPassStep):
 
     def update(self, choice) -> float:
         k = len(choice.picked)
+        # the scoring pass's rows: the candidates the prefilter kept (ascending), or all of them
+        rows = torch.as_tensor(choice.picked if choice.prefiltered is None else
+                               np.searchsorted(choice.prefiltered, choice.picked))
         weights = torch.zeros(self.scoring.recorder.num_samples, dtype=torch.float64)
-        weights[torch.as_tensor(choice.picked)] = 1.0 / k  # the mean over this replica's k selected samples
+        weights[rows] = 1.0 / k  # the mean over this replica's k selected samples
         self.executor.apply_gradients(self.scoring.recorder.weighted_gradients(weights))
-        return data_parallel_mean(self.scored_losses[torch.as_tensor(choice.picked)].mean(), self.layout)
+        return data_parallel_mean(self.scored_losses[rows.to(self.scored_losses.device)].mean(), self.layout)
 
-    def score(self, candidates, validation, preconditioning=None) -> SelectorInputs:
-        inputs = super().score(candidates, validation, preconditioning)
+    def score(self, candidates, validation, offset=0, preconditioning=None, losses=None) -> SelectorInputs:
+        inputs = super().score(candidates, validation, offset, preconditioning, losses)
         self.scored_losses = inputs.losses
         return inputs
 
 
 def step_strategy(cfg, data, layout: Layout, engine, executor, reference_module=None):
-    """The step of selection.update. single_pass needs a scoring pass with a backward over every sample
-    (the methods that score with the Gram); the others always take an ordinary step (config help)."""
-    single = cfg.selection.update == "single_pass" and cfg.selection.method in GRAM_METHODS
-    kind = SinglePassStep if single else TwoPassStep
+    """The step of selection.update, as the config resolves it (Config.update_mode: single_pass needs a
+    scoring pass with a backward over every sample, every layer and the whole sequence)."""
+    kind = SinglePassStep if cfg.update_mode() == "single_pass" else TwoPassStep
     return kind(cfg, data, layout, engine, executor, reference_module=reference_module)

@@ -118,9 +118,10 @@ class Telemetry:
 
 
 class SelectionLog:
-    """selection.jsonl (per step and replica: candidates, validation ids, selected ids in pick order, gains,
-    eta, the preconditioner and the largest relative error of its rank-1 fits on the ghost path) and the TensorBoard selection/* scalars and histograms, gathered from every replica to the
-    logging rank."""
+    """selection.jsonl (per step and replica: candidates, validation ids, the positions the prefilter kept,
+    the scored window [offset, length], selected ids in pick order, gains, eta, the preconditioner and the
+    largest relative error of its rank-1 fits on the ghost path) and the TensorBoard selection/* scalars
+    and histograms, gathered from every replica to the logging rank."""
 
     def __init__(self, telemetry: Telemetry, train_samples, layout):
         self.telemetry, self.samples, self.layout = telemetry, train_samples, layout
@@ -134,6 +135,8 @@ class SelectionLog:
                 "gains": [float(g) for g in choice.gains], "picked": choice.picked.tolist(),
                 "scores": None if choice.scores is None else [float(x) for x in choice.scores],
                 "validation": None if choice.validation is None else choice.validation.tolist(),
+                "prefiltered": None if choice.prefiltered is None else choice.prefiltered.tolist(),
+                "score_window": choice.score_window,
                 "eta": choice.eta, "preconditioner": choice.preconditioner,
                 "rank_one_error": choice.rank_one_error, "seconds": choice.seconds}
         records = [mine]
@@ -146,8 +149,8 @@ class SelectionLog:
         if not self.layout.is_logging_rank:
             return
         self.telemetry.append_jsonl(self.telemetry.selection_path, [
-            {**{k: r[k] for k in ("step", "replica", "candidates", "validation", "selected", "gains", "eta",
-                                  "preconditioner", "rank_one_error", "seconds")},
+            {**{k: r[k] for k in ("step", "replica", "candidates", "validation", "prefiltered", "score_window",
+                                  "selected", "gains", "eta", "preconditioner", "rank_one_error", "seconds")},
              "selected_domains": [self.domain_names[d] for d in self.samples.domains(np.asarray(r["selected"]))]}
             for r in records])
         self._summaries(step, records)
@@ -163,10 +166,12 @@ class SelectionLog:
         chosen, rejected = [], []
         for r in records:
             if r["scores"] is not None:
-                mask = np.zeros(len(r["scores"]), dtype=bool)
+                scores = np.asarray(r["scores"])
+                mask = np.zeros(len(scores), dtype=bool)
                 mask[r["picked"]] = True
-                chosen += list(np.asarray(r["scores"])[mask])
-                rejected += list(np.asarray(r["scores"])[~mask])
+                scored = np.isfinite(scores)  # NaN: dropped by the prefilter, never scored
+                chosen += list(scores[mask & scored])
+                rejected += list(scores[~mask & scored])
         if chosen:
             scalars["selection/score_selected_mean"] = float(np.mean(chosen))
         if rejected:
