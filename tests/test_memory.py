@@ -1,5 +1,5 @@
 """The scoring pass's memory estimate (training/memory.py): within its stated factor of the measured
-peak at three shapes, and the verdict that refuses a run whose processes would not fit."""
+peak at four shapes, and the verdict that refuses a run whose processes would not fit."""
 
 from __future__ import annotations
 
@@ -25,13 +25,18 @@ SHAPES = {
         *_BASE, "model.hidden_size=128", "selection.score_micro_batch=10"]},
     "gpt2 vocabulary, two_pass": {"vocab": 8192, "overrides": [
         *_BASE, "model.hidden_size=32", "selection.update=two_pass"]},
+    # the cheap settings: only the top layer keeps activations, over a window, for the prefilter's M
+    "gpt2 top layer over a window, prefiltered": {"vocab": 1024, "overrides": [
+        *_BASE, "model.num_layers=4", "model.hidden_size=256", "model.seq_len=128", "selection.score_window=64",
+        "selection.score_layers=1", "selection.prefilter=24"]},
 }
 
 
 def test_the_estimate_is_within_its_factor_of_the_measured_peak(tmp_path):
-    """tests/workers/scoring_memory.py, each shape in a fresh process (the three at once): the first
+    """tests/workers/scoring_memory.py, each shape in a fresh process (all at once): the first
     scoring pass's peak resident-memory increase against estimate_scoring_memory. Measured on the 2-core
-    CPU machine: 0.97, 1.00 and 0.94 x the estimate."""
+    CPU machine: 0.97, 1.00, 0.94 and 0.74 x the estimate (the cheap shape's estimate is high: it counts a
+    transformer layer's activations for the one layer above the stop, which holds less)."""
     worker = REPO / "tests" / "workers" / "scoring_memory.py"
     procs = {name: subprocess.Popen([sys.executable, str(worker), str(tmp_path / f"{i}.json"), json.dumps(shape)],
                                     cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -4,7 +4,8 @@ its estimate (training/memory.py), at one shape, as a run's first step meets it.
     python scoring_memory.py OUT SHAPE_JSON
 
 SHAPE_JSON: {"vocab": int, "overrides": [dotted.key=value, ...]}; the shape's model is built on CPU
-(the config's selection.candidates + selection.val_batch samples, its update mode), then one
+(the config's scored candidates (N, or the prefilter's M) + selection.val_batch samples of its score
+window, its update mode and scored layers), then one
 ScoredBatch goes through ScoringPass.scores. The increase is the peak resident set during the
 pass (sampled every millisecond by bench/step.py's PeakMemory, and the high-water mark ru_maxrss
 where the pass raised it) less the resident set before it; the heap the model's construction freed is
@@ -32,7 +33,7 @@ from megatron_greats.config import load_config  # noqa: E402
 from megatron_greats.model import ModelSpec, build_model  # noqa: E402
 from megatron_greats.parallel.state import distributed_session, init_model_parallel  # noqa: E402
 from megatron_greats.training.executors import PlainExecutor  # noqa: E402
-from megatron_greats.training.memory import estimate_scoring_memory  # noqa: E402
+from megatron_greats.training.memory import estimate_scoring_memory, scoring_tokens  # noqa: E402
 from megatron_greats.training.scoring import ScoredBatch, ScoringPass  # noqa: E402
 
 
@@ -49,11 +50,12 @@ def measure(shape: dict, layout) -> dict:
     vocab = ModelSpec.from_config(cfg, shape["vocab"]).vocab_size
     model = build_model(cfg, shape["vocab"], layout)
     executor = PlainExecutor(type("Engine", (), {"module": model})(), layout)
-    single = cfg.selection.update == "single_pass"
+    single = cfg.update_mode() == "single_pass"
     scoring = ScoringPass(model, layout, executor, exclude=cfg.selection.score_exclude,
-                          micro_batch=cfg.selection.score_micro_batch, keep_operands=single)
-    n, m = cfg.num_candidates(1), cfg.selection.val_batch
-    tokens = torch.randint(0, shape["vocab"], (n + m, cfg.model.seq_len + 1), generator=torch.Generator().manual_seed(0))
+                          micro_batch=cfg.selection.score_micro_batch, keep_operands=single,
+                          top_layers=cfg.selection.score_layers)
+    n, m = cfg.num_scored(1), cfg.selection.val_batch
+    tokens = torch.randint(0, shape["vocab"], (n + m, scoring_tokens(cfg) + 1), generator=torch.Generator().manual_seed(0))
     batch = ScoredBatch.of(tokens[:n], tokens[n:])
     estimate = estimate_scoring_memory(cfg, scoring, vocab, n + m, gram=True)
     trim()
