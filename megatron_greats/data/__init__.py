@@ -5,7 +5,7 @@ import importlib
 # Resolved on first use, so that the config validation can import .splits (the split table)
 # without importing torch and sentencepiece.
 _EXPORTS = {"DataBundle": "prepare", "prepare_data": "prepare", "GlobalBatchSampler": "samples",
-            "SampleSet": "samples", "epoch_order": "samples", "DOMAINS": "sources",
+            "SampleSet": "samples", "epoch_order": "samples", "DOMAINS": "sources", "CRAWL_DOMAIN": "splits",
             "corpora_dir": "sources", "Tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
             "HELD_OUT": "splits", "SPLITS": "splits"}
 

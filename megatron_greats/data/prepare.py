@@ -24,8 +24,8 @@ from .documents import Document, read_jsonl, write_jsonl
 from .indexed import write_split
 from .samples import SampleSet
 from .sources import user_files
-from .splits import (HELD_OUT, SPLITS, fractions_from_args, fractions_problem, prefixes_problem,
-                     split_documents)
+from .splits import (HELD_OUT, SPLITS, crawl_problem, fractions_from_args, fractions_problem,
+                     prefixes_problem, split_documents)
 from .tokenizer import MIN_VOCAB_SIZE, TRAINER_SETTINGS, Tokenizer, train_tokenizer
 
 SOURCES = ("embedded", "files", "megatron")
@@ -83,11 +83,12 @@ def prepare_data(*, cache_dir: str | os.PathLike, seq_len: int, source: str = "e
                  megatron_prefixes: Mapping[str, str | os.PathLike] | None = None,
                  target_domain: str = "python_docs", split_seed: int = 1234,
                  max_docs_per_domain: int | None = None, vocab_size: int = 4096,
-                 tokenizer_model: str | os.PathLike | None = None,
+                 tokenizer_model: str | os.PathLike | None = None, crawl: bool = False,
                  show_progress: bool = True, **fractions: float) -> DataBundle:
     """Build (or reuse) and load the samples of every split (SPLITS) of one data source.
 
-    source="embedded": the bible/shakespeare/python_docs corpus; "files": local json/jsonl/parquet/
+    source="embedded": the bible/shakespeare/python_docs corpus, with `crawl=True` also the crawl-
+    like fourth domain (sources/crawl.py; never the target); "files": local json/jsonl/parquet/
     text files (domain from `domain_field`, else "default"); "megatron": existing Megatron
     prefixes, one per split in SPLITS, tokenized with `tokenizer_model` (required then).
     `fractions`: val_fraction=, test_fraction=, selection_fraction= (splits.HELD_OUT, named like
@@ -97,7 +98,8 @@ def prepare_data(*, cache_dir: str | os.PathLike, seq_len: int, source: str = "e
     _check_args(seq_len=seq_len, source=source, files=files, megatron_prefixes=megatron_prefixes,
                 tokenizer_model=tokenizer_model, fractions=fractions, split_seed=split_seed,
                 max_docs_per_domain=max_docs_per_domain, vocab_size=vocab_size,
-                text_field=text_field, domain_field=domain_field)
+                text_field=text_field, domain_field=domain_field, crawl=crawl,
+                target_domain=target_domain)
     if source == "megatron":
         paths = {"tokenizer": Path(tokenizer_model),
                  **{split: Path(megatron_prefixes[split]) for split in SPLITS}}
@@ -108,7 +110,7 @@ def prepare_data(*, cache_dir: str | os.PathLike, seq_len: int, source: str = "e
                  text_field=text_field, domain_field=domain_field, target_domain=target_domain,
                  fractions=fractions, split_seed=split_seed,
                  max_docs_per_domain=max_docs_per_domain, vocab_size=vocab_size,
-                 tokenizer_model=tokenizer_model, show_progress=show_progress)
+                 tokenizer_model=tokenizer_model, crawl=crawl, show_progress=show_progress)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -124,10 +126,14 @@ def prepare_data(*, cache_dir: str | os.PathLike, seq_len: int, source: str = "e
 
 
 def _check_args(*, seq_len, source, files, megatron_prefixes, tokenizer_model, fractions,
-                split_seed, max_docs_per_domain, vocab_size, text_field, domain_field) -> None:
+                split_seed, max_docs_per_domain, vocab_size, text_field, domain_field, crawl,
+                target_domain) -> None:
     """Reject bad arguments before any work starts."""
     if source not in SOURCES:
         raise ConfigError(f"source {source!r} is not supported; use one of {', '.join(SOURCES)}")
+    problem = crawl_problem(source, crawl, target_domain)
+    if problem:
+        raise ConfigError(problem)
     if not isinstance(seq_len, Integral) or seq_len < MIN_SEQ_LEN:
         raise ConfigError(f"seq_len {seq_len!r} is not allowed; use an integer >= {MIN_SEQ_LEN}")
     if not isinstance(vocab_size, Integral) or vocab_size < MIN_VOCAB_SIZE:
@@ -162,12 +168,14 @@ def _check_args(*, seq_len, source, files, megatron_prefixes, tokenizer_model, f
 
 def _plan(cache_dir: Path, *, source, files, file_format, text_field, domain_field,
           target_domain, fractions, split_seed, max_docs_per_domain, vocab_size,
-          tokenizer_model, show_progress) -> _Plan:
+          tokenizer_model, crawl, show_progress) -> _Plan:
     if source == "embedded":
-        corpus_params = {"source": source, **sources.embedded_fingerprint()}
+        # Read now: the cache key hashes the crawl documents, and the same ones are written.
+        crawl_docs = sources.crawl.documents() if crawl else None
+        corpus_params = {"source": source, **sources.embedded_fingerprint(crawl_docs)}
 
         def read_corpus():
-            return sources.embedded_documents(show_progress)
+            return sources.embedded_documents(show_progress, crawl_docs)
     else:
         paths = user_files.resolve_files(files)
         file_format = user_files.resolve_format(paths, file_format)

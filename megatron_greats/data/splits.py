@@ -97,6 +97,26 @@ def prefixes_problem(prefixes: Any, prefix: str = "") -> str | None:
     return None
 
 
+# The embedded source's crawl-like fourth domain (sources/crawl.py); named here, where the config
+# validation can read it without importing the sources.
+CRAWL_DOMAIN = "crawl"
+
+
+def crawl_problem(source: Any, crawl: Any, target_domain: Any, prefix: str = "") -> str | None:
+    """One line on what is wrong with the crawl setting, or None. The crawl domain belongs to the
+    embedded source and is never its target. `prefix` ("data." in the config) is put before keys."""
+    if not isinstance(crawl, bool):
+        return f"{prefix}crawl {crawl!r} is not allowed; use true or false"
+    if crawl and source != "embedded":
+        return (f"{prefix}crawl=true with {prefix}source={source}: the crawl domain is part of the "
+                f"embedded corpus; allowed: {prefix}source=embedded, or {prefix}crawl=false")
+    if source == "embedded" and target_domain == CRAWL_DOMAIN:
+        return (f"{prefix}target_domain={CRAWL_DOMAIN} is not allowed: the crawl domain is training "
+                f"noise, never the target; allowed: a clean embedded domain (bible, shakespeare, "
+                f"python_docs)")
+    return None
+
+
 def _rng(seed: int, domain: str, purpose: int) -> np.random.Generator:
     # Seeded per domain (by a stable hash of its name), so adding a domain moves no other split.
     return np.random.default_rng([seed, zlib.crc32(domain.encode()), purpose])

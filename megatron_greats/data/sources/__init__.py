@@ -1,4 +1,5 @@
-"""The embedded default corpus (three domains) and the locating of its source packages."""
+"""The embedded corpus: the three clean domains (the default), optionally the crawl-like fourth
+(sources/crawl.py, `crawl=True`), and the locating of their source packages."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from pathlib import Path
 
 from ...errors import DataError
 from ..documents import Document
-from . import bible, python_docs, shakespeare
+from . import bible, crawl, python_docs, shakespeare
 
 CORPORA_ENV = "MEGATRON_GREATS_CORPORA"
-DOMAINS = (bible.DOMAIN, shakespeare.DOMAIN, python_docs.DOMAIN)
+DOMAINS = (bible.DOMAIN, shakespeare.DOMAIN, python_docs.DOMAIN)  # the clean default
+CRAWL_DOMAIN = crawl.DOMAIN  # added by crawl=True; never the target domain
 # Bump when document extraction changes, so cached corpora are rebuilt.
 EMBEDDED_FORMAT_VERSION = 1
 
@@ -32,18 +34,25 @@ def _require_sources(corpora: Path) -> None:
                         f"{shakespeare.install_command(corpora)} (or set {CORPORA_ENV})")
 
 
-def embedded_fingerprint() -> dict:
-    """What the embedded corpus depends on: source files (name, size) and the Python version."""
+def embedded_fingerprint(crawl_docs: list[Document] | None = None) -> dict:
+    """What the embedded corpus depends on: source files (name, size) and the Python version, and
+    with the crawl domain (its documents given) what crawl.fingerprint says of them. Without it
+    the dict is the one the clean default has always had, so its cache stays valid."""
     corpora = corpora_dir()
     _require_sources(corpora)
     files = [bible.verses_file(corpora), *shakespeare.text_files(corpora)]
-    return {"format_version": EMBEDDED_FORMAT_VERSION,
-            "files": [(p.name, p.stat().st_size) for p in files],
-            "python": sys.version.split()[0]}
+    params = {"format_version": EMBEDDED_FORMAT_VERSION,
+              "files": [(p.name, p.stat().st_size) for p in files],
+              "python": sys.version.split()[0]}
+    if crawl_docs is not None:
+        params["crawl"] = crawl.fingerprint(crawl_docs)
+    return params
 
 
-def embedded_documents(show_progress: bool) -> list[Document]:
+def embedded_documents(show_progress: bool,
+                       crawl_docs: list[Document] | None = None) -> list[Document]:
+    """The clean domains' documents, then the crawl documents if given (crawl.documents())."""
     corpora = corpora_dir()
     _require_sources(corpora)
     return (bible.documents(corpora) + shakespeare.documents(corpora)
-            + python_docs.documents(show_progress))
+            + python_docs.documents(show_progress) + list(crawl_docs or []))
