@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from megatron_greats.data.splits import HELD_OUT, fractions_problem, prefixes_problem
+from megatron_greats.data.splits import HELD_OUT, crawl_problem, fractions_problem, prefixes_problem
 from megatron_greats.errors import ConfigError
 
 
@@ -86,6 +86,8 @@ SCHEMA: dict = {
     "data": {
         "source": Key(STR, "embedded", _one_of("embedded", "files", "megatron")),
         "cache_dir": Key(STR, "data_cache", help="built corpus, tokenizer and indexed data are cached here"),
+        "crawl": Key(BOOL, False, help="source=embedded: add the crawl-like fourth domain (licence texts, "
+                                      "RECORD hash lines, package metadata; docs/data.md), never the target"),
         "files": Key((list,), [], help="source=files: local json/jsonl/parquet/text files"),
         "format": Key(STR, "auto", _one_of("auto", "json", "jsonl", "parquet", "text")),
         "text_field": Key(STR, "text"),
@@ -457,6 +459,9 @@ class Config:
             raise ConfigError(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}")
         problem = fractions_problem({name: getattr(self.data, split.key) for name, split in HELD_OUT.items()},
                                     prefix="data.")
+        if problem:
+            raise ConfigError(problem)
+        problem = crawl_problem(self.data.source, self.data.crawl, self.data.target_domain, prefix="data.")
         if problem:
             raise ConfigError(problem)
         if self.data.source == "files" and not self.data.files:

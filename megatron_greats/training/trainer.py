@@ -59,7 +59,7 @@ def load_data(cfg, show_progress: bool):
         text_field=d.text_field, domain_field=d.domain_field, megatron_prefixes=d.megatron_prefixes,
         target_domain=d.target_domain, **fraction_args(d),
         split_seed=d.split_seed, max_docs_per_domain=d.max_docs_per_domain, vocab_size=cfg.tokenizer.vocab_size,
-        tokenizer_model=cfg.tokenizer.model, show_progress=show_progress,
+        tokenizer_model=cfg.tokenizer.model, crawl=d.crawl, show_progress=show_progress,
     )
 
 
