@@ -245,10 +245,8 @@ def run(config_path: str, overrides: list, texts: list, steps: int, every: int, 
                                           "scoring_s": choice.seconds.get("scoring", math.nan)})
                 raw_steps.append((step, raw_step))
             if progress is not None:
+                progress.set_postfix(measured=len(next(iter(records.values()))), refresh=False)
                 progress.update(1)
-                first = next(iter(records.values()))
-                if first:
-                    progress.set_postfix(measured=len(first))
         if progress is not None:
             progress.close()
         # every replica measured its own candidates: rank 0 pools them (one copy per replica)
