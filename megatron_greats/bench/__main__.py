@@ -1,6 +1,8 @@
 """python -m megatron_greats.bench ghost [--points B,T,d ...] [--repeats N] [--min-seconds S] [--rounds N] [--json FILE]
 python -m megatron_greats.bench step --config FILE [--warmup W] [--repeats R] [--rounds N] [--out DIR] [key=value ...]
-    (any launcher: python, torchrun, deepspeed; every rank runs it)"""
+    [--cheap NAME:key=value[,key=value...] ...] (any launcher: python, torchrun, deepspeed; every rank runs it)
+python -m megatron_greats.bench fidelity --config FILE [--steps S] [--every E] [--setting NAME:key=value[,...] ...]
+    [--out DIR] [--raw] [key=value ...]"""
 
 from __future__ import annotations
 
@@ -39,8 +41,28 @@ def main(argv=None) -> int:
     step.add_argument("--rounds", type=int, default=1,
                       help="measure every variant this many times, in rotated order; ratios: median over rounds")
     step.add_argument("--out", default="runs/bench-step", help="folder for bench_step.json and bench_step.md")
+    step.add_argument("--cheap", action="append", default=None, metavar="NAME:key=value[,key=value...]",
+                      help="a cheap-scoring variant: GREATS with these selection keys (repeatable; 'none': no "
+                           "cheap variant); default: a window of seq_len/4 and /8 on the top layer, a prefilter "
+                           "of (N+k)/2, a window of seq_len/4")
     step.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     step.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
+    fidelity = sub.add_parser("fidelity", help="cheap scoring vs exact on the same steps: rank correlation of the "
+                                               "scores, overlap of the picks, correlation of the Gram")
+    fidelity.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    fidelity.add_argument("--steps", type=int, default=None,
+                          help="training steps of the exact run, on the config's schedule (at most train.steps); "
+                               "default: 60, or train.steps if fewer")
+    fidelity.add_argument("--every", type=int, default=2, help="measure every E-th step (steps E-1, 2E-1, ...)")
+    fidelity.add_argument("--setting", "--settings", dest="settings", action="append", default=None,
+                          metavar="NAME:key=value[,key=value...]",
+                          help="a cheap setting (repeatable); default: windows of seq_len/2, /4, /8, /4 at a "
+                               "random offset, top 1 and 2 layers, a prefilter of (N+k)/2, window seq_len/4 + top 1")
+    fidelity.add_argument("--out", default="runs/bench-fidelity", help="folder for fidelity.json and fidelity.md")
+    fidelity.add_argument("--raw", action="store_true",
+                          help="also write fidelity_raw.npz: every measured step's scores, Grams and picks")
+    fidelity.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    fidelity.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     args = parser.parse_args(argv)
 
     import warnings
@@ -59,7 +81,7 @@ def main(argv=None) -> int:
 
     try:
         gram_form()  # MEGATRON_GREATS_GRAM_FORM, checked before anything is built or measured
-        return _step(args) if args.bench == "step" else _ghost(args)
+        return {"step": _step, "fidelity": _fidelity, "ghost": _ghost}[args.bench](args)
     except GreatsError as e:
         print(f"megatron_greats: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
@@ -96,10 +118,29 @@ def _step(args) -> int:
     from megatron_greats.bench import step as bench_step
     from megatron_greats.parallel.state import launcher_rank
 
-    report = bench_step.run(args.config, args.overrides, args.warmup, args.repeats, args.out, args.rounds)
+    report = bench_step.run(args.config, args.overrides, args.warmup, args.repeats, args.out, args.rounds,
+                            cheap=args.cheap)
     if launcher_rank() == 0:  # the process group has ended (run's distributed_session)
         print(bench_step.markdown(report), flush=True)
         print(f"written: {args.out}/bench_step.json, {args.out}/bench_step.md", flush=True)
+    return 0
+
+
+def _fidelity(args) -> int:
+    import os
+
+    local_rank = args.local_rank if args.local_rank is not None else args.launcher_local_rank
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    from megatron_greats.bench import fidelity
+    from megatron_greats.parallel.state import launcher_rank
+
+    report = fidelity.run(args.config, args.overrides, args.settings, args.steps, args.every, args.out, args.raw)
+    if launcher_rank() == 0:
+        print(fidelity.markdown(report), flush=True)
+        written = ", ".join(f"{args.out}/{name}" for name in ("fidelity.json", "fidelity.md")
+                            + (("fidelity_raw.npz",) if args.raw else ()))
+        print(f"written: {written}", flush=True)
     return 0
 
 

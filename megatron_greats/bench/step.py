@@ -6,6 +6,8 @@ Variants, each on a DeepSpeed engine of its own built from the same config (one 
   regular_Nm  an ordinary step on N + m samples per replica (what GREATS scores: its memory yardstick)
   greats      two_pass: N candidates + m validation samples scored, k selected, a step on the k
   single      single_pass: the same scoring and selection, the update formed from the scoring pass
+  <cheap>     GREATS with cheap scoring (--cheap NAME:key=value,...: selection.score_window, score_layers,
+              prefilter, ...), the config's update as it resolves (a window or top layers: two_pass)
 Per variant: `warmup` steps dropped, then `repeats` steps timed (median, min, max of the slowest rank),
 peak memory (accelerator: peak allocation; CPU: peak resident set, sampled), and for GREATS the split
 of its step into phases (training/telemetry.py STEP_PHASES), timed with the accelerator synchronised
@@ -17,6 +19,7 @@ from __future__ import annotations
 import gc
 import json
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,11 +27,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_greats.bench import rotated, rss_bytes
+from megatron_greats.bench import CHEAP_KEYS, default_settings, parse_setting, rotated, rss_bytes
 from megatron_greats.training.telemetry import STEP_PHASES, PhaseClock
 
 VARIANTS = ("regular_k", "regular_N", "regular_Nm", "greats", "single")
 GREATS_VARIANTS = ("greats", "single")
+# the cheap variants when --cheap is not given, sized to the config (bench.default_settings): for tiny-cpu
+# (seq 128, N=32, k=16) window32+top1, window16+top1, prefilter24, window32
+DEFAULT_CHEAP = ("window:4+top:1", "window:8+top:1", "prefilter", "window:4")
+STEP_CHEAP_KEYS = CHEAP_KEYS + ("selection.update",)
 
 
 class PeakMemory:
@@ -66,7 +73,9 @@ class PeakMemory:
         return False
 
 
-def variant_overrides(cfg, world_size: int) -> dict:
+def variant_overrides(cfg, world_size: int, cheap: dict = None) -> dict:
+    """{variant: its overrides on top of the config}; cheap: {name: [selection overrides]} of the cheap
+    variants (GREATS with them, at the config's update)."""
     dp = cfg.data_parallel_size(world_size)
     n = cfg.num_candidates(world_size)
     m = cfg.selection.val_batch
@@ -75,7 +84,37 @@ def variant_overrides(cfg, world_size: int) -> dict:
             "regular_Nm": ["selection.method=regular", "selection.candidates=null", f"train.global_batch={(n + m) * dp}",
                            f"train.micro_batch={n + m}"],
             "greats": ["selection.method=greats", "selection.update=two_pass"],
-            "single": ["selection.method=greats", "selection.update=single_pass"]}
+            "single": ["selection.method=greats", "selection.update=single_pass"],
+            **{name: ["selection.method=greats", *extra] for name, extra in (cheap or {}).items()}}
+
+
+def cheap_variants(texts, cfg, world_size: int) -> tuple:
+    """({name: [overrides]}, defaults?) from the --cheap options: None -> DEFAULT_CHEAP, ['none'] -> none."""
+    from megatron_greats.errors import ConfigError
+
+    if texts is None:
+        return default_settings(cfg, world_size, DEFAULT_CHEAP), True
+    if texts == ["none"]:
+        return {}, False
+    out = {}
+    for text in texts:
+        name, extra = parse_setting(text, STEP_CHEAP_KEYS, "--cheap")
+        if name in out or name in VARIANTS or name == "none" or name.startswith("regular_"):
+            raise ConfigError(f"--cheap '{text}': the name '{name}' is taken; allowed: a name other than "
+                              f"{', '.join(VARIANTS)}, regular_*, none, and the other --cheap names")
+        out[name] = extra
+    return out, False
+
+
+def release_cpu_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc), so that a variant's resident memory does not
+    start at what the previous variant left allocated-but-free; a no-op where there is no glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _measure(name: str, cfg, data, layout, run_dir: Path, warmup: int, repeats: int, show_progress: bool) -> dict:
@@ -137,8 +176,10 @@ RATIO_BASES = ("regular_k", "regular_N", "regular_Nm", "greats")
 
 
 def _ratios(results: dict) -> dict:
+    """{g}_over_{base}_{time|memory} for the GREATS variants and every cheap one (what is not a Regular)."""
+    scored = [name for name in results if not name.startswith("regular_")]
     return {f"{g}_over_{base}_{what}": results[g][key] / results[base][key]
-            for g in GREATS_VARIANTS for base in RATIO_BASES
+            for g in scored for base in RATIO_BASES
             if g != base for what, key in (("time", "median_s"), ("memory", "peak_bytes"))}
 
 
@@ -146,7 +187,7 @@ def _over_rounds(rounds: list) -> dict:
     """One result per variant from one or more rounds: the median of the rounds' medians and phases,
     the steps of every round, and the first round's peak memory (see run())."""
     merged = {}
-    for name in VARIANTS:
+    for name in rounds[0]:
         per_round = [r[name] for r in rounds]
         merged[name] = {
             "seconds": [s for r in per_round for s in r["seconds"]],
@@ -158,7 +199,8 @@ def _over_rounds(rounds: list) -> dict:
     return merged
 
 
-def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: str, rounds: int = 1) -> dict:
+def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: str, rounds: int = 1,
+        cheap: list = None) -> dict:
     """rounds > 1: every variant is measured once per round, in an order rotated by one each round, so
     that a drift of the machine's speed falls on every variant alike; each time ratio is then the median
     of the rounds' ratios (each taken within one round), with its range over the rounds. Memory comes
@@ -176,23 +218,37 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
                           "repeats >= 1, rounds >= 1")
     world = launcher_world_size()
     base = load_config(config_path, overrides, world_size=world)
-    configs = {name: load_config(config_path, [*overrides, *extra], world_size=world)
-               for name, extra in variant_overrides(base, world).items()}  # every variant checked before work
+    cheap, defaults = cheap_variants(cheap, base, world)
+    configs, notes = {}, []
+    for name, extra in variant_overrides(base, world, cheap).items():  # every variant checked before work
+        try:
+            configs[name] = load_config(config_path, [*overrides, *extra], world_size=world)
+        except ConfigError as e:
+            if name not in cheap:
+                raise
+            if not defaults:
+                raise ConfigError(f"--cheap '{name}': {e}") from None
+            notes.append(f"default cheap variant {name} left out: {e}")
+            del cheap[name]
+    names = VARIANTS + tuple(cheap)
     out = Path(out_dir)
     with distributed_session(base.parallel.distributed_timeout_minutes):  # ended before the report is made
         data, layout = start_up(base)
         rank0 = dist.get_rank() == 0
         if rank0:
             out.mkdir(parents=True, exist_ok=True)
+            for note in notes:
+                print(f"megatron_greats: note: {note}", file=sys.stderr, flush=True)
         per_round = []
         for round_index in range(rounds):
             results = {}
-            for name in rotated(VARIANTS, round_index):
+            for name in rotated(names, round_index):
                 results[name] = _measure(name, configs[name], data, layout, out, warmup, repeats,
                                          show_progress=rank0 and base.train.progress)
                 gc.collect()  # the variant's engine is gone with _measure's frame: free it before the next
                 get_accelerator().empty_cache()
-            per_round.append(results)
+                release_cpu_memory()
+            per_round.append({name: results[name] for name in names})
     results = _over_rounds(per_round)
     round_ratios = [_ratios(r) for r in per_round]
     report = {
@@ -200,6 +256,9 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
         "layout": f"dp={layout.data} tp={layout.tensor} pp={layout.pipeline}",
         "k": base.num_selected(world), "N": base.num_candidates(world), "m": base.selection.val_batch,
         "warmup": warmup, "repeats": repeats, "rounds": rounds, "variants": results,
+        "cheap": {name: {"overrides": extra, "update": configs[name].update_mode(),
+                         "scored": configs[name].num_scored(world)} for name, extra in cheap.items()},
+        "notes": notes,
         "ratios": {key: statistics.median(r[key] for r in round_ratios) if key.endswith("_time")
                    else round_ratios[0][key] for key in round_ratios[0]},
         "ratios_range": {key: [min(r[key] for r in round_ratios), max(r[key] for r in round_ratios)]
@@ -207,7 +266,7 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
         "per_round": per_round if rounds > 1 else None,
     }
     report["phase_share"] = {g: {name: results[g]["phases_median_s"][name] / results[g]["median_s"]
-                                 for name in STEP_PHASES} for g in GREATS_VARIANTS}
+                                 for name in STEP_PHASES} for g in (*GREATS_VARIANTS, *cheap)}
     if rank0:
         (out / "bench_step.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / "bench_step.md").write_text(markdown(report))
@@ -215,7 +274,7 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
 
 
 def markdown(r: dict) -> str:
-    v = r["variants"]
+    v, cheap = r["variants"], r.get("cheap") or {}
     lines = [f"Step benchmark: `{r['config']}` {' '.join(r['overrides'])}".rstrip(),
              "",
              f"{r['device']}, world size {r['world_size']} ({r['layout']}); per replica k={r['k']}, N={r['N']}, "
@@ -229,13 +288,16 @@ def markdown(r: dict) -> str:
               "regular_Nm": f"Regular, N+m={r['N'] + r['m']}",
               "greats": f"GREATS two_pass, N={r['N']} -> k={r['k']}, m={r['m']}",
               "single": f"GREATS single_pass, N={r['N']} -> k={r['k']}, m={r['m']}"}
-    for name in VARIANTS:
+    for name, c in cheap.items():
+        keys = ", ".join(o.replace("selection.", "") for o in c["overrides"])
+        labels[name] = f"{name}: GREATS {c['update']}, {keys}"
+    for name in v:
         x = v[name]
         lines.append(f"| {labels[name]} | {x['median_s']:.3f} | {x['min_s']:.3f}-{x['max_s']:.3f} | "
                      f"{x['peak_bytes'] / 2**20:.0f} |")
     q = r["ratios"]
     names = {"greats": "two_pass", "single": "single_pass", "regular_k": "Regular(k)", "regular_N": "Regular(N)",
-             "regular_Nm": "Regular(N+m)"}
+             "regular_Nm": "Regular(N+m)", **{name: name for name in cheap}}
     spread = r.get("rounds", 1) > 1
 
     def cell(key):
@@ -248,9 +310,20 @@ def markdown(r: dict) -> str:
                     ("greats", "regular_N"), ("greats", "regular_k")):
         lines.append(f"| {names[g]} / {names[base]} | {cell(f'{g}_over_{base}_time')} | "
                      f"{cell(f'{g}_over_{base}_memory')} |")
-    lines += ["", "| phase | two_pass (s) | share | single_pass (s) | share |", "|---|---|---|---|---|"]
+    if cheap:
+        lines += ["", "| cheap variant | time / Regular(k) | time / Regular(N) | time / Regular(N+m) | time / two_pass "
+                  "| memory / Regular(k) | memory / Regular(N) | memory / Regular(N+m) | memory / two_pass |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name in cheap:
+            cells = [cell(f"{name}_over_{base}_{what}") for what in ("time", "memory") for base in RATIO_BASES]
+            lines.append(f"| {name} | {' | '.join(cells)} |")
+    shown = ("greats", "single", *cheap)
+    lines += ["", "| phase | " + " | ".join(f"{'two_pass' if g == 'greats' else 'single_pass' if g == 'single' else g}"
+                                              " (s) | share" for g in shown) + " |",
+              "|---|" + "---|---|" * len(shown)]
     for name in STEP_PHASES:
-        lines.append(f"| {name} | {v['greats']['phases_median_s'][name]:.4f} | "
-                     f"{100 * r['phase_share']['greats'][name]:.1f}% | {v['single']['phases_median_s'][name]:.4f} | "
-                     f"{100 * r['phase_share']['single'][name]:.1f}% |")
+        lines.append(f"| {name} | " + " | ".join(f"{v[g]['phases_median_s'][name]:.4f} | "
+                                                  f"{100 * r['phase_share'][g][name]:.1f}%" for g in shown) + " |")
+    if r.get("notes"):
+        lines += [""] + [f"note: {note}" for note in r["notes"]]
     return "\n".join(lines) + "\n"
