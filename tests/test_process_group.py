@@ -137,8 +137,9 @@ def sessions_in(tree) -> int:
 
 
 def test_every_worker_and_entry_point_runs_in_a_session():
-    """Every worker's __main__ block, and the two package functions the entry points call (launch/pretrain.py:
-    trainer.pretrain; `python -m megatron_greats.bench step`: bench.step.run), hold the group in a session."""
+    """Every worker's __main__ block, and the package functions the entry points call (launch/pretrain.py:
+    trainer.pretrain; `python -m megatron_greats.bench step` and `fidelity`: bench.step.run, bench.fidelity.run),
+    hold the group in a session."""
     workers = [p for p in (REPO / "tests" / "workers").glob("*.py") if "__main__" in p.read_text()]
     assert len(workers) >= 7
     for path in workers:
@@ -149,7 +150,8 @@ def test_every_worker_and_entry_point_runs_in_a_session():
         runs_the_command = main_block and "pretrain.main(" in ast.unparse(main_block[0])
         assert main_block and (sessions_in(main_block[0]) == 1 or runs_the_command), \
             f"{path.name}: main not run in distributed_session"
-    for path, name in [("megatron_greats/training/trainer.py", "pretrain"), ("megatron_greats/bench/step.py", "run")]:
+    for path, name in [("megatron_greats/training/trainer.py", "pretrain"), ("megatron_greats/bench/step.py", "run"),
+                       ("megatron_greats/bench/fidelity.py", "run")]:
         function = next(node for node in ast.parse((REPO / path).read_text()).body
                         if isinstance(node, ast.FunctionDef) and node.name == name)
         assert sessions_in(function) == 1, f"{path}: {name}() does not enter distributed_session"
