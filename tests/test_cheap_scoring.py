@@ -8,10 +8,11 @@ tokens cut by hand, w.r.t. only the weights named as scored (relative 1e-9), at 
 sequence parallel, PP=2 and TP=2 x PP=2; and, with module hooks and saved_tensors_hooks that know
 nothing of the recorder, that no gradient reaches and no autograd state is kept below the scored
 layers (a pipeline stage with nothing scored runs no backward), while the same hooks fire without
-score_layers. End to end through launch/pretrain.py (tiny gpt2): settings that cover everything
-change no pick; windowed top-L picks and the prefilter's picks equal tests/workers/reference.py
-(plain autograd, the window cut and the M highest losses kept by hand); single_pass falls back to
-two_pass with a note; bad combinations are in test_bad_input.py's catalogue.
+score_layers. In process: ScoreWindow's offsets and cut, Selector.prefilter's rule with ties. End to
+end through launch/pretrain.py (tiny gpt2): settings that cover everything change no pick; windowed
+top-L picks and the prefilter's picks equal tests/workers/reference.py (plain autograd, the window cut
+and the M highest losses kept by hand); single_pass falls back to two_pass with a note; bad
+combinations are in test_bad_input.py's catalogue.
 """
 
 from __future__ import annotations
@@ -65,6 +66,31 @@ def test_score_window_offsets_are_drawn_per_step_within_the_sequence():
         assert random.logged(step) == [offset, 8]
         assert torch.equal(random.cut(tokens, offset), tokens[:, offset: offset + 9])
     assert ScoreWindow().logged(5) is None and ScoreWindow().cut(tokens, 0) is tokens
+
+
+@pytest.fixture(scope="module")
+def layout():
+    from megatron_greats.parallel.state import distributed_session, init_model_parallel
+
+    with distributed_session():  # the group ends with this module: no test after it inherits one
+        yield init_model_parallel(1, 1)
+
+
+def test_prefilter_keeps_the_m_highest_losses_ties_to_the_lower_position(layout):
+    """Selector.prefilter on losses with ties, against the rule by hand (sort by (-loss, position), keep
+    M, ascending); NaN or Inf anywhere: all -1 (the step is skipped)."""
+    from megatron_greats.config import load_config
+    from megatron_greats.training.selecting import Selector
+
+    cfg = load_config(None, ["selection.method=greats", "train.global_batch=2", "train.micro_batch=1",
+                             "selection.candidates=10", "selection.prefilter=5"], world_size=1)
+    selector = Selector(cfg, layout)
+    losses = torch.tensor([2.0, 3.0, 1.0, 3.0, 2.0, 0.5, 3.0, 2.0, 2.0, 1.0])
+    by_hand = sorted(sorted(range(10), key=lambda i: (-float(losses[i]), i))[:5])
+    assert by_hand == [0, 1, 3, 4, 6]  # three 3.0s, then the 2.0s at positions 0 and 4 of 0, 4, 7, 8
+    assert selector.prefilter(losses).tolist() == by_hand
+    for bad in (float("nan"), float("inf")):
+        assert selector.prefilter(torch.cat([losses[:9], torch.tensor([bad])])).tolist() == [-1] * 5
 
 
 def test_windowed_gram_matches_torch_func_of_the_cut_tokens(scoring_runs):
