@@ -118,6 +118,24 @@ CASES = {
     "score_exclude pattern matching no parameter": ([*GREATS, "selection.score_exclude=['*word*', '*wrod*']"],
                                                     ["pattern '*wrod*' matches no parameter",
                                                      "closest parameter names: 'layers.0.word.weight'"], 1),
+    "score window longer than the sequence": ([*GREATS, "selection.score_window=33"],
+                                              ["selection.score_window=33 is longer than model.seq_len=32",
+                                               "allowed: 1..32"], 1),
+    # checked before the layout meets the world size: one process is enough to reach it
+    "score window not divisible under sequence parallel": ([*GREATS, "parallel.tensor=2",
+                                                            "parallel.sequence_parallel=true",
+                                                            "selection.score_window=15"],
+                                                           ["selection.score_window=15 is not divisible by "
+                                                            "parallel.tensor=2", "allowed: a multiple of 2"], 1),
+    "score_layers beyond the model's layers": ([*GREATS, "selection.score_layers=3"],
+                                               ["selection.score_layers=3 exceeds model.num_layers=2",
+                                                "allowed: 1..2"], 1),
+    "prefilter keeping fewer than k": ([*GREATS, "selection.prefilter=7"],
+                                       ["selection.prefilter=7 with k = 8 selected of N = 16 candidates",
+                                        "allowed: 8..15"], 1),
+    "prefilter keeping every candidate": ([*GREATS, "selection.prefilter=16"],
+                                          ["selection.prefilter=16 with k = 8 selected of N = 16 candidates",
+                                           "allowed: 8..15"], 1),
     "val_batch beyond the selection split": ([*GREATS, "selection.val_batch=5000"],
                                              ["selection.val_batch=5000 is more than the selection split holds",
                                               "allowed: <= "], 1),
@@ -170,6 +188,11 @@ CASES = {
                                           "allowed: resuming with 1 process"], 2),
 }
 
+# Refused by the config's own checks (before launch/pretrain.py makes the run folder): no run folder at all.
+BEFORE_THE_RUN_FOLDER = {"score window longer than the sequence", "score window not divisible under sequence parallel",
+                         "score_layers beyond the model's layers", "prefilter keeping fewer than k",
+                         "prefilter keeping every candidate"}
+
 
 def _snapshot(folder: Path) -> dict:
     """Every file under folder with its content's digest (config.yaml included)."""
@@ -213,6 +236,8 @@ def test_bad_input_catalogue(case, data_cache, tmp_path):
     assert _snapshot(data_cache) == cache_before
     after = _snapshot(run_dir) if run_dir.exists() else {}
     assert after == run_before
+    if case in BEFORE_THE_RUN_FOLDER:  # refused by the config's checks: not even the run folder is made
+        assert not run_dir.exists(), case
     leftovers = [p for p in tmp_path.rglob("*.tmp")]
     assert not leftovers, leftovers
 

@@ -29,13 +29,17 @@ def greats(data_cache, run_dir, *extra):
                           "selection.update=two_pass", *extra)
 
 
-def assert_selections_match_reference(run_dir, data_cache, adam: bool = False):
+def assert_selections_match_reference(run_dir, data_cache, adam: bool = False, top_layers=None, prefilter=None,
+                                      model=()):
     """Each step's picks and gains against tests/workers/reference.py: per-sample gradients by ordinary
     backward passes of a 1-process copy of the model at the weights the step started from (the
     previous step's checkpoint, merged over tensor/pipeline shards), their Gram, and a plain greedy.
     The candidates, validation samples and eta are those the run logged; eta must be the scheduled LR.
     adam: the run scores with selection.preconditioner=adam and eta=auto; the reference rebuilds Adam's
-    second moment from the logged selections of the earlier steps (not from the optimizer's state)."""
+    second moment from the logged selections of the earlier steps (not from the optimizer's state).
+    The cheap-scoring settings: the reference cuts the samples to the window the run logged, keeps
+    the top_layers' parameters only, and applies the prefilter's rule itself (the positions it keeps
+    must be those the run logged). model: the run's model.* overrides (the reference builds the same)."""
     from megatron_greats.training.schedule import lr_at
 
     records = read_selections(run_dir)
@@ -57,7 +61,7 @@ def assert_selections_match_reference(run_dir, data_cache, adam: bool = False):
         step, k = r["step"], len(r["selected"])
         lr = lr_at(step - 1, t["lr"], t["min_lr"], t["warmup_steps"], t["steps"])
         entry = {"weights": weights_after(step - 1), "candidates": r["candidates"], "validation": r["validation"],
-                 "eta": r["eta"], "k": k}
+                 "eta": r["eta"], "k": k, "window": r["score_window"], "top_layers": top_layers, "prefilter": prefilter}
         if not adam:
             assert r["eta"] == pytest.approx(lr, rel=1e-12)
         elif step == 1:  # no second moment yet: raw gradients, eta = lr / k
@@ -69,12 +73,15 @@ def assert_selections_match_reference(run_dir, data_cache, adam: bool = False):
                                          for u in range(1, step)],
                              "beta2": t["beta2"], "eps": t["adam_eps"], "clip": t["grad_clip"]}
         spec.append(entry)
-    reference = run_reference({"select": spec}, tiny_overrides(data_cache, run_dir / "reference"), run_dir)
+    reference = run_reference({"select": spec}, tiny_overrides(data_cache, run_dir / "reference", *model), run_dir)
     for r, ref in zip(records, reference["select"]):
+        if prefilter is not None:
+            assert r["prefiltered"] == ref["prefiltered"], f"step {r['step']}"
         assert [r["candidates"][i] for i in ref["picked"]] == r["selected"], f"step {r['step']}"
         gains, ref_gains = np.asarray(r["gains"]), np.asarray(ref["gains"])
         error = np.abs(gains - ref_gains).max() / np.abs(ref_gains).max()
         assert error < 1e-4, f"step {r['step']}: gains differ by {error:.2e} (relative)"
+    return reference
 
 
 def assert_single_pass_equals_two_pass(two_pass_dir, data_cache, run_dir, nproc, *extra):

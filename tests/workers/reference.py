@@ -18,11 +18,21 @@ SPEC_JSON:
           "eps", "clip"} the candidates' gradients are first multiplied by Adam's D for the coming
           step, rebuilt from scratch: v summed over the history's clipped mean gradients, then
           v_t = beta2 v + (1 - beta2) gbar^2 with gbar the candidates' mean gradient, bias-corrected.
+          Optional, for the cheap-scoring settings: "window": [offset, length]: every candidate and
+          validation sample is cut here to tokens[offset: offset + length + 1] before anything else;
+          "top_layers": L: the gradients hold only the parameters of the layers from index
+          num_layers + 2 - L on in the layer list [embedding, embedding output, num_layers transformer
+          layers, final norm, output] (the top L transformer layers, the final norm, an untied output),
+          found here by parameter name; "prefilter": M: first each candidate's loss (forward only),
+          then the M highest (a stable sort: ties to the lower position), in ascending positions, are
+          the only candidates selected from; picks are positions among all candidates, and
+          "prefiltered" (the M positions) and "losses" (all candidates') are returned too.
   losses: per-sample losses of train samples `ids` at the given weights (forward only);
   adamw:  consecutive steps from the initial weights with torch's own AdamW, on the mean gradient over
           each step's ids, clipped to `clip`, with parameter groups built here from Megatron's rule:
           no weight decay on biases, on the weights of normalisation layers, or on learned positions.
-Writes {"initial": state, "steps": [{"grad_norm", "weights"}], "select": [{"picked", "gains"}],
+Writes {"initial": state, "steps": [{"grad_norm", "weights"}], "select": [{"picked", "gains"[, "prefiltered",
+"losses"]}],
 "losses": [tensor, ...], "adamw": {"decayed": [names], "grad_norms": [...], "weights": [state after each
 step]}} to OUT.
 """
@@ -115,9 +125,10 @@ def greedy(alignment, gram, k, eta):
     return picked, gains
 
 
-def flat_gradient(model, tokens, clip=0.0):
-    """The gradient of the mean per-sample loss over tokens, flat, in float64 (clipped to `clip`)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def flat_gradient(model, tokens, clip=0.0, names=None):
+    """The gradient of the mean per-sample loss over tokens, flat, in float64 (clipped to `clip`); with
+    `names`, of those parameters only."""
+    params = [p for n, p in model.named_parameters() if p.requires_grad and (names is None or n in names)]
     model.zero_grad(set_to_none=True)
     per_sample_losses(model, tokens).mean().backward()
     g = torch.cat([p.grad.reshape(-1).double() for p in params])
@@ -139,9 +150,29 @@ def adam_diagonal(v, t, beta2, eps):
     return lambda gbar: 1.0 / (((beta2 * v + (1 - beta2) * gbar ** 2) / (1 - beta2 ** t)).sqrt() + eps)
 
 
-def select(model, data, candidates, validation, eta, k, diagonal=None):
-    tokens = torch.cat([data.train.get(np.asarray(candidates)), data.selection.get(np.asarray(validation))])
-    rows = [flat_gradient(model, tokens[i:i + 1]) for i in range(tokens.shape[0])]
+def top_layer_names(model, num_layers, top):
+    """The parameter names of layers num_layers + 2 - top, ... of the layer list (SequentialGPT's
+    `layers.<index>.`): the top transformer layers, the final norm and an untied output layer."""
+    first = num_layers + 2 - top
+    return {n for n, _ in model.named_parameters() if n.startswith("layers.") and int(n.split(".")[1]) >= first}
+
+
+def select(model, data, candidates, validation, eta, k, diagonal=None, window=None, names=None, prefilter=None):
+    def cut(tokens):
+        return tokens if window is None else tokens[:, window[0]: window[0] + window[1] + 1]
+
+    candidates = np.asarray(candidates)
+    extra = {}
+    if prefilter is not None:
+        with torch.no_grad():
+            losses = per_sample_losses(model, cut(data.train.get(candidates))).double()
+        order = sorted(range(len(candidates)), key=lambda i: (-float(losses[i]), i))  # ties to the lower position
+        kept = sorted(order[:prefilter])
+        extra = {"prefiltered": kept, "losses": losses}
+        picked, gains = select(model, data, candidates[kept], validation, eta, k, diagonal, window, names)
+        return [kept[i] for i in picked], gains, extra
+    tokens = cut(torch.cat([data.train.get(candidates), data.selection.get(np.asarray(validation))]))
+    rows = [flat_gradient(model, tokens[i:i + 1], names=names) for i in range(tokens.shape[0])]
     g = torch.stack(rows)
     if diagonal is not None:
         g[:len(candidates)] *= diagonal(g[:len(candidates)].mean(dim=0))
@@ -169,8 +200,16 @@ def main():
             diagonal = adam_diagonal(adam_second_moment(model, data, initial, adam), len(adam["history"]) + 1,
                                      adam["beta2"], adam["eps"])
         load(model, initial, s["weights"])
-        picked, gains = select(model, data, s["candidates"], s["validation"], s["eta"], s["k"], diagonal)
-        result["select"].append({"picked": picked, "gains": gains})
+        top = s.get("top_layers")
+        names = None if top is None else top_layer_names(model, cfg.model.num_layers, top)
+        if s.get("prefilter") is None:
+            picked, gains = select(model, data, s["candidates"], s["validation"], s["eta"], s["k"], diagonal,
+                                   s.get("window"), names)
+            result["select"].append({"picked": picked, "gains": gains})
+        else:
+            picked, gains, extra = select(model, data, s["candidates"], s["validation"], s["eta"], s["k"], diagonal,
+                                          s.get("window"), names, s["prefilter"])
+            result["select"].append({"picked": picked, "gains": gains, **extra})
     for s in spec.get("losses", []):
         load(model, initial, s["weights"])
         with torch.no_grad():
