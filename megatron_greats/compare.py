@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from megatron_greats.report import read_jsonl, read_run
+from megatron_greats.selection.catalog import CATALOG, methods_needing_a_reference, regular
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_METHODS = ("regular", "greats", "first_order", "gradnorm", "maxloss")
@@ -107,7 +108,7 @@ def _test_within(run: dict, seconds: float):
 def summarize(out: Path, methods: list, seeds: list) -> tuple:
     """(summary, per-arm per-seed curves); methods: the arm names."""
     runs = {m: {s: read_run(run_dir_of(out, m, s)) for s in seeds} for m in methods}
-    baseline = "regular" if "regular" in runs else methods[0]
+    baseline = regular() if regular() in runs else methods[0]
     target_test, _ = _mean_std([r["test"][-1] for r in runs[baseline].values()])
     summary = {"target_domain": next(iter(runs[baseline].values()))["target"], "seeds": seeds,
                "baseline": baseline, "baseline_final_test": target_test, "methods": {}}
@@ -277,26 +278,27 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run (after --)")
     args = parser.parse_args(argv)
 
-    from megatron_greats.config import SELECTION_METHODS, load_config
+    from megatron_greats.config import load_config
     from megatron_greats.errors import GreatsError
 
     methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in SELECTION_METHODS]
+    bad = [m for m in methods if m not in CATALOG]
     if bad or not (methods or args.arm):
         print(f"megatron_greats: error: --methods {args.methods!r}: unknown {', '.join(bad) or '(none given)'}; "
-              f"allowed: a comma-separated list of {', '.join(SELECTION_METHODS)}", file=sys.stderr)
+              f"allowed: a comma-separated list of {', '.join(CATALOG)}", file=sys.stderr)
         return 2
     seeds_count = args.seeds if args.seeds is not None else (2 if args.quick else 3)
     if seeds_count < 1:
         print(f"megatron_greats: error: --seeds {seeds_count}; allowed: >= 1", file=sys.stderr)
         return 2
     overrides = [*(QUICK_TRAIN if args.quick else DEFAULT_TRAIN), *args.overrides]
+    needing = methods_needing_a_reference()
     if args.reference_checkpoint:
-        if "rholoss" not in methods:
-            methods.append("rholoss")
+        methods += [m for m in needing if m not in methods]
         overrides.append(f"selection.reference_checkpoint={args.reference_checkpoint}")
-    elif "rholoss" in methods:
-        print("megatron_greats: error: --methods includes rholoss but no --reference-checkpoint is given; "
+    elif set(needing) & set(methods):
+        print(f"megatron_greats: error: --methods includes {', '.join(m for m in methods if m in needing)} but no "
+              "--reference-checkpoint is given; "
               "allowed: --reference-checkpoint STEP_DIR", file=sys.stderr)
         return 2
     if args.init_checkpoint:

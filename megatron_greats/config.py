@@ -17,6 +17,8 @@ import yaml
 
 from megatron_greats.data.splits import HELD_OUT, crawl_problem, fractions_problem, prefixes_problem
 from megatron_greats.errors import ConfigError
+from megatron_greats.selection.catalog import (CATALOG, NOTED_KEYS, SINGLE_PASS, TWO_PASS, UPDATE_MODES, MethodSpec,
+                                               methods_reading, spec_of)
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Key:
 
 def _eta_problem(v):
     if isinstance(v, str):
-        return None if v == "auto" else "allowed: > 0, auto, or null"
+        return None if v == ETA_AUTO else "allowed: > 0, auto, or null"
     return None if v > 0 else "allowed: > 0, auto, or null"
 
 
@@ -52,32 +54,14 @@ def _non_negative(v):
 
 
 INT, FLOAT, STR, BOOL = (int,), (float, int), (str,), (bool,)
-# The names megatron_greats.selection.METHODS knows (kept here so validation needs no torch import).
-SELECTION_METHODS = ("greats", "first_order", "gradnorm", "maxloss", "rholoss", "uniform", "regular")
-PRECONDITIONERS = ("none", "adam")
-ALIGNMENTS = ("dot", "cosine")
-# Those whose scores need the Gram (a backward over the candidates): the ones selection.update applies to.
-GRAM_METHODS = ("greats", "first_order", "gradnorm")
-UPDATE_MODES = ("two_pass", "single_pass")
-# Those that run a scoring pass (a forward over the candidates, with or without the Gram's backward).
-SCORING_METHODS = GRAM_METHODS + ("maxloss", "rholoss")
-WINDOW_PLACEMENTS = ("start", "random")
-# The selection keys only some methods read. A config may set them for greats and still be run with
-# selection.method=regular (quickstart, compare): such a run notes the unread keys instead of refusing.
-METHODS_READING = {
-    "eta": ("greats",),
-    "preconditioner": GRAM_METHODS,
-    "alignment": ("greats", "first_order"),
-    "temperature": ("greats",),
-    "self_term": ("greats",),
-    "batch_mean": ("greats",),
-    "score_exclude": GRAM_METHODS,
-    "score_window": SCORING_METHODS,
-    "score_window_at": SCORING_METHODS,
-    "score_layers": GRAM_METHODS,
-    # maxloss ranks by the loss itself: its top k of the M highest losses is its top k of all N
-    "prefilter": ("greats", "first_order", "gradnorm", "rholoss"),
-}
+# The selection keys' named values (compared by name everywhere else).
+NO_PRECONDITIONER, ADAM = "none", "adam"
+PRECONDITIONERS = (NO_PRECONDITIONER, ADAM)
+DOT, COSINE = "dot", "cosine"
+ALIGNMENTS = (DOT, COSINE)
+WINDOW_START, WINDOW_RANDOM = "start", "random"
+WINDOW_PLACEMENTS = (WINDOW_START, WINDOW_RANDOM)
+ETA_AUTO = "auto"
 OPT_INT, OPT_FLOAT, OPT_STR = (int, type(None)), (float, int, type(None)), (str, type(None))
 
 SCHEMA: dict = {
@@ -137,7 +121,7 @@ SCHEMA: dict = {
         "stage": Key(INT, 0, _one_of(0, 1, 2, 3)),
     },
     "selection": {
-        "method": Key(STR, "greats", _one_of(*SELECTION_METHODS),
+        "method": Key(STR, "greats", lambda v: None if v in CATALOG else f"allowed: {', '.join(CATALOG)}",
                       help="greats, or a baseline; regular = plain training on k samples from the stream"),
         "candidates": Key(OPT_INT, None, lambda v: None if v > 0 else "allowed: > 0 or null",
                           help="N candidates per data-parallel replica and step (null: 2k)"),
@@ -151,11 +135,11 @@ SCHEMA: dict = {
                    help="GREATS step size; null: the step's scheduled learning rate; auto: the optimizer's real "
                         "per-sample step scale, lr (1 - beta1) / ((1 - beta1^t) k) with the adam preconditioner "
                         "and lr / k without"),
-        "preconditioner": Key(STR, "none", _one_of(*PRECONDITIONERS),
+        "preconditioner": Key(STR, NO_PRECONDITIONER, _one_of(*PRECONDITIONERS),
                               help="adam: score with AdamW's own diagonal D = 1 / (sqrt(v_hat) + eps), "
                                    "phi_i = eta <D g_i, g_val> and interaction eta^2 <D g_i, D g_j>; none: raw "
                                    "gradients (an SGD step)"),
-        "alignment": Key(STR, "dot", _one_of(*ALIGNMENTS),
+        "alignment": Key(STR, DOT, _one_of(*ALIGNMENTS),
                          help="greats, first_order: cosine scores each candidate's unit gradient g_i / |g_i| "
                               "(no bias toward large gradients); dot: g_i itself"),
         "temperature": Key(FLOAT, 0.0, lambda v: None if v >= 0 else "allowed: >= 0",
@@ -168,7 +152,7 @@ SCHEMA: dict = {
                             help="score each candidate and validation sample on a window of this many tokens (its "
                                  "losses and gradients over them); training still reads the whole sequence. "
                                  "null: the whole sequence"),
-        "score_window_at": Key(STR, "start", _one_of(*WINDOW_PLACEMENTS),
+        "score_window_at": Key(STR, WINDOW_START, _one_of(*WINDOW_PLACEMENTS),
                                help="start: the first score_window tokens of every sample (the same tokens, with the "
                                     "same context, as in training); random: one offset per step, drawn from the "
                                     "seed and the step, shared by all samples (logged in selection.jsonl)"),
@@ -180,7 +164,7 @@ SCHEMA: dict = {
                          help="M: a forward over all N candidates first, then only the M with the highest loss "
                               "are scored with gradients and selected from (k <= M < N). null: all N"),
         "reference_checkpoint": Key(OPT_STR, None, help="rholoss: checkpoint folder (step_N) of a reference run"),
-        "update": Key(STR, "single_pass", _one_of(*UPDATE_MODES),
+        "update": Key(STR, SINGLE_PASS, _one_of(*UPDATE_MODES),
                       help="for the methods that score with the Gram (greats, first_order, gradnorm); single_pass: "
                            "the selected samples' gradient formed from the scoring pass's own layer operands (no "
                            "second pass; needs model.dropout=0 and zero.stage<=2); two_pass: an ordinary "
@@ -374,18 +358,23 @@ class Config:
         n = self.selection.candidates
         return 2 * self.num_selected(world_size) if n is None else n
 
+    @property
+    def method(self) -> MethodSpec:
+        """selection.method's facts (selection/catalog.py)."""
+        return spec_of(self.selection.method)
+
     def num_scored(self, world_size: int) -> int:
         """The candidates scored with gradients per replica: the prefilter's M, or all N."""
         prefilter = self.selection.prefilter
-        return self.num_candidates(world_size) if prefilter is None or self.selection.method not in \
-            METHODS_READING["prefilter"] else prefilter
+        return self.num_candidates(world_size) if prefilter is None or not self.method.reads("prefilter") \
+            else prefilter
 
     def partial_scoring(self) -> list[str]:
         """The settings, as 'key=value', with which the scoring pass covers less than every layer over the
         whole sequence (those single_pass cannot form an update from)."""
         sel = self.selection
         keys = [key for key in ("score_window", "score_layers")
-                if getattr(sel, key) is not None and sel.method in METHODS_READING[key]]
+                if getattr(sel, key) is not None and self.method.reads(key)]
         return [f"selection.{key}={getattr(sel, key)}" for key in keys]
 
     def update_mode(self) -> str:
@@ -393,8 +382,8 @@ class Config:
         over the whole sequence, so it applies to the Gram methods, and only where the scoring pass has
         those: with a score window or top layers only, the run takes two_pass steps (noted at start)."""
         sel = self.selection
-        single = sel.update == "single_pass" and sel.method in GRAM_METHODS and not self.partial_scoring()
-        return "single_pass" if single else "two_pass"
+        single = sel.update == SINGLE_PASS and SINGLE_PASS in self.method.updates and not self.partial_scoring()
+        return SINGLE_PASS if single else TWO_PASS
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tensor * self.parallel.pipeline)
@@ -403,9 +392,8 @@ class Config:
         """One line per selection key set away from its default that selection.method does not read."""
         sel, schema = self.selection, SCHEMA["selection"]
         return [f"selection.{key}={getattr(sel, key)!r} is not read by selection.method={sel.method} (it applies to "
-                f"{', '.join(methods)}); this run does not use it"
-                for key, methods in METHODS_READING.items()
-                if sel.method not in methods and getattr(sel, key) != schema[key].default]
+                f"{', '.join(methods_reading(key))}); this run does not use it"
+                for key in NOTED_KEYS if not self.method.reads(key) and getattr(sel, key) != schema[key].default]
 
     def selection_notes(self, world_size: int) -> list[str]:
         """Settings that run but are unlikely what the user meant, one line each (printed at start).
@@ -416,11 +404,11 @@ class Config:
         intent of a selection run."""
         sel, k = self.selection, self.num_selected(world_size)
         notes = []
-        if sel.update == "single_pass" and sel.method in GRAM_METHODS and self.partial_scoring():
+        if sel.update == SINGLE_PASS and SINGLE_PASS in self.method.updates and self.partial_scoring():
             notes.append(f"selection.update=single_pass forms the update from every layer's operands over the whole "
                          f"sequence, which a scoring pass with {' and '.join(self.partial_scoring())} does not "
                          "have: this run takes two_pass steps (an ordinary forward/backward on the selected samples)")
-        if sel.method == "regular" or self.num_candidates(world_size) != k:
+        if self.method.from_stream or self.num_candidates(world_size) != k:
             return notes
         return notes + [f"selection.candidates={sel.candidates} equals k = {k} (selected per step and replica): "
                 f"selection.method={sel.method} takes every candidate, so this run trains on the samples "
@@ -473,8 +461,8 @@ class Config:
             if self.tokenizer.model is None:
                 raise ConfigError("data.source=megatron needs tokenizer.model (the tokenizer the data was built with)")
         sel = self.selection
-        if sel.method == "rholoss" and sel.reference_checkpoint is None:
-            raise ConfigError("selection.method=rholoss needs selection.reference_checkpoint; allowed: a step_N checkpoint "
+        if self.method.needs_reference and sel.reference_checkpoint is None:
+            raise ConfigError(f"selection.method={sel.method} needs selection.reference_checkpoint; allowed: a step_N checkpoint "
                               "folder of a reference run of the same model")
         if sel.score_window is not None and sel.score_window > m.seq_len:
             raise ConfigError(f"selection.score_window={sel.score_window} is longer than model.seq_len={m.seq_len}; "
@@ -486,7 +474,7 @@ class Config:
         if sel.score_layers is not None and sel.score_layers > m.num_layers:
             raise ConfigError(f"selection.score_layers={sel.score_layers} exceeds model.num_layers={m.num_layers}; "
                               f"allowed: 1..{m.num_layers}, or null (every layer)")
-        single_pass = self.update_mode() == "single_pass"
+        single_pass = self.update_mode() == SINGLE_PASS
         if single_pass and self.zero.stage == 3:
             raise ConfigError("selection.update=single_pass with zero.stage=3: ZeRO-3 partitions the parameters the "
                               "update is formed for; allowed with single_pass (the default): zero.stage 0, 1 or 2, or "
@@ -495,10 +483,10 @@ class Config:
             raise ConfigError(f"selection.update=single_pass with model.dropout={m.dropout}: the update reuses the "
                               "scoring pass, which runs without dropout; allowed: model.dropout=0, or "
                               "selection.update=two_pass")
-        if sel.eta == "auto" and sel.batch_mean:
+        if sel.eta == ETA_AUTO and sel.batch_mean:
             raise ConfigError("selection.batch_mean=true with selection.eta=auto: auto already divides by k; "
                               "allowed: one of them")
-        if sel.preconditioner == "adam" and t.optimizer != "adamw" and sel.method in GRAM_METHODS:
+        if sel.preconditioner == ADAM and t.optimizer != "adamw" and self.method.needs_gram:
             raise ConfigError(f"selection.preconditioner=adam with train.optimizer={t.optimizer}: it reads AdamW's "
                               "second moment; allowed: train.optimizer=adamw, or selection.preconditioner=none")
         if not all(isinstance(x, str) for x in sel.score_exclude):
@@ -523,7 +511,7 @@ class Config:
         if n < k:
             raise ConfigError(f"selection.candidates={sel.candidates} is smaller than selection.select={k}; "
                               f"allowed: >= {k}")
-        prefilter = sel.prefilter if sel.method in METHODS_READING["prefilter"] else None  # else noted as unread
+        prefilter = sel.prefilter if self.method.reads("prefilter") else None  # else noted as unread
         if prefilter is not None and not k <= prefilter < n:
             raise ConfigError(f"selection.prefilter={sel.prefilter} with k = {k} selected of N = {n} candidates; "
                               f"allowed: {k}..{n - 1} (k <= M < N), or null" if n > k else

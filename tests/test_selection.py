@@ -130,12 +130,20 @@ def test_baselines_by_name():
     assert set(METHODS) == {"greats", "first_order", "gradnorm", "maxloss", "rholoss", "uniform", "regular"}
 
 
-def test_the_config_knows_the_methods_and_which_score_with_the_gram():
-    """config.py keeps the names without importing torch; they must match the methods' own table."""
-    from megatron_greats.config import GRAM_METHODS, SELECTION_METHODS
+def test_the_catalog_imports_without_torch_and_every_method_has_a_pick_function():
+    """Config validation reads selection/catalog.py in a process without torch; each catalog entry has a
+    registered pick function that is given what the entry says it ranks by."""
+    import subprocess
+    import sys
 
-    assert SELECTION_METHODS == tuple(METHODS)
-    assert set(GRAM_METHODS) == {name for name, m in METHODS.items() if {"gram", "val_alignment"} & set(m.needs)}
+    from megatron_greats.selection.catalog import CATALOG
+
+    probe = ("import sys; from megatron_greats.config import load_config; load_config(None, []); "
+             "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+    assert set(CATALOG) == set(METHODS)
+    assert all(METHODS[name].needs == spec.ranks_by for name, spec in CATALOG.items())
 
 
 def test_bad_requests_are_errors():

@@ -333,3 +333,24 @@ def test_scoring_schedule_is_deepspeeds_1f1b_without_an_optimizer_step(stages):
             assert backward == ([0, 1, 2] if kind is ScoringSchedule else [])
             loads = [c.micro_batch_id for c in flat if isinstance(c, ScoreLoad)]
             assert loads == ([0, 1, 2] if stage in (0, stages - 1) else [])
+
+
+def test_a_method_added_to_the_catalog_alone_trains(data_cache, tmp_path):
+    """Adding a method touches the catalog and its own pick function, nothing else:
+    tests/workers/pretrain_with_a_new_method.py adds `minloss` (the k lowest losses) that way and runs the
+    real command. Its first step sees maxloss's candidates with the same weights, and with N = 2k the k
+    lowest and the k highest losses split the candidates: its picks must be exactly those maxloss leaves."""
+    worker = REPO / "tests" / "workers" / "pretrain_with_a_new_method.py"
+    runs = {}
+    for method in ("minloss", "maxloss"):
+        run_dir = tmp_path / method
+        overrides = tiny_overrides(data_cache, run_dir, "train.steps=1", f"selection.method={method}")
+        script = [str(worker)] if method == "minloss" else [str(REPO / "launch" / "pretrain.py")]
+        proc = subprocess.run([sys.executable, *script, "--config", str(REPO / "configs/tiny-cpu.yaml"), *overrides],
+                              cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[method] = read_selections(run_dir)[0]
+    low, high = runs["minloss"], runs["maxloss"]
+    assert low["candidates"] == high["candidates"] and len(low["candidates"]) == 2 * len(low["selected"])
+    assert not set(low["selected"]) & set(high["selected"])
+    assert set(low["selected"]) | set(high["selected"]) == set(low["candidates"])

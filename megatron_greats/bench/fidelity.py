@@ -131,13 +131,15 @@ def observed(kind):
 def settings_of(config_path: str, overrides: list, texts: list, world: int) -> tuple:
     """(exact config, {name: (overrides, config)}, notes): every setting's config loaded (and so checked)
     before any heavy work. The defaults (no texts) that the config refuses are left out with a note."""
-    from megatron_greats.config import GRAM_METHODS, load_config
+    from megatron_greats.config import load_config
+    from megatron_greats.selection.catalog import CATALOG
     from megatron_greats.errors import ConfigError
 
     exact = load_config(config_path, [*overrides, *EXACT], world_size=world)
-    if exact.selection.method not in GRAM_METHODS:
+    if not exact.method.needs_gram:
+        gram_methods = [name for name, spec in CATALOG.items() if spec.needs_gram]
         raise ConfigError(f"bench fidelity: selection.method={exact.selection.method} forms no Gram or first-order "
-                          f"score to compare; allowed: {', '.join(GRAM_METHODS)}")
+                          f"score to compare; allowed: {', '.join(gram_methods)}")
     notes = []
     if texts:
         given = {}

@@ -39,6 +39,7 @@ from megatron_greats.ghost.layers import recorded_modules, rule_for
 from megatron_greats.ghost.products import Path, UpdateFrom
 from megatron_greats.ghost.reduction import GramReduction, Reduction, reduction_of
 from megatron_greats.ghost.ties import gather_tied_uses, pipeline_ties
+from megatron_greats.phases import ALLREDUCE
 
 __all__ = ["GhostRecorder", "frozen_parameters"]
 
@@ -116,6 +117,11 @@ class GhostRecorder:
                     seen.add(p)
         # a tied output layer owns no weight but uses the embedding's; it is covered where it lives
         return covered
+
+    def parameter_names(self) -> tuple:
+        """(every parameter's name, the trainable ones', the trainable scored ones'), of this module."""
+        return (list(self.names.values()), [self.names[p] for p in self.trainable],
+                [self.names[p] for p in self.trainable if p in self.scored])
 
     def uncovered(self) -> list:
         """Names of trainable parameters to capture (those include/exclude select; with keep_operands all
@@ -262,7 +268,7 @@ class GhostRecorder:
             return self._gram
         store = self._store
         device = next(self.model.parameters()).device
-        with self._reduction.phase("allreduce"):
+        with self._reduction.phase(ALLREDUCE):
             total = self._agreed_total(device)
             # a copy: uses received from other stages count in the Gram, never in this stage's update
             uses_of = {p: list(uses) for p, uses in store.uses.items()}

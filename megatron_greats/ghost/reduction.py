@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron_greats.errors import ConfigError
 from megatron_greats.ghost import products
 from megatron_greats.ghost.products import Path
+from megatron_greats.phases import ALLREDUCE, GHOST_PRODUCTS
 
 
 class Reduction(str, Enum):
@@ -211,7 +212,7 @@ class GramReduction:
         """Reduce one parameter during backward (its uses cover a single micro-batch of uses[0].n samples)."""
         if self.streamed is None:
             self.streamed = self.gram_sum(uses[0].n, uses[0].inputs.device)
-        with self.phase("ghost_products"):
+        with self.phase(GHOST_PRODUCTS):
             self.add_param_gram(self.streamed, param, uses, reduction, uses[0].n, keep)
 
     def gram_sum(self, total: int, device) -> GramSum:
@@ -247,7 +248,7 @@ class GramReduction:
         vector = products.is_vector(uses)  # its one tile is fresh: its Gram can wait for the others'
         for tile in products.materialised_blocks(uses, total, self.dtype, self.chunk_elements, fresh=keep):
             if summed:
-                with self.phase("allreduce"):
+                with self.phase(ALLREDUCE):
                     dist.all_reduce(tile.block, group=self.tensor_group)
             if keep:
                 self.kept.setdefault(param, []).append(tile)
@@ -277,10 +278,10 @@ class GramReduction:
         the parameters in `keep` keep their per-sample gradients where they are formed."""
         gram = self.streamed if self.streamed is not None else self.gram_sum(total, device)
         for param in self.sorted(uses_of):
-            with self.phase("ghost_products"):
+            with self.phase(GHOST_PRODUCTS):
                 self.add_param_gram(gram, param, uses_of[param], reductions[param], total, param in keep)
         gram = gram.matrix()
         if self.model_parallel_group is not None and dist.get_world_size(self.model_parallel_group) > 1:
-            with self.phase("allreduce"):
+            with self.phase(ALLREDUCE):
                 dist.all_reduce(gram, group=self.model_parallel_group)
         return gram

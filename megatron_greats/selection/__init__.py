@@ -1,7 +1,17 @@
-"""Online batch selection: the GREATS greedy and baselines, as pure functions of scores."""
+"""Online batch selection: the GREATS greedy and baselines, as pure functions of scores.
 
-from megatron_greats.selection.greedy import greats_greedy
-from megatron_greats.selection.methods import (METHODS, Selection, SelectorInputs, method, select, top_k,
-                                               unit_gradients)
+catalog.py (each method's facts) imports without torch; the rest is loaded on first use, so config
+validation can read the catalog in a process that has not imported torch."""
 
-__all__ = ["greats_greedy", "METHODS", "Selection", "SelectorInputs", "method", "select", "top_k", "unit_gradients"]
+import importlib
+
+_LAZY = {"greats_greedy": "greedy", **{name: "methods" for name in (
+    "METHODS", "Selection", "SelectorInputs", "method", "select", "top_k", "unit_gradients")}}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"megatron_greats.selection.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'megatron_greats.selection' has no attribute '{name}'")

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_greats.selection.catalog import CATALOG, spec_of
 from megatron_greats.selection.greedy import greats_greedy
 
 
@@ -45,40 +46,66 @@ class Method:
     pick: Callable
 
 
+METHODS = {}  # name -> Method: the catalog's facts with the pick function registered below
+
+
+def picks(name: str):
+    """Register a method's pick function, called with keyword arguments k, n, eta, generator, options
+    and the inputs of SelectorInputs (those the catalog says it ranks by are given)."""
+    def register(fn: Callable) -> Callable:
+        METHODS[name] = Method(spec_of(name).ranks_by, fn)
+        return fn
+    return register
+
+
 def top_k(score: torch.Tensor, k: int) -> Selection:
     """The k largest scores, ties broken by lowest index (a stable sort, unlike torch.topk)."""
     order = torch.argsort(-score.to(torch.float64), stable=True)[:k]
     return Selection(order, score[order])
 
 
-def _greats(k, eta, gram, val_alignment, **options):
-    picked, gains = greats_greedy(val_alignment, gram, k, eta, return_gains=True, **options)
+@picks("greats")
+def _greats(k, eta, gram, val_alignment, options, generator, **_):
+    picked, gains = greats_greedy(val_alignment, gram, k, eta, return_gains=True, generator=generator, **options)
     return Selection(picked, gains)
 
 
-def _uniform(k, n, generator):
+@picks("first_order")
+def _first_order(k, val_alignment, **_):
+    return top_k(val_alignment, k)
+
+
+@picks("gradnorm")
+def _gradnorm(k, gram, **_):
+    return top_k(torch.diagonal(gram), k)
+
+
+@picks("maxloss")
+def _maxloss(k, losses, **_):
+    return top_k(losses, k)
+
+
+@picks("rholoss")
+def _rholoss(k, losses, reference_losses, **_):
+    return top_k(losses - reference_losses, k)
+
+
+@picks("uniform")
+def _uniform(k, n, generator, **_):
     picked = torch.randperm(n, generator=generator)[:k]
     return Selection(picked, torch.zeros(k, dtype=torch.float64))
 
 
-METHODS = {
-    "greats": Method(("gram", "val_alignment"),
-                     lambda k, eta, gram, val_alignment, options, generator, **_: _greats(
-                         k, eta, gram, val_alignment, generator=generator, **options)),
-    "first_order": Method(("val_alignment",), lambda k, val_alignment, **_: top_k(val_alignment, k)),
-    "gradnorm": Method(("gram",), lambda k, gram, **_: top_k(torch.diagonal(gram), k)),
-    "maxloss": Method(("losses",), lambda k, losses, **_: top_k(losses, k)),
-    "rholoss": Method(("losses", "reference_losses"),
-                      lambda k, losses, reference_losses, **_: top_k(losses - reference_losses, k)),
-    "uniform": Method((), lambda k, n, generator, **_: _uniform(k, n, generator)),
-    # Regular trains on k samples straight from the stream: the first k candidates.
-    "regular": Method((), lambda k, **_: Selection(torch.arange(k), torch.zeros(k, dtype=torch.float64))),
-}
+@picks("regular")
+def _regular(k, **_):  # trains on k samples straight from the stream: the first k candidates
+    return Selection(torch.arange(k), torch.zeros(k, dtype=torch.float64))
+
+
+assert set(METHODS) == set(CATALOG), f"methods without a pick function: {set(CATALOG) - set(METHODS)}"
 
 
 def method(name: str) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown selection method '{name}'; allowed: {', '.join(METHODS)}")
+    spec_of(name)  # an unknown name: one line naming the allowed ones
     return METHODS[name]
 
 
@@ -93,6 +120,6 @@ def select(name: str, k: int, n: int, *, eta: Optional[float] = None, gram=None,
         raise ValueError(f"selection method '{name}' needs {', '.join(missing)}")
     if not 0 < k <= n:
         raise ValueError(f"k={k}; allowed: 1 <= k <= N={n}")
-    if name == "greats" and eta is None:
-        raise ValueError("selection method 'greats' needs eta (the step's learning rate)")
+    if spec_of(name).reads("eta") and eta is None:
+        raise ValueError(f"selection method '{name}' needs eta (the step's learning rate)")
     return m.pick(k=k, n=n, eta=eta, generator=generator, options=greats_options or {}, **given)

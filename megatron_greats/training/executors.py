@@ -28,6 +28,7 @@ import torch.distributed as dist
 from megatron_greats import deepspeed_internals as ds
 from megatron_greats.model import mean_loss, per_sample_losses
 from megatron_greats.parallel.state import Layout
+from megatron_greats.phases import SCORE_BACKWARD, SCORE_FORWARD
 from megatron_greats.training import pipeline_schedules
 from megatron_greats.training.telemetry import PhaseClock
 
@@ -85,14 +86,14 @@ class PlainExecutor:
         losses = []
         for index, (inputs, labels) in enumerate(micro):
             if recorder is None:
-                with clock.phase("score_forward"), torch.no_grad():
+                with clock.phase(SCORE_FORWARD), torch.no_grad():
                     losses.append(per_sample_losses(module(inputs), labels))
                 continue
             if len(micro) > 1:
                 recorder.begin_micro_batch(index, inputs.shape[0])  # the Gram spans all micro-batches
-            with clock.phase("score_forward"):
+            with clock.phase(SCORE_FORWARD):
                 part = per_sample_losses(module(inputs), labels)
-            with clock.phase("score_backward"):
+            with clock.phase(SCORE_BACKWARD):
                 recorder.backward(part)
             losses.append(part.detach())
         return torch.cat(losses)

@@ -47,7 +47,6 @@ from typing import Optional
 
 import torch
 
-from megatron_greats.config import METHODS_READING
 from megatron_greats.errors import ConfigError
 
 # What a first pass allocates besides its tensors (allocator arenas, kernels' scratch), measured on CPU.
@@ -180,8 +179,7 @@ def estimate_scoring_memory(cfg, scoring, vocab_size: int, samples: int, gram: b
 def scoring_tokens(cfg) -> int:
     """Tokens per sample in the scoring pass: selection.score_window, or the whole sequence."""
     window = cfg.selection.score_window
-    return cfg.model.seq_len if window is None or cfg.selection.method not in METHODS_READING["score_window"] \
-        else window
+    return cfg.model.seq_len if window is None or not cfg.method.reads("score_window") else window
 
 
 def first_step_bytes(cfg, module: torch.nn.Module) -> int:

@@ -32,6 +32,7 @@ from deepspeed.runtime.pipe import schedule as ds_schedule
 
 from megatron_greats import deepspeed_internals as ds
 from megatron_greats.model import per_sample_losses
+from megatron_greats.phases import SCORE_BACKWARD, SCORE_EXCHANGE, SCORE_FORWARD
 from megatron_greats.training.telemetry import PhaseClock
 
 
@@ -149,8 +150,8 @@ def _in_phase(name: str, execute):
 
 
 _EXCHANGE = (ds_schedule.SendActivation, ds_schedule.RecvActivation, ds_schedule.SendGrad, ds_schedule.RecvGrad)
-SCORING_INSTRUCTIONS = {ScoreLoad: _exec_score_load, ScoreForward: _in_phase("score_forward", _exec_score_forward),
-                        ScoreBackward: _in_phase("score_backward", _exec_score_backward)}
+SCORING_INSTRUCTIONS = {ScoreLoad: _exec_score_load, ScoreForward: _in_phase(SCORE_FORWARD, _exec_score_forward),
+                        ScoreBackward: _in_phase(SCORE_BACKWARD, _exec_score_backward)}
 
 
 @contextlib.contextmanager
@@ -164,7 +165,7 @@ def _own_state(engine, instructions: dict, run, exchange_phase: str):
             del engine.greats_run
 
 
-def run_schedule(engine, schedule, instructions: dict, run, exchange_phase: str = "score_exchange") -> None:
+def run_schedule(engine, schedule, instructions: dict, run, exchange_phase: str = SCORE_EXCHANGE) -> None:
     """Execute `schedule` on this stage with `instructions` (instruction class -> fn(engine, **kwargs))
     in addition to DeepSpeed's; `run` (with a .clock) is what they read and write, as engine.greats_run."""
     with _own_state(engine, instructions, run, exchange_phase):

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_greats import deepspeed_internals as ds
+from megatron_greats.config import ADAM, ETA_AUTO, NO_PRECONDITIONER
 from megatron_greats.ghost.preconditioning import Preconditioning
 
 
@@ -90,19 +91,19 @@ class StepScaler:
 
     def for_step(self, lr: float, params: list, candidates: slice) -> StepScale:
         """params: the parameters the Gram covers (in the recorder's order on every rank)."""
-        if self.preconditioner == "none":
+        if self.preconditioner == NO_PRECONDITIONER:
             return StepScale(self._eta(lr, adam=False), None, "none")
         t = steps_taken(self.engine)
         if t == 0:
             return StepScale(self._eta(lr, adam=False), None, "none (step 0: Adam has no second moment yet)")
         pre = Preconditioning(candidates, second_moment=second_moments(self.engine, params), beta2=self.beta2,
                               step=t + 1, eps=self.eps)
-        return StepScale(self._eta(lr, adam=True, t=t + 1), pre, "adam")
+        return StepScale(self._eta(lr, adam=True, t=t + 1), pre, ADAM)
 
     def _eta(self, lr: float, adam: bool, t: int = 1) -> float:
         if self.eta_setting is None:
             return lr
-        if self.eta_setting != "auto":
+        if self.eta_setting != ETA_AUTO:
             return float(self.eta_setting)
         if not adam:
             return lr / self.k

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_greats import deepspeed_internals
+from megatron_greats.config import WINDOW_START
 from megatron_greats.errors import ConfigError
 from megatron_greats.ghost import GhostRecorder
 from megatron_greats.ghost.recorder import matches
@@ -68,7 +69,7 @@ class ScoreWindow:
     tokens and their labels from `offset` on, or the whole sequence (length None). Training reads the
     whole sequence. The offset depends only on the seed and the step: the same at every layout."""
     length: Optional[int] = None
-    at: str = "start"
+    at: str = WINDOW_START
     seq_len: int = 0
     seed: int = 0
 
@@ -78,7 +79,7 @@ class ScoreWindow:
         return cls(sel.score_window, sel.score_window_at, cfg.model.seq_len, cfg.seed)
 
     def offset(self, step: int) -> int:
-        if self.length is None or self.at == "start":
+        if self.length is None or self.at == WINDOW_START:
             return 0
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, step, _WINDOW_STREAM]))
         return int(rng.integers(0, self.seq_len - self.length + 1))
@@ -104,6 +105,7 @@ class ScoringPass:
         scoring forward keeps no autograd state below them and the backward stops there."""
         self.module, self.layout, self.executor, self.micro_batch = module, layout, executor, micro_batch
         self.top_layers = top_layers
+        self.last_losses = None  # of the last scores() call, until release()
         below = parameters_below_top_layers(module, top_layers) if top_layers is not None else set()
         below_names = [name for name, p in module.named_parameters() if p in below]
         self.recorder = GhostRecorder(module, exclude=list(exclude) + below_names, batch_dim=1,
@@ -140,11 +142,8 @@ class ScoringPass:
         parameter in it (every gain would be 0, and GREATS would take the first k candidates: Regular at
         the cost of scoring). With a pipeline each stage holds some of the names: the stages of the
         model-parallel group decide together, so every rank raises the same line."""
-        rec = self.recorder
-        names = list(rec.names.values())
-        trainable = [rec.names[p] for p in rec.trainable]
-        scored = [rec.names[p] for p in rec.trainable if p in rec.scored]
-        group = rec.model_parallel_group
+        names, trainable, scored = self.recorder.parameter_names()
+        group = self.recorder.model_parallel_group
         if group is not None and dist.get_world_size(group) > 1:
             gathered = [None] * dist.get_world_size(group)
             dist.all_gather_object(gathered, (names, trainable, scored), group=group)
@@ -178,13 +177,26 @@ class ScoringPass:
         with self._scoring_mode(), self.recorder.capture(preconditioning, averaged=batch.validation):
             losses = self.executor.score(self.module, micro_batches(batch.tokens, self.micro_batch),
                                          recorder=self.recorder, clock=self.clock, input_grad=self.input_grad)
+        self.last_losses = losses  # per sample of the batch (validation samples' too)
         gram, c, v = self.recorder.gram(), batch.candidates, batch.validation
         return SelectorInputs(losses=losses[c], gram=gram[c, c],
                               val_alignment=gram[c, v.start] if v.stop > v.start else None)
 
+    def parameters(self) -> list:
+        """The parameters the Gram covers, in the same order on every rank."""
+        return self.recorder.parameters()
+
+    def mean_gradient(self, rows: torch.Tensor) -> dict:
+        """{param: the mean gradient of the last scores() call's samples `rows`} for every trainable
+        parameter (keep_operands=True), formed from the pass's own operands: this rank's shard."""
+        weights = torch.zeros(self.recorder.num_samples, dtype=torch.float64)
+        weights[rows] = 1.0 / len(rows)
+        return self.recorder.weighted_gradients(weights)
+
     def release(self) -> None:
-        """Free the operands and Gram of the last scoring pass."""
+        """Free the operands, Gram and losses of the last scoring pass."""
         self.recorder.release()
+        self.last_losses = None
 
     @contextlib.contextmanager
     def _scoring_mode(self):

@@ -13,13 +13,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_greats.config import GRAM_METHODS
+from megatron_greats.config import COSINE
 from megatron_greats.parallel.state import Layout, device
-from megatron_greats.selection import METHODS, SelectorInputs, select, unit_gradients
-
-# The ranking score reported for selected vs rejected candidates, per method.
-REPORTED_SCORE = {"greats": "val_alignment", "first_order": "val_alignment", "gradnorm": "grad_norm",
-                  "maxloss": "losses", "rholoss": "excess_loss"}
+from megatron_greats.selection import SelectorInputs, select, unit_gradients
+from megatron_greats.selection.catalog import EXCESS_LOSS, GRAD_NORM
 
 
 @dataclass
@@ -27,7 +24,7 @@ class StepChoice:
     ids: np.ndarray                       # the k training sample ids of this replica, in pick order
     candidates: Optional[np.ndarray] = None
     gains: Optional[np.ndarray] = None
-    scores: Optional[np.ndarray] = None   # per candidate (see REPORTED_SCORE), or None
+    scores: Optional[np.ndarray] = None   # per candidate (the method's `reported` score), or None
     picked: Optional[np.ndarray] = None   # positions of the picks among the candidates
     validation: Optional[np.ndarray] = None  # ids in the selection split scored against (Gram methods)
     prefiltered: Optional[np.ndarray] = None  # positions of the M candidates the prefilter kept (None: all)
@@ -45,11 +42,11 @@ class Selector:
         self.cfg, self.layout, self.method = cfg, layout, sel.method
         self.k, self.n = cfg.num_selected(layout.world_size), cfg.num_candidates(layout.world_size)
         self.scored = cfg.num_scored(layout.world_size)  # N, or the prefilter's M
-        self.needs_gram = self.method in GRAM_METHODS
-        self.needs_scores = bool(METHODS[self.method].needs)
+        self.spec = cfg.method
+        self.needs_gram, self.needs_scores = self.spec.needs_gram, self.spec.scores
         self.greats_options = {"self_term": sel.self_term, "batch_mean": sel.batch_mean,
                                "temperature": sel.temperature}
-        self.cosine = sel.alignment == "cosine"
+        self.cosine = sel.alignment == COSINE
 
     def prepared(self, inputs: SelectorInputs) -> SelectorInputs:
         return unit_gradients(inputs) if self.cosine and inputs.gram is not None else inputs
@@ -93,10 +90,10 @@ class Selector:
         return kept.cpu().numpy()
 
     def reported_score(self, inputs: SelectorInputs) -> Optional[np.ndarray]:
-        kind = REPORTED_SCORE.get(self.method)
-        if kind == "grad_norm":
+        kind = self.spec.reported
+        if kind == GRAD_NORM:
             score = torch.diagonal(inputs.gram)
-        elif kind == "excess_loss":
+        elif kind == EXCESS_LOSS:
             score = inputs.losses - inputs.reference_losses
         elif kind is None:
             return None

@@ -1,8 +1,8 @@
 """What one training step does, as a strategy object: draw, score, select, update.
 
+RegularStep: k samples straight from the stream, an ordinary DeepSpeed step on them.
 TwoPassStep: score the candidates (and validation samples), select k, then an ordinary DeepSpeed
-step on the k selected samples (a second forward/backward). Regular draws its k samples straight from
-the stream and only takes the ordinary step.
+step on the k selected samples (a second forward/backward).
 SinglePassStep (selection.update=single_pass): the same scoring and selection, then an update formed
 from the scoring pass's own layer operands, handed to DeepSpeed for the optimizer step.
 The strategy owns the step's phase clock; the trainer only keeps the cadence (log, evaluate, save).
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_greats.config import METHODS_READING
+from megatron_greats.selection.catalog import SINGLE_PASS
 from megatron_greats.parallel.state import Layout, any_rank, device
+from megatron_greats.phases import ALLREDUCE, SELECTION, TRAINING
 from megatron_greats.selection import SelectorInputs
 from megatron_greats.training.candidates import CandidateStream, ReplicaBatches
 from megatron_greats.training.executors import data_parallel_mean
@@ -33,53 +34,39 @@ class StepResult:
     skipped: bool     # NaN/Inf in the scores or the gradients: no update happened
 
 
-class TwoPassStep:
-    keep_operands = False  # the scoring pass frees each layer's operands once its Gram part is formed
+class StepStrategy:
+    """What every strategy shares: the stream of samples, the ordinary DeepSpeed step, the phase clock.
+    A strategy chooses this replica's k samples (choose) and updates the model on them (update)."""
 
-    def __init__(self, cfg, data, layout: Layout, engine, executor, reference_module=None):
-        sel = cfg.selection
+    scoring = None  # the scoring pass, where the strategy has one
+
+    def __init__(self, cfg, data, layout: Layout, engine, executor, per_replica: int):
         self.data, self.layout, self.executor, self.engine = data, layout, executor, engine
-        self.selector = Selector(cfg, layout)
-        per_replica = self.selector.k if sel.method == "regular" else self.selector.n
         # the selector's own split: val and test, which judge the run, are never shown to it
-        self.stream = CandidateStream(len(data.train), len(data.selection), per_replica, sel.val_batch, layout,
-                                      cfg.seed)
+        self.stream = CandidateStream(len(data.train), len(data.selection), per_replica, cfg.selection.val_batch,
+                                      layout, cfg.seed)
         self.batches = ReplicaBatches(layout, cfg.train.micro_batch)
-        self.scaler = StepScaler(cfg, engine, self.selector.k)
-        self.scoring = self.reference = None
-        self.window = ScoreWindow.of(cfg) if sel.method in METHODS_READING["score_window"] else ScoreWindow()
-        self.prefilter = sel.prefilter if sel.method in METHODS_READING["prefilter"] else None
-        if self.selector.needs_scores:
-            gram = self.selector.needs_gram
-            self.scoring = ScoringPass(engine.module, layout, executor, exclude=sel.score_exclude,
-                                       micro_batch=sel.score_micro_batch if gram else None, gram=gram,
-                                       keep_operands=self.keep_operands,
-                                       top_layers=sel.score_layers if gram else None)
-        if reference_module is not None:
-            self.reference = ScoringPass(reference_module, layout, executor, gram=False)
-        # what the Gram covers (fixed for the run): where a preconditioner is read
-        self.gram_params = self.scoring.recorder.parameters() if self.selector.needs_gram else []
         self.use_clock(PhaseClock())
 
     def use_clock(self, clock: PhaseClock) -> None:
         """Where the phase seconds of each step go (a benchmark passes one that synchronises)."""
         self.clock = clock
-        for scoring in (self.scoring, self.reference):
-            if scoring is not None:
-                scoring.use_clock(clock)
 
     def take(self, step: int, lr: float) -> StepResult:
         try:
             choice = self.choose(step, lr)
             loss = float("nan")
             if not choice.skipped:
-                with self.clock.phase("training"):
+                with self.clock.phase(TRAINING):
                     loss = self.update(choice)
                 choice.seconds.update(self.clock.take())
         finally:
             if self.scoring is not None:
                 self.scoring.release()  # whatever the scoring pass still holds
         return StepResult(choice, loss, choice.skipped or not self.engine.was_step_applied())
+
+    def choose(self, step: int, lr: float) -> StepChoice:
+        raise NotImplementedError
 
     def update(self, choice: StepChoice) -> float:
         return self.train(choice.ids)
@@ -88,23 +75,63 @@ class TwoPassStep:
         """An ordinary DeepSpeed step on this replica's samples `ids`."""
         return self.executor.train(self.batches.micro_batches(self.data.train, ids))
 
+
+class RegularStep(StepStrategy):
+    """Plain training: k samples straight from the stream, an ordinary step on them. Logged like a
+    selection that takes all k of k candidates."""
+
+    def __init__(self, cfg, data, layout: Layout, engine, executor, reference_module=None):
+        super().__init__(cfg, data, layout, engine, executor, per_replica=cfg.num_selected(layout.world_size))
+
+    def choose(self, step: int, lr: float) -> StepChoice:
+        ids = self.stream.candidates(step)
+        return StepChoice(ids=ids, candidates=ids, gains=np.zeros(0), picked=np.arange(len(ids)))
+
+
+class TwoPassStep(StepStrategy):
+    keep_operands = False  # the scoring pass frees each layer's operands once its Gram part is formed
+
+    def __init__(self, cfg, data, layout: Layout, engine, executor, reference_module=None):
+        sel, spec = cfg.selection, cfg.method
+        super().__init__(cfg, data, layout, engine, executor, per_replica=cfg.num_candidates(layout.world_size))
+        self.selector = Selector(cfg, layout)
+        self.scaler = StepScaler(cfg, engine, self.selector.k)
+        self.reference = None
+        self.window = ScoreWindow.of(cfg) if spec.reads("score_window") else ScoreWindow()
+        self.prefilter = sel.prefilter if spec.reads("prefilter") else None
+        self.reports_eta = spec.reads("eta")
+        if spec.scores:
+            gram = spec.needs_gram
+            self.scoring = ScoringPass(engine.module, layout, executor, exclude=sel.score_exclude,
+                                       micro_batch=sel.score_micro_batch if gram else None, gram=gram,
+                                       keep_operands=self.keep_operands,
+                                       top_layers=sel.score_layers if gram else None)
+        if reference_module is not None:
+            self.reference = ScoringPass(reference_module, layout, executor, gram=False)
+        # what the Gram covers (fixed for the run): where a preconditioner is read
+        self.gram_params = self.scoring.parameters() if spec.needs_gram else []
+        self.use_clock(self.clock)
+
+    def use_clock(self, clock: PhaseClock) -> None:
+        self.clock = clock
+        for scoring in (self.scoring, getattr(self, "reference", None)):
+            if scoring is not None:
+                scoring.use_clock(clock)
+
     # ---- draw, score, select ------------------------------------------------------------------------
     def choose(self, step: int, lr: float) -> StepChoice:
         selector = self.selector
         candidates = self.stream.candidates(step)
-        if selector.method == "regular":  # trains on the stream; logged like a selection of all k "candidates"
-            return StepChoice(ids=candidates, candidates=candidates, gains=np.zeros(0),
-                              picked=np.arange(len(candidates)))
         validation = self.stream.validation(step) if selector.needs_gram else None
         self.clock.take()
-        with self.clock.phase("allreduce"):  # Adam's state, gathered over data-parallel ranks under ZeRO
+        with self.clock.phase(ALLREDUCE):  # Adam's state, gathered over data-parallel ranks under ZeRO
             scale = self.scaler.for_step(lr, self.gram_params, slice(0, selector.scored))
         offset = self.window.offset(step)
         kept, losses = self.prefiltered(candidates, offset)
         if kept is not None:
             inputs = self.score(candidates[kept], validation, offset, scale.preconditioning, losses=losses)
         scoring = self.clock.take()
-        with self.clock.phase("selection"):
+        with self.clock.phase(SELECTION):
             picked, gains = selector.select(step, scale.eta, inputs) if kept is not None else (np.full(1, -1), None)
             skipped = any_rank(bool(picked[0] < 0), device())  # every replica skips the step together
             scores = None if skipped else selector.reported_score(inputs)
@@ -120,7 +147,7 @@ class TwoPassStep:
                           seconds=seconds, validation=validation,
                           prefiltered=kept if self.prefilter is not None else None,
                           score_window=self.window.logged(step),
-                          eta=scale.eta if selector.method == "greats" else None,
+                          eta=scale.eta if self.reports_eta else None,
                           preconditioner=scale.label if selector.needs_gram else None,
                           rank_one_error=scale.rank_one_error())
 
@@ -166,19 +193,16 @@ class SinglePassStep(TwoPassStep):
         # the scoring pass's rows: the candidates the prefilter kept (ascending), or all of them
         rows = torch.as_tensor(choice.picked if choice.prefiltered is None else
                                np.searchsorted(choice.prefiltered, choice.picked))
-        weights = torch.zeros(self.scoring.recorder.num_samples, dtype=torch.float64)
-        weights[rows] = 1.0 / k  # the mean over this replica's k selected samples
-        self.executor.apply_gradients(self.scoring.recorder.weighted_gradients(weights))
-        return data_parallel_mean(self.scored_losses[rows.to(self.scored_losses.device)].mean(), self.layout)
-
-    def score(self, candidates, validation, offset=0, preconditioning=None, losses=None) -> SelectorInputs:
-        inputs = super().score(candidates, validation, offset, preconditioning, losses)
-        self.scored_losses = inputs.losses
-        return inputs
+        self.executor.apply_gradients(self.scoring.mean_gradient(rows))  # over this replica's k selected samples
+        losses = self.scoring.last_losses
+        return data_parallel_mean(losses[rows.to(losses.device)].mean(), self.layout)
 
 
 def step_strategy(cfg, data, layout: Layout, engine, executor, reference_module=None):
     """The step of selection.update, as the config resolves it (Config.update_mode: single_pass needs a
     scoring pass with a backward over every sample, every layer and the whole sequence)."""
-    kind = SinglePassStep if cfg.update_mode() == "single_pass" else TwoPassStep
+    if cfg.method.from_stream:
+        kind = RegularStep
+    else:
+        kind = SinglePassStep if cfg.update_mode() == SINGLE_PASS else TwoPassStep
     return kind(cfg, data, layout, engine, executor, reference_module=reference_module)

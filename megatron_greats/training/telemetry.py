@@ -12,6 +12,7 @@ import numpy as np
 import torch.distributed as dist
 
 from megatron_greats.data.cache import atomic_path
+from megatron_greats.phases import SCORING_PHASES, STEP_PHASES  # noqa: F401 (the phases' names, re-exported)
 
 
 def _truncate_jsonl(path: Path, resume_step: int) -> None:
@@ -24,9 +25,6 @@ def _truncate_jsonl(path: Path, resume_step: int) -> None:
         tmp.write_text("".join(line + "\n" for line in kept))
 
 
-# The phases of a step, in the order they happen (seconds per step in selection.jsonl and TensorBoard).
-SCORING_PHASES = ("score_forward", "score_backward", "score_exchange", "ghost_products", "allreduce")
-STEP_PHASES = SCORING_PHASES + ("selection", "training")
 
 
 class PhaseClock:

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_greats import deepspeed_internals
-from megatron_greats.config import GRAM_METHODS
 from megatron_greats.errors import ConfigError, TrainingError
 from megatron_greats.model import ModelSpec, build_model
 from megatron_greats.parallel.state import Layout, MegatronMpu, device, distributed_session, init_model_parallel
@@ -308,11 +307,11 @@ def split_size_notes(cfg, data, world_size: int) -> list:
     new sample: refused. Evaluation takes at most the whole split (evaluation_ids): a note says how
     much it uses."""
     sel, t = cfg.selection, cfg.train
-    if sel.method in GRAM_METHODS and sel.val_batch > len(data.selection):
+    if cfg.method.needs_gram and sel.val_batch > len(data.selection):
         raise ConfigError(f"selection.val_batch={sel.val_batch} is more than the selection split holds "
                           f"({len(data.selection)} samples): a step's validation samples would repeat some of them; "
                           f"allowed: <= {len(data.selection)}, or a larger data.selection_fraction")
-    if sel.method != "regular":
+    if not cfg.method.from_stream:
         dp = cfg.data_parallel_size(world_size)
         n = cfg.num_candidates(world_size)
         if n * dp > len(data.train):
@@ -356,7 +355,7 @@ def pretrain(cfg) -> dict:
     run_dir = prepare_run_dir(cfg)
     with distributed_session(cfg.parallel.distributed_timeout_minutes):
         data, layout = start_up(cfg)
-        reference = load_reference_model(cfg, data.vocab_size, layout) if cfg.selection.method == "rholoss" else None
+        reference = load_reference_model(cfg, data.vocab_size, layout) if cfg.method.needs_reference else None
         engine = build_engine(cfg, data.vocab_size, layout)
         trainer = Trainer(cfg, engine, data, layout, run_dir, reference_module=reference)
         # before the first step (and before anything is written): the scoring pass must fit in memory
