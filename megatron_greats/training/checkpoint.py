@@ -11,6 +11,9 @@ A checkpoint is the folder <checkpoints>/step_N:
 <checkpoints>/latest names the last complete one. It is written last, after every rank finished its
 files, through a temporary file and an atomic rename: a kill during a save leaves the previous
 "latest" in place, so a half-written folder is never loaded.
+
+Also here: a model built for this run's layout with the weights of another run's checkpoint
+(model_from_checkpoint: continued pretraining, and RHO-Loss' reference model).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import torch.distributed as dist
 from megatron_greats import deepspeed_internals
 from megatron_greats.data.cache import atomic_path
 from megatron_greats.errors import ConfigError
+from megatron_greats.model import ModelSpec, build_model, layer_specs
+from megatron_greats.parallel.state import Layout, device
 
 LATEST = "latest"
 WORLD_SIZE = "world_size"  # in shape.json: the number of ranks that saved (and of rank_state files)
@@ -215,3 +220,75 @@ def _ranks(n: int) -> str:
 
 def _rank_files(n: int) -> str:
     return "rank_state_0.pt" if n == 1 else f"rank_state_0.pt ... rank_state_{n - 1}.pt"
+
+
+# ---- weights of another run: continued pretraining (train.init_checkpoint), RHO-Loss' reference model -----
+def reference_model(cfg, vocab_size: int, layout: Layout) -> torch.nn.Module:
+    """RHO-Loss' reference model, built for this run's layout (with a pipeline: this stage's
+    PipelineModule, which the scoring schedule runs), weights from selection.reference_checkpoint."""
+    model = model_from_checkpoint(cfg, vocab_size, layout, Path(cfg.selection.reference_checkpoint),
+                                  "selection.reference_checkpoint")
+    if layout.pipeline > 1:
+        deepspeed_internals.stop_layer_seeding(model)  # eval only: must not reseed the training's random streams
+    return model.eval()
+
+
+def model_from_checkpoint(cfg, vocab_size: int, layout: Layout, folder: Path, key: str) -> torch.nn.Module:
+    """The model built for this run's layout, weights from a step_N checkpoint folder of a run of the
+    same model and tensor-parallel size, at any pipeline size (`key` names the setting in errors).
+
+    DeepSpeed writes a model without a pipeline whole, as mp_rank_<tp>_model_states.pt (keys
+    `layers.<i>.<name>`), and a pipeline one per layer, as layer_<i>-model_<tp>-model_states.pt (keys
+    `<name>`; a tied layer only where it is first used). Either way layer i of the layer specs gets
+    its weights, so the pipeline sizes of the two runs need not agree. Every rank checks every file
+    that any rank reads before anything is loaded, so all ranks refuse alike."""
+    what = f"{key} '{folder}'"
+    allowed = "a step_N checkpoint folder of a run of the same model and parallel.tensor (any parallel.pipeline)"
+    if not folder.is_dir():
+        raise ConfigError(f"{what} is not a folder; allowed: {allowed}")
+    saved = read_shape(folder, allowed, what=key)
+    shape = shape_of(cfg)
+    key = shape_difference(saved, shape, ignore=("parallel.pipeline",))
+    if key is not None:
+        raise ConfigError(f"{what} holds another model: it was saved with {key}={saved.get(key)!r}, this run has "
+                          f"{key}={shape.get(key)!r}; allowed: {allowed}")
+    specs = layer_specs(ModelSpec.from_config(cfg, vocab_size))
+    owner = _layer_owners(specs)  # layer index -> index of the layer whose weights it uses
+    pipelined = saved.get("parallel.pipeline", 1) > 1
+
+    def files(tensor_rank: int) -> dict:  # layer index -> the file holding its weights
+        return deepspeed_internals.model_state_files(folder, set(owner), tensor_rank, pipelined)
+
+    for tensor_rank in range(layout.tensor):
+        missing = sorted({p.name for p in files(tensor_rank).values() if not p.is_file()})
+        if missing:
+            raise ConfigError(f"{what} has no {missing[0]}; allowed: {allowed}")
+    mine = files(layout.tensor_rank)
+    model = build_model(cfg, vocab_size, layout)
+    if layout.pipeline > 1:  # this stage's layers; a tied layer's module also where only its forward_fn is used
+        local = deepspeed_internals.local_layer_modules(model, specs)
+    else:  # SequentialGPT holds each module once, in the order of first use
+        local = dict(zip(sorted(set(owner)), model.layers, strict=True))
+    loaded = {}  # file -> its state (the whole model's file is read once)
+    for i, layer in local.items():
+        path = mine[owner[i]]
+        if path not in loaded:  # tensors and plain values only
+            loaded[path] = torch.load(path, map_location="cpu", weights_only=True)
+        state = deepspeed_internals.saved_module_state(loaded[path], pipelined)
+        if not pipelined:
+            prefix = f"layers.{owner[i]}."
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        try:
+            layer.load_state_dict(state)
+        except RuntimeError as e:
+            raise ConfigError(f"{what} holds another model shape in {path.name} ({str(e).splitlines()[0][:200]}); "
+                              f"allowed: {allowed}") from None
+    return model.to(device())
+
+
+def _layer_owners(specs: list) -> list:
+    """Per layer spec: the index of the spec whose module it is (itself, or the first use of a tied layer)."""
+    from deepspeed.pipe import TiedLayerSpec
+
+    first = {}
+    return [first.setdefault(spec.key, i) if isinstance(spec, TiedLayerSpec) else i for i, spec in enumerate(specs)]
