@@ -10,7 +10,9 @@ An arm is a method (named by it) or a variant given with --arm, e.g.
 Runs launch/pretrain.py once per (arm, seed), one after the other (so wall times compare), into
 DIR/runs/<arm>/seed<S>; a finished run is not run again. --init-checkpoint starts every run from the
 weights of a checkpoint (continued pretraining: fresh optimizer and schedule). Then writes
-DIR/summary.md and DIR/summary.json, and PNG plots in DIR/plots. The numbers that decide are on the
+DIR/summary.md and DIR/summary.json, PNG plots in DIR/plots, and what is needed to redo or check them:
+DIR/raw/<arm>/seed<S>/ (each run's resolved config.yaml, metrics.jsonl and selections, from which the
+summary is computed) and DIR/provenance.json (command, commit, CPU, versions). The numbers that decide are on the
 test split: final test loss, wins against Regular seed by seed, and the steps and wall time to reach
 Regular's final test loss; the val split is beside them (choose variants on val, report on test).
 TensorBoard: tensorboard --logdir DIR/runs.
@@ -19,10 +21,13 @@ TensorBoard: tensorboard --logdir DIR/runs.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
+import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,6 +61,75 @@ def parse_arm(text: str) -> tuple:
 # ---- running ------------------------------------------------------------------------------------------
 def run_dir_of(out: Path, method: str, seed: int) -> Path:
     return out / "runs" / method / f"seed{seed}"
+
+
+def raw_dir_of(out: Path, method: str, seed: int) -> Path:
+    """The results folder's own copy of what a run's numbers come from (committed with the summary)."""
+    return out / "raw" / method / f"seed{seed}"
+
+
+# A results folder keeps the whole selection.jsonl of every run (gzip) while they take less than this
+# together; beyond it, a per-step digest (the selected ids and domains, what the summary reads).
+RAW_SELECTION_LIMIT = 20 * 2 ** 20
+DIGEST_KEYS = ("step", "replica", "selected", "selected_domains", "score_window")
+
+
+def _gzip(records_text: str) -> bytes:
+    return gzip.compress(records_text.encode(), mtime=0)  # the same bytes for the same records
+
+
+def collect_raw(out: Path, arms: list, seeds: list) -> str:
+    """Copy every run's config.yaml and metrics.jsonl into out/raw/<arm>/seed<S>/, with its
+    selection.jsonl gzipped whole, or digested where the whole ones would pass RAW_SELECTION_LIMIT.
+    Runs whose run folder is gone (a committed results folder) keep their raw copy. Returns what was kept:
+    "whole" or "digest"."""
+    present = [(a, s) for a in arms for s in seeds if (run_dir_of(out, a, s) / "metrics.jsonl").exists()]
+    whole = {(a, s): _gzip((run_dir_of(out, a, s) / "selection.jsonl").read_text()) for a, s in present
+             if (run_dir_of(out, a, s) / "selection.jsonl").exists()}
+    kind = "whole" if sum(map(len, whole.values())) <= RAW_SELECTION_LIMIT else "digest"
+    for arm, seed in present:
+        run_dir, raw = run_dir_of(out, arm, seed), raw_dir_of(out, arm, seed)
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in ("config.yaml", "metrics.jsonl"):
+            shutil.copyfile(run_dir / name, raw / name)
+        for stale in ("selection.jsonl.gz", "selection_digest.jsonl.gz"):
+            (raw / stale).unlink(missing_ok=True)
+        if (arm, seed) not in whole:
+            continue
+        if kind == "whole":
+            (raw / "selection.jsonl.gz").write_bytes(whole[arm, seed])
+        else:
+            digest = [{k: r.get(k) for k in DIGEST_KEYS} for r in read_jsonl(run_dir / "selection.jsonl")]
+            (raw / "selection_digest.jsonl.gz").write_bytes(_gzip("".join(json.dumps(r) + "\n" for r in digest)))
+    return kind
+
+
+def provenance(command: str) -> dict:
+    """What a reader needs to redo a results folder: the command, the code's commit, the machine."""
+    import platform
+
+    def git(*args):
+        proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    cpu = platform.processor() or None
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for package in ("torch", "deepspeed", "megatron-core"):
+        try:
+            from importlib.metadata import version
+            versions[package] = version(package)
+        except Exception:  # not installed: left out
+            pass
+    return {"command": command, "commit": git("rev-parse", "HEAD"),
+            "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "packages": versions,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def is_finished(run_dir: Path, steps: int) -> bool:
@@ -106,8 +180,9 @@ def _test_within(run: dict, seconds: float):
 
 
 def summarize(out: Path, methods: list, seeds: list) -> tuple:
-    """(summary, per-arm per-seed curves); methods: the arm names."""
-    runs = {m: {s: read_run(run_dir_of(out, m, s)) for s in seeds} for m in methods}
+    """(summary, per-arm per-seed curves) from the results folder's raw copies (collect_raw); methods:
+    the arm names."""
+    runs = {m: {s: read_run(raw_dir_of(out, m, s)) for s in seeds} for m in methods}
     baseline = regular() if regular() in runs else methods[0]
     target_test, _ = _mean_std([r["test"][-1] for r in runs[baseline].values()])
     summary = {"target_domain": next(iter(runs[baseline].values()))["target"], "seeds": seeds,
@@ -156,6 +231,14 @@ def summarize(out: Path, methods: list, seeds: list) -> tuple:
     return summary, runs
 
 
+def resummarize(folder: Path) -> dict:
+    """The summary recomputed from a results folder's raw copies alone (its arms and seeds from its own
+    summary.json): a committed folder can be checked without its run folders."""
+    committed = json.loads((Path(folder) / "summary.json").read_text())
+    summary, _ = summarize(Path(folder), list(committed["methods"]), committed["seeds"])
+    return summary
+
+
 def markdown(summary: dict, command: str) -> str:
     target, base = summary["target_domain"], summary["baseline"]
     n = len(summary["seeds"])
@@ -197,7 +280,10 @@ def markdown(summary: dict, command: str) -> str:
                      f"{m['reached']}/{n} | {pm(m['wall_s'], m['wall_s_std'], '.0f', nan['wall_s'])} | "
                      f"{pm(m['test_at_baseline_wall'], m['test_at_baseline_wall_std'], '.4f')} | "
                      f"{m['wins_at_baseline_wall']}/{n} | {share} |")
-    lines += ["", "Plots: " + ", ".join(f"`plots/{p}`" for p in PLOTS), ""]
+    lines += ["", "Plots: " + ", ".join(f"[{p[:-4].replace('_', ' ')}](plots/{p})" for p in PLOTS), "",
+              f"![test loss vs wall time](plots/{PLOTS[1]})", "",
+              "Raw per-run files (config, metrics, selections): `raw/`; command, commit and machine: "
+              "`provenance.json`.", ""]
     return "\n".join(lines)
 
 
@@ -325,6 +411,7 @@ def main(argv=None) -> int:
     seeds = list(range(args.first_seed, args.first_seed + seeds_count))
     print(f"[compare] {len(arms)} arms x {len(seeds)} seeds, {steps} steps each, into {out}", flush=True)
     train_all(out, config, arms, seeds, overrides, steps)
+    kept = collect_raw(out, list(arms), seeds)
     summary, runs = summarize(out, list(arms), seeds)
     command = "bash launch/compare.sh " + " ".join(
         ([f"--out {args.out}"] if args.out else []) + (["--quick"] if args.quick else [])
@@ -338,9 +425,12 @@ def main(argv=None) -> int:
     text = markdown(summary, command.strip())
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "provenance.json").write_text(json.dumps({**provenance(command.strip()), "selection_kept": kept},
+                                                    indent=2) + "\n")
     plot(out, runs, summary)
     print(text)
-    print(f"[compare] written: {out}/summary.md, summary.json, plots/; curves: tensorboard --logdir {out}/runs")
+    print(f"[compare] written: {out}/summary.md, summary.json, provenance.json, plots/, raw/ (each run's config, "
+          f"metrics and selections: the summary's sources); curves: tensorboard --logdir {out}/runs")
     return 0
 
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import sys
@@ -14,7 +15,20 @@ import yaml
 
 
 def read_jsonl(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """One JSON object per line; a path ending in .gz is read through gzip."""
+    if not path.exists():
+        return []
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def selection_file(run_dir: Path) -> Path:
+    """A run folder's selection records: selection.jsonl, or in a results folder's raw copy
+    selection.jsonl.gz (whole) or selection_digest.jsonl.gz (per step: the selected ids and domains)."""
+    for name in ("selection.jsonl", "selection.jsonl.gz", "selection_digest.jsonl.gz"):
+        if (run_dir / name).exists():
+            return run_dir / name
+    return run_dir / "selection.jsonl"
 
 
 def read_run(run_dir) -> dict:
@@ -26,7 +40,7 @@ def read_run(run_dir) -> dict:
     evals = [m for m in metrics if "val/loss" in m]
     target = cfg["data"]["target_domain"]
     share = {}  # step -> [target samples, samples]
-    for record in read_jsonl(run_dir / "selection.jsonl"):
+    for record in read_jsonl(selection_file(run_dir)):
         picked = record.get("selected_domains", [])
         counts = share.setdefault(record["step"], [0, 0])
         counts[0] += sum(d == target for d in picked)

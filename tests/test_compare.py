@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +67,61 @@ def test_compare_quick_writes_summary_plots_and_tensorboard(data_cache, tmp_path
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("finished before, kept") == 2 * len(arms)
     assert json.loads((out / "summary.json").read_text()) == summary
+    assert_results_folder_redoes_itself(out, summary, arms)
+
+
+def assert_results_folder_redoes_itself(out, summary, arms):
+    """The folder keeps each run's config, metrics and selections (raw/) and how it was made
+    (provenance.json); the summary recomputed from raw/ alone, the run folders deleted, is the same, also
+    from per-step digests of the selections (what a folder keeps when whole ones would be too large)."""
+    from megatron_greats import compare
+
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert re.fullmatch(r"[0-9a-f]{40}", provenance["commit"]) and provenance["cpu"]
+    assert provenance["command"].startswith("bash launch/compare.sh") and provenance["selection_kept"] == "whole"
+    for arm in arms:
+        for seed in summary["seeds"]:
+            raw, run = out / "raw" / arm / f"seed{seed}", out / "runs" / arm / f"seed{seed}"
+            assert (raw / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
+            assert yaml.safe_load((raw / "config.yaml").read_text())["seed"] == seed
+            assert gzip.decompress((raw / "selection.jsonl.gz").read_bytes()).decode() == \
+                (run / "selection.jsonl").read_text()
+    limit = compare.RAW_SELECTION_LIMIT
+    try:
+        compare.RAW_SELECTION_LIMIT = 0
+        assert compare.collect_raw(out, arms, summary["seeds"]) == "digest"
+    finally:
+        compare.RAW_SELECTION_LIMIT = limit
+    assert not list((out / "raw").rglob("selection.jsonl.gz"))
+    shutil.rmtree(out / "runs")
+    assert json.loads(json.dumps(compare.resummarize(out))) == summary
+
+
+def test_committed_results_folders_redo_their_summaries():
+    """Every results folder under docs/results that keeps raw/ (those made since compare writes it):
+    its summary.json recomputed from its raw files."""
+    from megatron_greats import compare
+
+    folders = [p.parent for p in (REPO / "docs" / "results").rglob("raw") if (p.parent / "summary.json").exists()]
+    for folder in folders:
+        committed = json.loads((folder / "summary.json").read_text())
+        assert json.loads(json.dumps(compare.resummarize(folder))) == committed, folder
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    """README.md and every markdown file under docs/: links and images to relative paths (anchors
+    aside) point at files that exist."""
+    link = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+    files = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    broken = []
+    for path in files:
+        for target in link.findall(path.read_text()):
+            target = target.split("#", 1)[0]
+            if not target or re.match(r"^[a-z]+:", target):
+                continue  # an anchor in the same file, or a URL
+            if not (path.parent / target).exists():
+                broken.append(f"{path.relative_to(REPO)} -> {target}")
+    assert not broken, broken
 
 
 def test_compare_unknown_method_is_one_line(tmp_path):
@@ -99,11 +157,12 @@ def _finished_run(run_dir: Path, method: str, final_val: float) -> None:
 def test_a_diverged_seed_is_not_left_out_of_the_mean(tmp_path):
     """One seed of greats ends with a NaN val loss: its mean ± std is NaN and the Markdown names the seed,
     instead of the mean of the seeds that did not diverge."""
-    from megatron_greats.compare import markdown, run_dir_of, summarize
+    from megatron_greats.compare import collect_raw, markdown, run_dir_of, summarize
 
     finals = {("regular", 1234): 5.0, ("regular", 1235): 5.2, ("greats", 1234): 4.0, ("greats", 1235): math.nan}
     for (method, seed), final in finals.items():
         _finished_run(run_dir_of(tmp_path, method, seed), method, final)
+    collect_raw(tmp_path, ["regular", "greats"], [1234, 1235])
     summary, _ = summarize(tmp_path, ["regular", "greats"], [1234, 1235])
     greats, regular = summary["methods"]["greats"], summary["methods"]["regular"]
     for key in ("final_val", "final_val_std", "final_test", "final_test_std"):
