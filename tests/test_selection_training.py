@@ -284,6 +284,13 @@ def test_selection_telemetry(data_cache, tmp_path):
     rejected = events.Scalars("selection/score_rejected_mean")[0].value
     assert np.isfinite(selected) and np.isfinite(rejected)
     assert set(events.Tags()["histograms"]) >= {"selection/scores_selected", "selection/scores_rejected"}
+    # the greedy's alignment terms per pick: the first pick's gain is its alignment term alone (no pick
+    # before it to interact with); the scalar is the interaction's share, from the logged terms
+    for record, scalar in zip(read_selections(tmp_path), events.Scalars("selection/interaction_over_alignment")):
+        terms, gains = np.asarray(record["alignment_terms"]), np.asarray(record["gains"])
+        assert len(terms) == len(gains) == len(record["selected"])
+        assert np.isclose(terms[0], gains[0], rtol=1e-9, atol=0), (terms[0], gains[0])
+        assert np.isclose(scalar.value, (terms.sum() - gains.sum()) / np.abs(terms).sum(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("nproc, layout", [(1, []), (2, ["parallel.pipeline=2"])], ids=["single", "pp2"])

@@ -33,6 +33,7 @@ class MethodSpec:
     keys: tuple = ()              # the selection keys of those above that it reads
     reported: Optional[str] = None  # the per-candidate score telemetry reports, or None
     from_stream: bool = False     # trains on k samples straight from the stream (no candidates to choose)
+    interaction: bool = False     # its gains are the alignment term less an interaction with the picks so far
     summary: str = ""
 
     @property
@@ -60,7 +61,7 @@ class MethodSpec:
 
 CATALOG = {spec.name: spec for spec in (
     MethodSpec("greats", (GRAM, VAL_ALIGNMENT), GRADIENT_KEYS + WINDOW_KEYS + GREEDY_KEYS + ("alignment", "prefilter"),
-               reported=VAL_ALIGNMENT, summary="the greedy of GREATS: alignment with the validation gradient "
+               reported=VAL_ALIGNMENT, interaction=True, summary="the greedy of GREATS: alignment with the validation gradient "
                                                "less the interaction with the picks so far"),
     MethodSpec("first_order", (VAL_ALIGNMENT,), GRADIENT_KEYS + WINDOW_KEYS + ("alignment", "prefilter"),
                reported=VAL_ALIGNMENT, summary="the k largest alignments with the validation gradient"),

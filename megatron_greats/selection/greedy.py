@@ -23,6 +23,11 @@ from typing import Optional
 import torch
 
 
+def greedy_step(eta: float, k: int, batch_mean: bool) -> float:
+    """The step size the greedy scores with: eta, or eta / k with batch_mean."""
+    return eta / k if batch_mean else eta
+
+
 def greats_greedy(val_alignment: torch.Tensor, gram: torch.Tensor, k: int, eta: float, *,
                   self_term: bool = False, batch_mean: bool = False, temperature: float = 0.0,
                   generator: Optional[torch.Generator] = None, return_gains: bool = False):
@@ -33,7 +38,7 @@ def greats_greedy(val_alignment: torch.Tensor, gram: torch.Tensor, k: int, eta: 
         raise ValueError(f"gram has shape {tuple(gram.shape)}; expected ({n}, {n}) to match val_alignment")
     if not 0 < k <= n:
         raise ValueError(f"k={k}; allowed: 1 <= k <= N={n}")
-    step = eta / k if batch_mean else eta
+    step = greedy_step(eta, k, batch_mean)
     dtype = torch.float64
     phi = step * val_alignment.to(dtype).clone()
     gram = gram.to(dtype)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron_greats.config import COSINE
 from megatron_greats.parallel.state import Layout, device
 from megatron_greats.selection import SelectorInputs, select, unit_gradients
+from megatron_greats.selection.greedy import greedy_step
 from megatron_greats.selection.catalog import EXCESS_LOSS, GRAD_NORM
 
 
@@ -32,6 +33,9 @@ class StepChoice:
     eta: Optional[float] = None           # the greedy's step size (greats)
     preconditioner: Optional[str] = None  # what scaled the scores: "adam", "none", or why none (Gram methods)
     rank_one_error: Optional[float] = None  # the largest error of its rank-1 fits (ghost path), if any
+    # per pick, the greedy's alignment term step <g_j, g_val> (its gain is this less the interaction with
+    # the picks before it, and the self term if on): methods with an interaction term only
+    alignment_terms: Optional[np.ndarray] = None
     seconds: dict = field(default_factory=dict)
     skipped: bool = False                 # the scores held NaN/Inf on some replica: no selection, no update
 
@@ -73,6 +77,15 @@ class Selector:
             dist.broadcast(picked, ps.get_model_parallel_src_rank(), group=group)
             dist.broadcast(gains, ps.get_model_parallel_src_rank(), group=group)
         return picked.cpu().numpy(), gains.cpu().numpy()
+
+    def alignment_terms(self, inputs: SelectorInputs, picked: np.ndarray, eta: float) -> Optional[np.ndarray]:
+        """Per pick (positions among the scored candidates), the greedy's alignment term, as it scored
+        it (cosine: of unit gradients); None for methods without an interaction term."""
+        if not self.spec.interaction:
+            return None
+        step = greedy_step(eta, self.k, self.greats_options["batch_mean"])
+        alignment = self.prepared(inputs).val_alignment.detach().double().cpu()
+        return (step * alignment[torch.as_tensor(picked)]).numpy()
 
     def prefilter(self, losses: torch.Tensor) -> np.ndarray:
         """The positions (ascending) of the M = selection.prefilter highest losses, ties to the lower

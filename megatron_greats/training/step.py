@@ -135,6 +135,7 @@ class TwoPassStep(StepStrategy):
             picked, gains = selector.select(step, scale.eta, inputs) if kept is not None else (np.full(1, -1), None)
             skipped = any_rank(bool(picked[0] < 0), device())  # every replica skips the step together
             scores = None if skipped else selector.reported_score(inputs)
+            alignment_terms = None if skipped else selector.alignment_terms(inputs, picked, scale.eta)
         seconds = {"scoring": sum(scoring.values()), **scoring, **self.clock.take()}
         if skipped:
             return StepChoice(ids=np.zeros(0, dtype=np.int64), candidates=candidates, skipped=True, seconds=seconds)
@@ -149,7 +150,7 @@ class TwoPassStep(StepStrategy):
                           score_window=self.window.logged(step),
                           eta=scale.eta if self.reports_eta else None,
                           preconditioner=scale.label if selector.needs_gram else None,
-                          rank_one_error=scale.rank_one_error())
+                          rank_one_error=scale.rank_one_error(), alignment_terms=alignment_terms)
 
     def prefiltered(self, candidates: np.ndarray, offset: int) -> tuple:
         """(positions of the candidates to score, ascending; their losses where already known). With

@@ -131,6 +131,8 @@ class SelectionLog:
         mine = {"step": step, "replica": self.layout.data_rank,
                 "candidates": choice.candidates.tolist(), "selected": choice.ids.tolist(),
                 "gains": [float(g) for g in choice.gains], "picked": choice.picked.tolist(),
+                "alignment_terms": None if choice.alignment_terms is None else
+                [float(a) for a in choice.alignment_terms],
                 "scores": None if choice.scores is None else [float(x) for x in choice.scores],
                 "validation": None if choice.validation is None else choice.validation.tolist(),
                 "prefiltered": None if choice.prefiltered is None else choice.prefiltered.tolist(),
@@ -148,7 +150,8 @@ class SelectionLog:
             return
         self.telemetry.append_jsonl(self.telemetry.selection_path, [
             {**{k: r[k] for k in ("step", "replica", "candidates", "validation", "prefiltered", "score_window",
-                                  "selected", "gains", "eta", "preconditioner", "rank_one_error", "seconds")},
+                                  "selected", "gains", "alignment_terms", "eta", "preconditioner", "rank_one_error",
+                                  "seconds")},
              "selected_domains": [self.domain_names[d] for d in self.samples.domains(np.asarray(r["selected"]))]}
             for r in records])
         self._summaries(step, records)
@@ -170,6 +173,12 @@ class SelectionLog:
                 scored = np.isfinite(scores)  # NaN: dropped by the prefilter, never scored
                 chosen += list(scores[mask & scored])
                 rejected += list(scores[~mask & scored])
+        alignment = [a for r in records if r["alignment_terms"] for a in r["alignment_terms"]]
+        if alignment:  # the greedy's interaction (and self) terms over its alignment terms, summed over picks
+            gains = [g for r in records if r["alignment_terms"] for g in r["gains"]]
+            scale = float(np.sum(np.abs(alignment)))
+            if scale > 0:
+                scalars["selection/interaction_over_alignment"] = float(np.sum(alignment) - np.sum(gains)) / scale
         if chosen:
             scalars["selection/score_selected_mean"] = float(np.mean(chosen))
         if rejected:
