@@ -176,17 +176,8 @@ class Probe:
 
 
 # ---- the independent reference: one sample, plain tensors ----------------------------------------------
-def rms_norm(x, weight):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * weight
-
-
-def rope(x):  # [heads, t, hd]; angles in float32, as the model computes them
-    hd = x.shape[-1]
-    inv_freq = 1.0 / (BASE ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-    angles = torch.arange(x.shape[-2], dtype=torch.float32)[:, None] * inv_freq[None, :]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+# rms_norm and rope are ghost_llama.py's (the same eps and base); attention here takes any length
+from ghost_llama import rms_norm, rope  # noqa: E402  (tests/workers/, next to this script)
 
 
 def attention(x, qkv_w, proj_w):
