@@ -49,6 +49,10 @@ def _fraction(v):
     return None if 0.0 < v < 1.0 else "allowed: a number in (0, 1)"
 
 
+def _positive_or_null(v):
+    return None if v is None or v > 0 else "allowed: > 0 or null"
+
+
 def _non_negative(v):
     return None if v >= 0 else "allowed: >= 0"
 
@@ -85,7 +89,7 @@ SCHEMA: dict = {
         **{split.key: Key(FLOAT, split.default, _fraction, help=f"{name}: {split.use}")
            for name, split in HELD_OUT.items()},
         "split_seed": Key(INT, 1234),
-        "max_docs_per_domain": Key(OPT_INT, None, lambda v: None if v is None or v > 0 else "allowed: > 0 or null"),
+        "max_docs_per_domain": Key(OPT_INT, None, _positive_or_null),
     },
     "tokenizer": {
         "model": Key(OPT_STR, None, help="an existing sentencepiece .model; null trains one on the train split"),
@@ -148,7 +152,7 @@ SCHEMA: dict = {
         "self_term": Key(BOOL, False, help="GREATS variant: subtract (eta^2/2)||g_i||^2"),
         "batch_mean": Key(BOOL, False, help="GREATS variant: eta / k (the update averages k gradients)"),
         "score_exclude": Key((list,), [], help="parameter-name patterns left out of the score"),
-        "score_window": Key(OPT_INT, None, lambda v: None if v is None or v > 0 else "allowed: > 0 or null",
+        "score_window": Key(OPT_INT, None, _positive_or_null,
                             help="score each candidate and validation sample on a window of this many tokens (its "
                                  "losses and gradients over them); training still reads the whole sequence. "
                                  "null: the whole sequence"),
@@ -156,11 +160,11 @@ SCHEMA: dict = {
                                help="start: the first score_window tokens of every sample (the same tokens, with the "
                                     "same context, as in training); random: one offset per step, drawn from the "
                                     "seed and the step, shared by all samples (logged in selection.jsonl)"),
-        "score_layers": Key(OPT_INT, None, lambda v: None if v is None or v > 0 else "allowed: > 0 or null",
+        "score_layers": Key(OPT_INT, None, _positive_or_null,
                             help="score only the top L transformer layers and the layers above them (final norm, "
                                  "untied output layer); the scoring backward stops below them, and embeddings (a "
                                  "tied one included) are left out of the score. null: every layer"),
-        "prefilter": Key(OPT_INT, None, lambda v: None if v is None or v > 0 else "allowed: > 0 or null",
+        "prefilter": Key(OPT_INT, None, _positive_or_null,
                          help="M: a forward over all N candidates first, then only the M with the highest loss "
                               "are scored with gradients and selected from (k <= M < N). null: all N"),
         "reference_checkpoint": Key(OPT_STR, None, help="rholoss: checkpoint folder (step_N) of a reference run"),
