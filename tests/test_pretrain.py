@@ -219,6 +219,21 @@ def test_outputs_tensorboard_and_resume(data_cache, tmp_path):
     before = full_weights(run_dir / "checkpoints" / "step_4")
     assert relative_gap(ours, theirs, {k: theirs[k] - before[k] for k in theirs}) < 1e-6  # steps 5 and 6 alike
 
+    # A run killed before its first checkpoint: the rerun starts afresh, and the killed run's lines (and
+    # TensorBoard events) are dropped, not kept beside the new ones.
+    early = tmp_path / "killed_early"
+    shutil.copytree(run_dir, early)
+    shutil.rmtree(early / "checkpoints")
+    (early / "metrics.jsonl").write_text("".join(json.dumps({**line, "train/loss": -1.0}) + "\n"
+                                                 for line in read_metrics(run_dir) if line["step"] <= 3))
+    proc = run_pretrain([*overrides, f"run_dir={early}"], launcher="python")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(early)] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(train_losses(early), train_losses(run_dir), rtol=1e-6)
+    events = EventAccumulator(str(early / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+
 
 def test_finished_run_is_not_overwritten(data_cache, tmp_path):
     proc = run_pretrain(tiny_overrides(data_cache, tmp_path, "train.steps=1"), launcher="python")

@@ -76,9 +76,12 @@ class Telemetry:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step drops events a killed run wrote after its last checkpoint
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
-        if resume_step:
+        # A rerun in a run_dir that holds output continues from resume_step (0: a run killed before its
+        # first checkpoint starts afresh): drop what the killed run wrote after it, in TensorBoard
+        # (purge_step) and in the jsonl files, so no line passes for this run's output.
+        restarted = self.metrics_path.exists() or self.selection_path.exists()
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step if restarted else None)
+        if restarted:
             for path in (self.metrics_path, self.selection_path):
                 _truncate_jsonl(path, resume_step)
 
