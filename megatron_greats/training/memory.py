@@ -1,7 +1,7 @@
 """The scoring pass's peak memory, estimated before the first step, against the memory there is.
 
-A scoring pass holds the activations of all N + m scored samples at once (README, Selection in the
-training step): selection.val_batch=5000 on the embedded default grew a process to 23 GB until the
+A scoring pass holds the activations of all N + m scored samples at once (docs/performance.md,
+Memory): selection.val_batch=5000 on the embedded default grew a process to 23 GB until the
 kernel's OOM killer ended it, which can take other processes with it. So after the engine is built
 (its weights are then resident, and no longer counted as available) and before the first step and
 anything written, check_scoring_memory() estimates the pass's peak: a run that would not fit ends with
