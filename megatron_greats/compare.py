@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_greats.report import read_jsonl, read_run
+from megatron_greats.report import first_reach, read_jsonl, read_run, test_within
 from megatron_greats.selection.catalog import CATALOG, methods_needing_a_reference, regular
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,12 +173,6 @@ def _nan_seeds(per_seed: dict, value) -> list:
     return [seed for seed, r in per_seed.items() if value(r) is not None and math.isnan(value(r))]
 
 
-def _test_within(run: dict, seconds: float):
-    """Test loss at the last evaluation done within `seconds` of training wall time (None: none was)."""
-    done = [t for t, at in zip(run["test"], run["eval_seconds"]) if at <= seconds]
-    return done[-1] if done else None
-
-
 def summarize(out: Path, methods: list, seeds: list) -> tuple:
     """(summary, per-arm per-seed curves) from the results folder's raw copies (collect_raw); methods:
     the arm names."""
@@ -188,15 +182,18 @@ def summarize(out: Path, methods: list, seeds: list) -> tuple:
     summary = {"target_domain": next(iter(runs[baseline].values()))["target"], "seeds": seeds,
                "baseline": baseline, "baseline_final_test": target_test, "methods": {}}
     for method, per_seed in runs.items():
-        reach_steps, reach_seconds = [], []
-        for r in per_seed.values():
-            hit = next((i for i, v in enumerate(r["test"]) if v <= target_test), None)
-            reach_steps.append(None if hit is None else r["eval_steps"][hit])
-            reach_seconds.append(None if hit is None else r["eval_seconds"][hit])
+        reach_steps, reach_seconds, reach_ratios = [], [], []
+        for seed, r in per_seed.items():
+            hit = first_reach(r, target_test)
+            reach_steps.append(None if hit is None else hit[0])
+            reach_seconds.append(None if hit is None else hit[1])
+            # seed by seed: the wall time to reach the same seed's baseline final, over its run time
+            own = first_reach(r, runs[baseline][seed]["test"][-1])
+            reach_ratios.append(None if own is None else own[1] / runs[baseline][seed]["eval_seconds"][-1])
         # seed by seed against the baseline at the same step (same seed: same data stream and init)
         gaps = [r["test"][-1] - runs[baseline][seed]["test"][-1] for seed, r in per_seed.items()]
         # and at equal wall time: the last evaluation within the baseline's whole run, same seed
-        at_wall = [_test_within(r, runs[baseline][seed]["eval_seconds"][-1]) for seed, r in per_seed.items()]
+        at_wall = [test_within(r, runs[baseline][seed]["eval_seconds"][-1]) for seed, r in per_seed.items()]
         wall_gaps = [None if v is None else v - runs[baseline][seed]["test"][-1]
                      for v, seed in zip(at_wall, per_seed)]
         at_wall_mean, at_wall_std = _mean_std(at_wall)
@@ -206,6 +203,7 @@ def summarize(out: Path, methods: list, seeds: list) -> tuple:
         share, share_std = _mean_std([r["target_share"] for r in per_seed.values()])
         steps_mean, steps_std = _mean_std(reach_steps)
         seconds_mean, seconds_std = _mean_std(reach_seconds)
+        ratio_mean, ratio_std = _mean_std(reach_ratios)
         summary["methods"][method] = {
             "method": next(iter(per_seed.values()))["method"],
             "final_val": final_val, "final_val_std": final_val_std, "final_test": final_test,
@@ -214,6 +212,7 @@ def summarize(out: Path, methods: list, seeds: list) -> tuple:
             "reached": sum(s is not None for s in reach_steps), "reach_steps": reach_steps,
             "reach_steps_mean": steps_mean, "reach_steps_std": steps_std,
             "reach_seconds_mean": seconds_mean, "reach_seconds_std": seconds_std,
+            "reach_ratio_per_seed": reach_ratios, "reach_ratio_mean": ratio_mean, "reach_ratio_std": ratio_std,
             "per_seed_final_test": [r["test"][-1] for r in per_seed.values()],
             "per_seed_final_val": [r["val"][-1] for r in per_seed.values()],
             "test_gap_per_seed": gaps, "wins": sum(g < 0 for g in gaps),
@@ -239,6 +238,20 @@ def resummarize(folder: Path) -> dict:
     return summary
 
 
+def _reach_ratio(m: dict, seeds: list) -> str:
+    """'0.79 ± 0.10, worst 1.03' (or 'worst never (seed S)'): the seed-by-seed reach ratios of one arm."""
+    ratios = m.get("reach_ratio_per_seed")
+    if not ratios:
+        return "n/a"
+    never = [seed for seed, r in zip(seeds, ratios) if r is None]
+    if never:
+        worst = f"never (seed{'s' if len(never) > 1 else ''} {', '.join(map(str, never))})"
+    else:
+        worst = f"{max(ratios):.2f}"
+    mean = "n/a" if m["reach_ratio_mean"] is None else f"{m['reach_ratio_mean']:.2f} ± {m['reach_ratio_std']:.2f}"
+    return f"{mean}, worst {worst}"
+
+
 def markdown(summary: dict, command: str) -> str:
     target, base = summary["target_domain"], summary["baseline"]
     n = len(summary["seeds"])
@@ -256,15 +269,18 @@ def markdown(summary: dict, command: str) -> str:
              f"stream and initial weights); \"worst\": the largest final test gap against {base}, seed by seed "
              f"(positive: worse). \"Reach\": the first evaluation at which a run's test loss is at or below "
              f"{base}'s final test loss ({summary['baseline_final_test']:.4f}, mean over seeds); runs that never "
-             "reach it are left out of the mean and counted. \"At equal wall time\": the test loss of each run's "
+             "reach it are left out of the mean and counted. \"Seed by seed\": the wall time at which a run first "
+             f"reaches the same seed's {base} final test loss, over that {base} run's wall time (mean ± std "
+             "over the seeds that reach it, and the worst seed; never: a seed that does not). \"At equal wall time\": the test loss of each run's "
              f"last evaluation within {base}'s whole run time with the same seed, and the seeds on which it is "
              f"below {base}'s final test loss. A seed whose value is NaN (a diverged run) makes its "
              "cell nan, naming the seed, instead of being left out of the mean.", "",
              f"| arm | final {target} test loss | final {target} val loss | wins vs {base} (test) | worst vs {base} | "
              f"steps | steps to reach {base}'s final test | wall time to reach (s) | runs that reach | "
+             f"time to reach {base}'s final, seed by seed (x its wall time) | "
              f"wall time (s) | test loss at equal wall time | wins at equal wall time | "
              f"{target} share of trained samples |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, m in summary["methods"].items():
         nan = m["nan_seeds"]
         if m["target_share"] is None or math.isnan(m["target_share"]):
@@ -277,7 +293,8 @@ def markdown(summary: dict, command: str) -> str:
                      f"{m['wins']}/{n} | {worst} | {m['steps']} | "
                      f"{pm(m['reach_steps_mean'], m['reach_steps_std'], '.0f')} | "
                      f"{pm(m['reach_seconds_mean'], m['reach_seconds_std'], '.0f', nan['reach_seconds'])} | "
-                     f"{m['reached']}/{n} | {pm(m['wall_s'], m['wall_s_std'], '.0f', nan['wall_s'])} | "
+                     f"{m['reached']}/{n} | {_reach_ratio(m, list(summary['seeds']))} | "
+                     f"{pm(m['wall_s'], m['wall_s_std'], '.0f', nan['wall_s'])} | "
                      f"{pm(m['test_at_baseline_wall'], m['test_at_baseline_wall_std'], '.4f')} | "
                      f"{m['wins_at_baseline_wall']}/{n} | {share} |")
     lines += ["", "Plots: " + ", ".join(f"[{p[:-4].replace('_', ' ')}](plots/{p})" for p in PLOTS), "",

@@ -57,6 +57,18 @@ def read_run(run_dir) -> dict:
     }
 
 
+def test_within(run: dict, seconds: float):
+    """Test loss at the run's last evaluation done within `seconds` of training wall time (None: none was)."""
+    done = [t for t, at in zip(run["test"], run["eval_seconds"]) if at <= seconds]
+    return done[-1] if done else None
+
+
+def first_reach(run: dict, loss: float):
+    """(step, wall seconds) of the run's first evaluation with test loss at or below `loss` (None: never)."""
+    hit = next((i for i, v in enumerate(run["test"]) if v <= loss), None)
+    return None if hit is None else (run["eval_steps"][hit], run["eval_seconds"][hit])
+
+
 def summarize(run_dir) -> dict:
     r = read_run(run_dir)
     return {
@@ -68,6 +80,12 @@ def summarize(run_dir) -> dict:
 
 
 def side_by_side(run_dirs) -> str:
+    """The quickstart's table: test loss at every evaluation both runs have, then (with a Regular run
+    among them) each run's test loss at Regular's wall time and when it reaches Regular's final test
+    loss, then val loss, wall time and the target-domain share."""
+    from megatron_greats.selection.catalog import regular
+
+    curves = [read_run(d) for d in run_dirs]
     runs = [summarize(d) for d in run_dirs]
     names = [r["method"] for r in runs]
     width = max(12, *(len(n) for n in names))
@@ -84,6 +102,14 @@ def side_by_side(run_dirs) -> str:
     steps = sorted(set.intersection(*(set(r["evals"]) for r in runs)))
     for step in steps:
         lines.append(row(f"{target} test loss at step {step}", [fmt(r["evals"][step][1], ".4f") for r in runs]))
+    base = next((c for c in curves if c["method"] == regular() and c["test"]), None)
+    if base is not None:  # by the clock: what each run had reached when Regular's run ended
+        wall, final = base["eval_seconds"][-1], base["test"][-1]
+        lines.append(row(f"{target} test loss at Regular's wall time",
+                         [fmt(test_within(c, wall), ".4f") for c in curves]))
+        reached = [first_reach(c, final) for c in curves]
+        lines.append(row("wall time to reach Regular's final (s)",
+                         ["never" if r is None else f"{r[1]:.1f}" for r in reached]))
     lines.append(row(f"{target} val loss at step {steps[-1] if steps else '-'}",
                      [fmt(r["evals"][steps[-1]][0] if steps else None, ".4f") for r in runs]))
     lines.append(row("wall time of training (s)", [fmt(r["seconds"], ".1f") for r in runs]))

@@ -53,6 +53,14 @@ def test_compare_quick_writes_summary_plots_and_tensorboard(data_cache, tmp_path
         assert summary["methods"][method]["test_at_baseline_wall_per_seed"] == expected, method
     assert summary["methods"]["regular"]["test_at_baseline_wall_per_seed"] == \
         summary["methods"]["regular"]["per_seed_final_test"]
+    # seed by seed: when each run first reaches the same seed's regular final test loss, over regular's time
+    for method in arms:
+        expected = []
+        for seed in (1234, 1235):
+            final, budget = evals("regular", seed)[-1]["test/loss"], evals("regular", seed)[-1]["train/elapsed_s"]
+            hits = [m["train/elapsed_s"] for m in evals(method, seed) if m["test/loss"] <= final]
+            expected.append(hits[0] / budget if hits else None)
+        assert summary["methods"][method]["reach_ratio_per_seed"] == expected, method
     config = yaml.safe_load((out / "runs" / "greats-adam" / "seed1234" / "config.yaml").read_text())
     assert config["selection"]["preconditioner"] == "adam" and config["selection"]["eta"] == "auto"
     text = (out / "summary.md").read_text()
@@ -180,7 +188,7 @@ def test_side_by_side_puts_each_run_in_its_own_column(tmp_path):
     one run's values in both.)"""
     from megatron_greats.report import side_by_side
 
-    runs = {"greats": ([2, 3, 4], [6.0, 5.5, 4.0], 7.5, ["python_docs"] * 3 + ["bible"]),
+    runs = {"greats": ([2, 3, 4], [6.0, 5.5, 4.0], 4.0, ["python_docs"] * 3 + ["bible"]),
             "regular": ([2, 4], [6.2, 5.0], 3.25, ["python_docs", "bible", "bible", "shakespeare"])}
     for method, (steps, vals, seconds, domains) in runs.items():
         run_dir = tmp_path / method
@@ -211,3 +219,11 @@ def test_side_by_side_puts_each_run_in_its_own_column(tmp_path):
                                                   for m in order]
     shares = [sum(d == "python_docs" for d in runs[m][3]) / len(runs[m][3]) for m in order]
     assert cells("python_docs share of trained samples") == [f"{s:.1%}" for s in shares]
+    # By the clock: Regular's run ends at 3.25 s with test loss 5.29 (step 4). GREATS evaluates at 2, 3
+    # and 4 s: its last evaluation within 3.25 s is step 3's, and it first reaches 5.29 at step 4 (4 s).
+    regular_final = metrics("regular")[4]["test/loss"]
+    assert cells("python_docs test loss at Regular's wall time") == [f"{metrics('greats')[3]['test/loss']:.4f}",
+                                                                     f"{regular_final:.4f}"]
+    assert metrics("greats")[3]["test/loss"] > regular_final >= metrics("greats")[4]["test/loss"]
+    assert cells("wall time to reach Regular's final (s)") == ["4.0", "3.2"]  # 3.25 rounds to even
+
