@@ -16,6 +16,10 @@ warnings.filterwarnings("ignore", module="megatron")  # optional-dependency noti
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = REPO / "launch" / "pretrain.py"
 
+# Opt-in, for launch/gpu_check.sh: the in-process reference tests that take it (test_ghost.py's Gram
+# against torch.func) build their model and inputs on this device. Unset: "cpu", as always.
+TEST_DEVICE = os.environ.get("MEGATRON_GREATS_TEST_DEVICE", "cpu")
+
 # A model and corpus small enough for 4 processes on 2 cores.
 TINY_DATA = ["data.max_docs_per_domain=30", "tokenizer.vocab_size=512"]
 TINY_MODEL = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.seq_len=32"]

@@ -1,9 +1,15 @@
 """GhostRecorder against per-sample gradients from torch.func (vmap of grad), single process.
 
-Tolerances: float64 relative 1e-9, float32 relative 1e-4 (max abs error over max abs entry).
+Tolerances: float64 relative 1e-9, float32 relative 1e-4 (max abs error over max abs entry); a bf16
+model against a float64 copy, 5e-2 (bf16 keeps 8 bits; 20 seeds on CPU stay under 1.4e-2).
+The reference tests build their model and inputs on MEGATRON_GREATS_TEST_DEVICE (conftest.TEST_DEVICE:
+cpu unless launch/gpu_check.sh sets cuda); inputs are drawn on the CPU first, so a seed gives the same
+samples on every device.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -11,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from conftest import TEST_DEVICE
 from megatron_greats.ghost import GhostRecorder
 
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
 class MLP(nn.Module):
@@ -131,8 +138,8 @@ def relative_error(a, b):
 @pytest.mark.parametrize("path", ["ghost", "materialise", "auto"])
 def test_mlp_with_biases(dtype, path):
     torch.manual_seed(0)
-    model = MLP().to(dtype)
-    x, y = torch.randn(7, 12, dtype=dtype), torch.randint(0, 3, (7,))
+    model = MLP().to(dtype).to(TEST_DEVICE)
+    x, y = torch.randn(7, 12, dtype=dtype).to(TEST_DEVICE), torch.randint(0, 3, (7,)).to(TEST_DEVICE)
 
     def loss_fn(out, target):
         return F.cross_entropy(out, target, reduction="none")
@@ -148,14 +155,32 @@ def test_mlp_with_biases(dtype, path):
 @pytest.mark.parametrize("batch_dim", [0, 1])
 def test_transformer_with_attention_norms_and_tied_embeddings(dtype, path, batch_dim):
     torch.manual_seed(1)
-    model = TinyTransformer(batch_dim=batch_dim).to(dtype)
-    tokens = torch.randint(0, 40, (5, 7))
+    model = TinyTransformer(batch_dim=batch_dim).to(dtype).to(TEST_DEVICE)
+    tokens = torch.randint(0, 40, (5, 7)).to(TEST_DEVICE)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     gram, params = recorded_gram(model, token_losses, inputs, labels, path=path, batch_dim=batch_dim)
     assert {id(p) for p in params} == {id(p) for p in model.parameters()}  # all covered
     assert len(params) == len({id(p) for p in params})  # the tied weight listed once
     ref = reference_gram(model, token_losses, inputs, labels, params)
     assert relative_error(gram, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("path", ["ghost", "materialise"])
+@pytest.mark.parametrize("batch_dim", [0, 1])
+def test_bf16_transformer_gram_matches_a_float64_copy(path, batch_dim):
+    """A bf16 model, as train.precision=bf16 scores it: the Gram comes back in float32 and equals the
+    torch.func Gram of a float64 copy with the same (bf16) weights, to bf16 precision. On a GPU this is
+    where the bf16 kernels (attention, GEMMs with their own accumulation order) meet the Gram."""
+    torch.manual_seed(1)
+    model = TinyTransformer(batch_dim=batch_dim).to(torch.bfloat16).to(TEST_DEVICE)
+    exact = copy.deepcopy(model).double()  # the same weights, exactly (bf16 -> float64 is exact)
+    tokens = torch.randint(0, 40, (5, 7)).to(TEST_DEVICE)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    gram, params = recorded_gram(model, token_losses, inputs, labels, path=path, batch_dim=batch_dim)
+    assert gram.dtype == torch.float32
+    names, twins = {p: n for n, p in model.named_parameters()}, dict(exact.named_parameters())
+    ref = reference_gram(exact, token_losses, inputs, labels, [twins[names[p]] for p in params])
+    assert relative_error(gram.double(), ref) < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("update_from", ["operands", "blocks", "auto"])
