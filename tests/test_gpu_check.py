@@ -1,0 +1,155 @@
+"""launch/gpu_check.sh where there is no GPU, and its summary builder (launch/gpu_check_summary.py).
+
+Without an NVIDIA GPU the script must stop before installing or writing anything: exit status 2 and
+exactly one stderr line naming the cause. The summary builder is checked on committed CPU results
+standing in for a GPU run's outputs, so that its table is known to work before a GPU is lent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, child_env
+
+SCRIPT = REPO / "launch" / "gpu_check.sh"
+RESULTS = REPO / "docs" / "results"
+
+
+def run_script(*args: str, env: dict | None = None) -> tuple:
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=env or child_env(),
+                          capture_output=True, text=True, timeout=60)
+    return proc, time.monotonic() - start
+
+
+def gpu_check_folders() -> set:
+    return set((REPO / "runs").glob("gpu-check-*")) if (REPO / "runs").exists() else set()
+
+
+def test_the_script_parses():
+    proc = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="nvidia-smi is here: the real path runs")
+def test_without_nvidia_smi_it_stops_at_once_with_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    before = gpu_check_folders()
+    for args in (["--out", str(out)], []):  # and the default folder, runs/gpu-check-<date>
+        proc, seconds = run_script(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines() == [
+            "gpu_check: no CUDA GPU found (nvidia-smi not found); run it on a machine with an NVIDIA GPU"]
+        assert proc.stdout == ""
+        assert seconds < 10  # nothing installed or imported on the way
+    assert not out.exists()
+    assert gpu_check_folders() == before
+
+
+def test_an_nvidia_smi_that_lists_no_gpu_is_no_gpu(tmp_path):
+    """A driver tool that is there but fails (no device, driver not loaded): the same one line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver' >&2\n"
+                    "exit 9\n")
+    fake.chmod(0o755)
+    env = child_env()
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    out = tmp_path / "out"
+    proc, _ = run_script("--out", str(out), env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "gpu_check: no CUDA GPU found (nvidia-smi lists no GPU); run it on a machine with an NVIDIA GPU"]
+    assert proc.stdout == "" and not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--minutes", "0"], "--minutes must be a positive number, got '0'"),
+    (["--minutes=soon"], "--minutes must be a positive number, got 'soon'"),
+    (["--out"], "option --out needs a value"),
+    (["--gpus", "2"], "unknown option '--gpus'; allowed: --out DIR, --minutes M"),
+])
+def test_a_bad_option_is_one_line_before_the_gpu_probe(tmp_path, args, message):
+    proc, _ = run_script(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"gpu_check: {message}"]
+
+
+def load_summary():
+    spec = importlib.util.spec_from_file_location("gpu_check_summary", REPO / "launch" / "gpu_check_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_check_folder(out: Path) -> None:
+    """A gpu_check.sh folder whose steps' outputs are committed CPU results: a GREATS and a Regular run
+    of a screen, the cheap-scoring bench step, bench ghost; a junit.xml with one failure; one step
+    failed without outputs, one not run, one skipped for time."""
+    (out / "logs").mkdir(parents=True)
+    (out / "nvidia-smi.csv").write_text("name, memory.total [MiB]\nNVIDIA H100 80GB HBM3, 81559 MiB\n")
+    (out / "machine.txt").write_text("driver=550.54\ncommit=abc123\nstarted=2030-01-01T00:00:00Z\nminutes=8\n")
+    (out / "torch.json").write_text(json.dumps({
+        "torch": "2.13.0+cu128", "cuda": "12.8", "nccl": "2.27.3", "cuda_available": True, "device_count": 1,
+        "devices": ["NVIDIA H100 80GB HBM3"], "deepspeed": "0.19.8", "megatron_core": "0.16.1"}))
+    (out / "tests").mkdir()
+    (out / "tests" / "junit.xml").write_text(
+        '<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="3" failures="1" errors="0" skipped="0">'
+        '<testcase classname="tests.test_ghost" name="test_mlp_with_biases[ghost-dtype0]"/>'
+        '<testcase classname="tests.test_ghost" name="test_bf16_transformer_gram_matches_a_float64_copy[0-ghost]">'
+        '<failure message="assert">x</failure></testcase>'
+        '<testcase classname="tests.test_selection_training" name="test_single_pass_equals_two_pass"/>'
+        '</testsuite></testsuites>')
+    raw = RESULTS / "screen-cheap-crawl" / "raw"
+    for name, source in (("greats", "greats-w16t1"), ("regular", "regular")):
+        shutil.copytree(raw / source / "seed1234", out / "quickstart-bf16" / name)
+    (out / "bench-step-fp32").mkdir()
+    shutil.copy(RESULTS / "cheap-scoring" / "bench-step" / "bench_step.json", out / "bench-step-fp32")
+    (out / "bench-ghost").mkdir()
+    shutil.copy(RESULTS / "bench_ghost.json", out / "bench-ghost")
+    rows = [("env", "ok", "0", "95.2", ""), ("tests", "failed", "1", "130.0", ""),
+            ("quickstart-bf16", "ok", "0", "80.5", ""), ("bench-step-bf16", "failed", "1", "12.0", ""),
+            ("bench-step-fp32", "ok", "0", "60.0", ""), ("bench-ghost", "ok", "0", "90.0", ""),
+            ("dp2-bf16", "not run", "", "0", "1 GPU"), ("tp2-bf16", "skipped", "", "0", "out of time (--minutes 8)")]
+    (out / "steps.tsv").write_text("step\tstatus\texit\tseconds\tnote\n" + "".join("\t".join(r) + "\n" for r in rows))
+
+
+def test_the_summary_reads_each_steps_outputs_into_one_table(tmp_path):
+    from megatron_greats.report import read_run, test_within
+
+    out = tmp_path / "check"
+    fake_check_folder(out)
+    summary = load_summary()
+    assert summary.main([str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    steps = {s["step"]: s for s in results["steps"]}
+    assert list(steps) == ["env", "tests", "quickstart-bf16", "bench-step-bf16", "bench-step-fp32", "bench-ghost",
+                           "dp2-bf16", "tp2-bf16"]
+    assert results["passed"] is False  # a failure and a skip
+    assert results["machine"]["gpus"] == ["NVIDIA H100 80GB HBM3, 81559 MiB"]
+    assert steps["tests"]["data"]["failed"] == 1 and steps["tests"]["result"].startswith("2 passed, 1 failed")
+    assert "test_bf16_transformer_gram_matches_a_float64_copy[0-ghost]" in steps["tests"]["result"]
+    # the pair's numbers are megatron_greats.report's reading of the same runs
+    pair = steps["quickstart-bf16"]["data"]
+    greats, regular = read_run(out / "quickstart-bf16" / "greats"), read_run(out / "quickstart-bf16" / "regular")
+    assert pair["step"] == 600 and pair["test_loss_at_step"]["regular"] == regular["test"][-1]
+    assert pair["greats_test_loss_at_regular_wall_time"] == test_within(greats, regular["eval_seconds"][-1])
+    assert pair["trained_tokens_per_s"]["greats"] > 0
+    committed = json.loads((RESULTS / "cheap-scoring" / "bench-step" / "bench_step.json").read_text())["ratios"]
+    assert steps["bench-step-fp32"]["data"]["ratios"]["single_over_regular_k_time"] == \
+        committed["single_over_regular_k_time"]
+    assert "single_pass 2.83" in steps["bench-step-fp32"]["result"]
+    assert steps["bench-step-bf16"]["data"] is None and "see logs/bench-step-bf16.log" in steps["bench-step-bf16"]["result"]
+    assert [r["B"] for r in steps["bench-ghost"]["data"]] == [8, 32, 16, 32]
+    assert steps["dp2-bf16"]["result"] == "1 GPU" and steps["dp2-bf16"]["exit"] is None
+    table = (out / "summary.md").read_text()
+    assert "NVIDIA H100 80GB HBM3" in table and "torch 2.13.0+cu128, CUDA 12.8" in table
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + len(steps)
