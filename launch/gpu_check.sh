@@ -21,8 +21,9 @@
 #   MEGATRON_GREATS_VENV   the virtual environment (default .venv, as launch/setup_env.sh)
 #
 # Exit status: 0 every step ran and passed; 1 a step failed, timed out or was skipped for time (the
-# others still ran; summary.md says which); 2 no CUDA GPU (nothing installed, nothing written) or a
-# bad option.
+# others still ran; summary.md says which); 2 a bad option, or no CUDA GPU: nvidia-smi missing or
+# listing no GPU (then nothing is installed or written), or torch.cuda.is_available() False once the
+# environment is set up (then the folder holds the env step's log).
 set -uo pipefail   # no -e: a failed step is recorded and the next one runs
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$(pwd)"
@@ -133,7 +134,8 @@ info = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.b
         "cuda_available": torch.cuda.is_available(), "device_count": torch.cuda.device_count(),
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "capability": [list(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())],
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
+        "nccl": None if not torch.cuda.is_available() else
+                (lambda v: ".".join(map(str, v)) if isinstance(v, tuple) else str(v))(torch.cuda.nccl.version()),
         "bf16_supported": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         "deepspeed": deepspeed.__version__, "megatron_core": version("megatron-core")}
 json.dump(info, open(sys.argv[1], "w"), indent=2)
