@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout without installing
@@ -51,7 +50,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    warnings.filterwarnings("ignore", module="megatron")  # optional-dependency notices (apex, TE, ...)
+    from megatron_greats.quiet import quiet_run_output
+
+    quiet_run_output()  # before DeepSpeed is imported
 
     from megatron_greats.config import load_config
     from megatron_greats.parallel.state import launcher_rank, launcher_world_size
