@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
+
+from megatron_greats.data.splits import SPLITS
 
 warnings.filterwarnings("ignore", module="megatron")  # optional-dependency notices (apex, TE) at import
 
@@ -55,6 +58,26 @@ def data_cache(tmp_path_factory) -> Path:
 def tiny_overrides(data_cache: Path, run_dir: Path, *extra: str) -> list:
     return [f"data.cache_dir={data_cache}", f"run_dir={run_dir}",
             *TINY_DATA, *TINY_MODEL, *TINY_TRAIN, *extra]
+
+
+def megatron_copy(data_cache: Path, tmp: Path, cut: str = "", domains: bool = False) -> list:
+    """The indexed data given by prefix (Megatron style), with one file of train cut in half (cut=None: none
+    cut, and no selection prefix given; "": none cut). Without its domain side files (domains=False), as
+    Megatron's own tools write it: one domain, "default", which is then the target (no data.target_domain)."""
+    indexed = next(p for p in data_cache.iterdir() if p.name.startswith("indexed-"))
+    tokenizer = next(p for p in data_cache.iterdir() if p.name.startswith("tokenizer-"))
+    for split in SPLITS:
+        for suffix in (".bin", ".idx", *((".domains.json", ".domains.npy") if domains else ())):
+            shutil.copy(indexed / f"{split}{suffix}", tmp / f"{split}{suffix}")
+    given = SPLITS
+    if cut is None:
+        given = [s for s in SPLITS if s != "selection"]
+    elif cut:
+        victim = tmp / f"train{cut}"
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    prefixes = ", ".join(f"{s}: {tmp / s}" for s in given)
+    return ["data.source=megatron", f"tokenizer.model={next(tokenizer.glob('*.model'))}",
+            f"data.megatron_prefixes={{{prefixes}}}"]
 
 
 def read_metrics(run_dir: Path) -> list:
