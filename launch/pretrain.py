@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout without installing
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a c
 from megatron_greats.errors import GreatsError  # noqa: E402
 
 
-def _format_summary(summary: dict, target_domain: str) -> str:
+def _format_summary(summary: dict) -> str:
     def loss(value):
         return "n/a" if value is None else f"{value:.4f}"
 
@@ -31,8 +30,8 @@ def _format_summary(summary: dict, target_domain: str) -> str:
         *([("preempted", f"SIGTERM: stopped after step {summary['steps']} and saved a checkpoint; "
                          "run the same command to resume")] if summary.get("preempted") else []),
         ("train loss", loss(summary["train_loss"])),
-        ("val loss", f"{loss(summary['val_loss'])} (held-out {target_domain})"),
-        ("test loss", f"{loss(summary['test_loss'])} (held-out {target_domain})"),
+        ("val loss", f"{loss(summary['val_loss'])} (held-out {summary['target_domain']})"),
+        ("test loss", f"{loss(summary['test_loss'])} (held-out {summary['target_domain']})"),
         ("time", f"{summary['seconds']:.1f} s"),
         ("metrics", str(Path(summary["run_dir"]) / "metrics.jsonl")),
         ("checkpoints", str(Path(summary["run_dir"]) / "checkpoints")),
@@ -51,7 +50,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    warnings.filterwarnings("ignore", module="megatron")  # optional-dependency notices (apex, TE, ...)
+    from megatron_greats.quiet import quiet_run_output
+
+    quiet_run_output()  # before DeepSpeed is imported
 
     from megatron_greats.config import load_config
     from megatron_greats.parallel.state import launcher_rank, launcher_world_size
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
         print(f"megatron_greats: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     if launcher_rank() == 0:
-        print(_format_summary(summary, cfg.data.target_domain), flush=True)
+        print(_format_summary(summary), flush=True)
     return 0
 
 

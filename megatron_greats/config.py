@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from megatron_greats.data.splits import HELD_OUT, crawl_problem, fractions_problem, prefixes_problem
+from megatron_greats.data.splits import (EMBEDDED_TARGET, HELD_OUT, crawl_problem, fractions_problem,
+                                        prefixes_problem)
 from megatron_greats.errors import ConfigError
 from megatron_greats.selection.catalog import (CATALOG, NOTED_KEYS, SINGLE_PASS, TWO_PASS, UPDATE_MODES, MethodSpec,
                                                methods_reading, spec_of)
@@ -83,8 +84,9 @@ SCHEMA: dict = {
         "megatron_prefixes": Key((dict, type(None)), None,
                                  help="source=megatron: {train: prefix, val: prefix, test: prefix, "
                                       "selection: prefix}"),
-        "target_domain": Key(STR, "python_docs",
-                             help=f"{', '.join(HELD_OUT)} are held-out documents of this domain"),
+        "target_domain": Key(OPT_STR, None,
+                             help=f"{', '.join(HELD_OUT)} are held-out documents of this domain; null: "
+                                  f"{EMBEDDED_TARGET} for source=embedded, else the data's only domain"),
         # One key per held-out split (data/splits.py HELD_OUT): its fraction of the target domain's documents
         **{split.key: Key(FLOAT, split.default, _fraction, help=f"{name}: {split.use}")
            for name, split in HELD_OUT.items()},
@@ -336,6 +338,17 @@ class Config:
 
     def to_dict(self) -> dict:
         return copy.deepcopy(object.__getattribute__(self, "_tree"))
+
+    def with_value(self, dotted: str, value) -> "Config":
+        """A copy with one key set to a value the run resolved (e.g. data.target_domain from the data),
+        so that config.yaml records what ran."""
+        tree = self.to_dict()
+        *parents, last = dotted.split(".")
+        node = tree
+        for key in parents:
+            node = node[key]
+        node[last] = value
+        return Config(tree)
 
     def dump(self, path: str) -> None:
         tmp = f"{path}.tmp{os.getpid()}"

@@ -238,7 +238,15 @@ def replace_plain_optimizer_step(engine, step) -> None:
     and no longer clips before it (DeepSpeedEngine.clip_fp32_gradients): `step` does."""
     optimizer = engine.optimizer
     engine.clip_fp32_gradients = lambda: None
-    optimizer.step = functools.partial(step, optimizer.step)
+    real_step = optimizer.step
+
+    # wraps: keeps the LR scheduler's mark on its own wrapper of optimizer.step (which real_step is, and
+    # which still runs), so torch does not warn that the step was overridden after the scheduler's start
+    @functools.wraps(real_step)
+    def replaced(*args, **kwargs):
+        return step(real_step, *args, **kwargs)
+
+    optimizer.step = replaced
 
 
 def record_step(optimizer, norm: float, skipped: bool) -> None:

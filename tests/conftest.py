@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
+
+from megatron_greats.data.splits import SPLITS
 
 warnings.filterwarnings("ignore", module="megatron")  # optional-dependency notices (apex, TE) at import
 
@@ -61,6 +64,26 @@ def tiny_overrides(data_cache: Path, run_dir: Path, *extra: str) -> list:
             *TINY_DATA, *TINY_MODEL, *TINY_TRAIN, *extra]
 
 
+def megatron_copy(data_cache: Path, tmp: Path, cut: str = "", domains: bool = False) -> list:
+    """The indexed data given by prefix (Megatron style), with one file of train cut in half (cut=None: none
+    cut, and no selection prefix given; "": none cut). Without its domain side files (domains=False), as
+    Megatron's own tools write it: one domain, "default", which is then the target (no data.target_domain)."""
+    indexed = next(p for p in data_cache.iterdir() if p.name.startswith("indexed-"))
+    tokenizer = next(p for p in data_cache.iterdir() if p.name.startswith("tokenizer-"))
+    for split in SPLITS:
+        for suffix in (".bin", ".idx", *((".domains.json", ".domains.npy") if domains else ())):
+            shutil.copy(indexed / f"{split}{suffix}", tmp / f"{split}{suffix}")
+    given = SPLITS
+    if cut is None:
+        given = [s for s in SPLITS if s != "selection"]
+    elif cut:
+        victim = tmp / f"train{cut}"
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    prefixes = ", ".join(f"{s}: {tmp / s}" for s in given)
+    return ["data.source=megatron", f"tokenizer.model={next(tokenizer.glob('*.model'))}",
+            f"data.megatron_prefixes={{{prefixes}}}"]
+
+
 def read_metrics(run_dir: Path) -> list:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -88,9 +111,17 @@ def run_reference(spec: dict, overrides: list, work_dir: Path) -> dict:
     return torch.load(out, weights_only=True)
 
 
+def user_env() -> dict:
+    """child_env with Python's warnings shown, as a user's shell has them (child_env hides them)."""
+    env = child_env()
+    env.pop("PYTHONWARNINGS")
+    return env
+
+
 def run_pretrain(overrides: list, nproc: int = 1, launcher: str = "torchrun", timeout: int = 600,
-                 config: str = "configs/tiny-cpu.yaml") -> subprocess.CompletedProcess:
-    """launch/pretrain.py as a user runs it: plain python (nproc=1) or torchrun with nproc processes."""
+                 config: str = "configs/tiny-cpu.yaml", env: dict | None = None) -> subprocess.CompletedProcess:
+    """launch/pretrain.py as a user runs it: plain python (nproc=1) or torchrun with nproc processes
+    (env: child_env(), or e.g. user_env())."""
     script = [str(PRETRAIN), "--config", str(REPO / config), *overrides]
     if launcher == "python":
         cmd = [sys.executable, *script]
@@ -99,7 +130,24 @@ def run_pretrain(overrides: list, nproc: int = 1, launcher: str = "torchrun", ti
                f"--master_port={free_port()}", *script]
     else:
         raise ValueError(launcher)
-    return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=child_env() if env is None else env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# What DeepSpeed and torch printed in a run before megatron_greats/quiet.py and the LR scheduler's fix.
+SILENCED = ("Setting accelerator to CPU", "has been overridden after learning rate scheduler",
+            "`torch.distributed.all_gather_into_tensor` is deprecated")
+
+
+def assert_only_our_output(proc: subprocess.CompletedProcess) -> None:
+    """A run without a progress bar writes nothing but its own lines: on stderr each starts with
+    "megatron_greats: " (notes, the memory estimate), on stdout the run summary."""
+    for text in (proc.stdout, proc.stderr):
+        for line in SILENCED:
+            assert line not in text, text[-3000:]
+    foreign = [line for line in proc.stderr.splitlines() if line and not line.startswith("megatron_greats: ")]
+    assert not foreign, proc.stderr[-3000:]
+    assert proc.stdout.lstrip("\n").startswith("=== megatron_greats run summary ==="), proc.stdout[-3000:]
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list:

@@ -12,30 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_greats.data.splits import SPLITS
-from conftest import PRETRAIN, REPO, child_env, error_lines, free_port, run_pretrain, tiny_overrides
+from conftest import (PRETRAIN, REPO, child_env, error_lines, free_port, megatron_copy, run_pretrain,
+                      tiny_overrides)
 
 CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 GREATS = ["selection.method=greats", "selection.candidates=16", "selection.val_batch=3"]
-
-
-def _megatron_copy(data_cache: Path, tmp: Path, cut: str) -> list:
-    """The indexed data given by prefix (Megatron style), with one file of train cut in half (cut=None: none
-    cut, and no selection prefix given)."""
-    indexed = next(p for p in data_cache.iterdir() if p.name.startswith("indexed-"))
-    tokenizer = next(p for p in data_cache.iterdir() if p.name.startswith("tokenizer-"))
-    for split in SPLITS:
-        for suffix in (".bin", ".idx"):
-            shutil.copy(indexed / f"{split}{suffix}", tmp / f"{split}{suffix}")
-    given = SPLITS
-    if cut is None:
-        given = [s for s in SPLITS if s != "selection"]
-    else:
-        victim = tmp / f"train{cut}"
-        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    prefixes = ", ".join(f"{s}: {tmp / s}" for s in given)
-    return ["data.source=megatron", f"tokenizer.model={next(tokenizer.glob('*.model'))}", "data.target_domain=default",
-            f"data.megatron_prefixes={{{prefixes}}}"]
 
 
 def _corrupt_tokenizer(data_cache, tmp):
@@ -160,19 +141,27 @@ CASES = {
     "data path missing": (lambda d, t: ["data.source=files", f"data.files=[{t / 'no_such.jsonl'}]",
                                         "data.target_domain=default"], ["no_such.jsonl"], 1),
     "target domain absent from the data": (["data.target_domain=klingon"], ["'klingon'", "domains present"], 1),
+    "target domain absent from megatron prefixes of several domains": (
+        lambda d, t: [*megatron_copy(d, t, domains=True), "data.target_domain=klingon"],
+        ["target domain 'klingon' is not a domain of the val data", "domains present: bible, python_docs, shakespeare"],
+        1),
+    "megatron prefixes of several domains, no target domain": (
+        lambda d, t: [*megatron_copy(d, t, domains=True), "data.target_domain=null"],
+        ["data.target_domain is not set and the data has 3 domains (bible, python_docs, shakespeare); allowed: "
+         "data.target_domain set to one of them"], 1),
     "empty held-out splits": (lambda d, t: [f"data.cache_dir={t / 'cache'}", "data.max_docs_per_domain=1"],
                               ["val/test/selection would be empty"], 1),
     "held-out fractions summing to 1": (["data.val_fraction=0.3", "data.selection_fraction=0.6"],
                                         ["data.val_fraction + data.test_fraction + data.selection_fraction = "
                                          "0.3 + 0.1 + 0.6 = 1", "allowed: fractions whose sum is < 1"], 1),
-    "megatron prefixes without selection": (lambda d, t: _megatron_copy(d, t, None),
+    "megatron prefixes without selection": (lambda d, t: megatron_copy(d, t, None),
                                             ["data.megatron_prefixes", "missing: selection",
                                              "allowed: exactly the keys train, val, test, selection"], 1),
     "tokenizer file missing": (lambda d, t: [f"tokenizer.model={t / 'missing.model'}"],
                                ["missing.model", "does not exist"], 1),
     "tokenizer file corrupt": (_corrupt_tokenizer, ["broken.model", "not a readable sentencepiece model"], 1),
-    ".idx cut short": (lambda d, t: _megatron_copy(d, t, ".idx"), ["train.idx"], 1),
-    ".bin not matching its .idx": (lambda d, t: _megatron_copy(d, t, ".bin"), ["train.bin", "bytes but index"], 1),
+    ".idx cut short": (lambda d, t: megatron_copy(d, t, ".idx"), ["train.idx"], 1),
+    ".bin not matching its .idx": (lambda d, t: megatron_copy(d, t, ".bin"), ["train.bin", "bytes but index"], 1),
     "seq_len longer than the data": (["model.seq_len=60000"], ["seq_len 60000 is too long"], 1),
     "vocabulary too large for the text": (["tokenizer.vocab_size=60000"], ["60000"], 1),
     "checkpoint of another model shape": (_checkpoint_of_another_shape, ["another model shape", "hidden_size"], 1),

@@ -422,20 +422,74 @@ def test_user_files(tmp_path, corpus, fmt, with_domain, file_format):
 def test_megatron_prefixes(tmp_path, bundle):
     prefixes = {split: bundle.paths[split] for split in SPLITS}
     data = prepare_data(cache_dir=tmp_path, source="megatron", megatron_prefixes=prefixes,
-                        tokenizer_model=bundle.paths["tokenizer"], seq_len=SEQ_LEN)
+                        tokenizer_model=bundle.paths["tokenizer"], seq_len=SEQ_LEN,
+                        target_domain="python_docs")
     assert len(data.train) == len(bundle.train) and data.train.domain_names == sorted(DOMAINS)
+    assert data.target_domain == "python_docs" and data.notes == []
     assert torch.equal(data.selection.get(np.arange(len(data.selection))),
                        bundle.selection.get(np.arange(len(bundle.selection))))
     plain, plain_selection = tmp_path / "plain", tmp_path / "plain_selection"
     for prefix, split in ((plain, "val"), (plain_selection, "selection")):
         for ext in (".bin", ".idx"):  # data from Megatron's own tools: no domain side file
             shutil.copy(f"{bundle.paths[split]}{ext}", f"{prefix}{ext}")
-    data = prepare_data(cache_dir=tmp_path, source="megatron", target_domain="default",
+    # one domain ("default") and data.target_domain not set: that domain is the target, with a note
+    data = prepare_data(cache_dir=tmp_path, source="megatron",
                         megatron_prefixes={"train": plain, "val": plain, "test": plain,
                                            "selection": plain_selection},
                         tokenizer_model=bundle.paths["tokenizer"], seq_len=SEQ_LEN)
     assert data.train.domain_names == ["default"] and len(data.train) == len(bundle.val)
     assert len(data.selection) == len(bundle.selection)
+    assert data.target_domain == "default"
+    assert data.notes == ["data.target_domain is not set: the data has one domain, 'default', and it "
+                          "is the target"]
+
+
+def test_a_multi_domain_corpus_needs_a_target_domain(tmp_path, bundle, corpus):
+    """Several domains and data.target_domain not set, or set to a domain that is not there: one
+    line that names the domains (and the bad value)."""
+    prefixes = {split: bundle.paths[split] for split in SPLITS}
+    args = dict(source="megatron", megatron_prefixes=prefixes, tokenizer_model=bundle.paths["tokenizer"],
+                seq_len=SEQ_LEN)
+    with pytest.raises(DataError) as e:
+        prepare_data(cache_dir=tmp_path / "cache", **args)
+    assert_one_line(e, "data.target_domain is not set and the data has 3 domains "
+                       "(bible, python_docs, shakespeare); allowed: data.target_domain set to one of them")
+    with pytest.raises(DataError) as e:
+        prepare_data(cache_dir=tmp_path / "cache", target_domain="klingon", **args)
+    assert_one_line(e, "'klingon'", "bible, python_docs, shakespeare")
+    path = write_user_files(tmp_path, "jsonl", corpus, with_domain=True)  # bible and shakespeare
+    files = dict(source="files", files=[path], domain_field="source", seq_len=16, vocab_size=400,
+                 show_progress=False)
+    with pytest.raises(DataError) as e:
+        prepare_data(cache_dir=tmp_path / "cache", **files)
+    assert_one_line(e, "data.target_domain is not set and the data has 2 domains (bible, shakespeare)",
+                    "allowed")
+    with pytest.raises(DataError) as e:
+        prepare_data(cache_dir=tmp_path / "cache", target_domain="klingon", **files)
+    assert_one_line(e, "'klingon'", "domains present: bible, shakespeare")
+
+
+@pytest.mark.parametrize("domain_field", [None, "source"])
+def test_a_single_domain_corpus_is_its_own_target(tmp_path, corpus, domain_field):
+    """User files of one domain (without a domain field: "default"; with one: that field's only value)
+    and data.target_domain not set: the target is that domain, and the held-out splits come from it.
+    Without a domain field the cache is the one of target_domain="default" set explicitly."""
+    path = tmp_path / "data.jsonl"
+    docs = [doc for doc in corpus if doc.domain == "shakespeare"][:40]
+    path.write_text("".join(json.dumps({"text": doc.text, "source": doc.domain}) + "\n" for doc in docs))
+    args = dict(source="files", files=[path], domain_field=domain_field, val_fraction=0.2,
+                test_fraction=0.2, seq_len=16, vocab_size=400, show_progress=False)
+    data = prepare_data(cache_dir=tmp_path / "cache", **args)
+    domain = "shakespeare" if domain_field else "default"
+    assert data.target_domain == domain and data.train.domain_names == [domain]
+    assert data.notes == [f"data.target_domain is not set: the data has one domain, '{domain}', and it "
+                          "is the target"]
+    for split in HELD_OUT:
+        assert len(data.splits[split]) > 0
+    explicit = prepare_data(cache_dir=tmp_path / "cache", target_domain=domain, **args)
+    assert explicit.notes == []
+    if domain_field is None:
+        assert explicit.identity == data.identity
 
 
 @pytest.mark.parametrize("change,needles", [
@@ -496,8 +550,9 @@ def test_missing_domain_field_and_target_domain(tmp_path, corpus):
         prepare_data(cache_dir=tmp_path, source="files", files=path, domain_field="source",
                      seq_len=16)
     assert_one_line(e, "'source'", "text")
-    with pytest.raises(DataError) as e:
-        prepare_data(cache_dir=tmp_path, source="files", files=path, seq_len=16)
+    with pytest.raises(DataError) as e:  # no domain field: every document is in domain "default"
+        prepare_data(cache_dir=tmp_path, source="files", files=path, seq_len=16,
+                     target_domain="python_docs")
     assert_one_line(e, "'python_docs'", "default")
 
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from conftest import read_metrics, read_selections, run_pretrain, run_reference, tiny_overrides, train_losses
+from conftest import (assert_only_our_output, megatron_copy, read_metrics, read_selections, run_pretrain, run_reference,
+                      tiny_overrides, train_losses, user_env)
 from full_weights import full_weights, relative_gap
 
 # Plain SGD: its step is lr x gradient, so an error in the gradient's scale (a 1/k slip, a data-parallel
@@ -304,13 +306,33 @@ def test_init_checkpoint_starts_from_its_weights_with_a_fresh_optimizer(data_cac
 
 
 def test_a_key_the_method_does_not_read_is_noted_at_start(data_cache, tmp_path):
-    """The quickstart's Regular run on a config tuned for GREATS: it runs, and says which keys it does not use."""
+    """The quickstart's Regular run on a config tuned for GREATS: it runs, and says which keys it does not use.
+    With Python's warnings shown, as a user sees them: nothing but its own lines (no DeepSpeed or torch noise)."""
     proc = run_pretrain(tiny_overrides(data_cache, tmp_path, "train.steps=1", "selection.preconditioner=adam"),
-                        launcher="python")
+                        launcher="python", env=user_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     notes = [line for line in proc.stderr.splitlines() if line.startswith("megatron_greats: note:")]
     assert notes == ["megatron_greats: note: selection.preconditioner='adam' is not read by selection.method=regular "
                      "(it applies to greats, first_order, gradnorm); this run does not use it"]
+    assert_only_our_output(proc)
+
+
+def test_a_single_domain_corpus_trains_without_a_target_domain(data_cache, tmp_path):
+    """Megatron prefixes of one domain (no domain side files: "default") and a config that sets no
+    data.target_domain: that domain is the target, a note says so, and config.yaml records it."""
+    config = tmp_path / "no-target.yaml"
+    text = (Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.yaml").read_text()
+    config.write_text("".join(line for line in text.splitlines(keepends=True) if "target_domain" not in line))
+    run_dir = tmp_path / "run"
+    proc = run_pretrain(tiny_overrides(data_cache, run_dir, "train.steps=1", *megatron_copy(data_cache, tmp_path)),
+                        launcher="python", config=str(config), env=user_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("megatron_greats: note:")]
+    assert notes == ["megatron_greats: note: data.target_domain is not set: the data has one domain, 'default', "
+                     "and it is the target"]
+    assert "(held-out default)" in proc.stdout
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["target_domain"] == "default"
+    assert_only_our_output(proc)
 
 
 def test_nothing_to_select_and_more_eval_batches_than_a_split_holds_are_noted_at_start(data_cache, tmp_path):

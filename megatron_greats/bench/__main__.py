@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
+    from megatron_greats.quiet import quiet_run_output
+
+    quiet_run_output()  # before DeepSpeed is imported
     if args.bench == "ghost":
         if args.repeats < 1 or args.rounds < 1:  # before the heavy imports
             print(f"megatron_greats: error: --repeats {args.repeats} / --rounds {args.rounds}; allowed: >= 1",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -24,8 +24,8 @@ from .documents import Document, read_jsonl, write_jsonl
 from .indexed import write_split
 from .samples import SampleSet
 from .sources import user_files
-from .splits import (HELD_OUT, SPLITS, crawl_problem, fractions_from_args, fractions_problem,
-                     prefixes_problem, split_documents)
+from .splits import (EMBEDDED_TARGET, HELD_OUT, SPLITS, crawl_problem, fractions_from_args,
+                     fractions_problem, only_domain, prefixes_problem, split_documents)
 from .tokenizer import MIN_VOCAB_SIZE, TRAINER_SETTINGS, Tokenizer, train_tokenizer
 
 SOURCES = ("embedded", "files", "megatron")
@@ -46,6 +46,7 @@ class DataBundle:
     vocab_size: int
     target_domain: str
     paths: dict[str, Path]  # corpus/splits files, tokenizer model, and one prefix per split
+    notes: list[str] = field(default_factory=list)  # for the user, e.g. how the target was chosen
 
     @property
     def identity(self) -> str:
@@ -81,7 +82,7 @@ def prepare_data(*, cache_dir: str | os.PathLike, seq_len: int, source: str = "e
                  file_format: str = "auto", text_field: str = "text",
                  domain_field: str | None = None,
                  megatron_prefixes: Mapping[str, str | os.PathLike] | None = None,
-                 target_domain: str = "python_docs", split_seed: int = 1234,
+                 target_domain: str | None = None, split_seed: int = 1234,
                  max_docs_per_domain: int | None = None, vocab_size: int = 4096,
                  tokenizer_model: str | os.PathLike | None = None, crawl: bool = False,
                  show_progress: bool = True, **fractions: float) -> DataBundle:
@@ -93,6 +94,8 @@ def prepare_data(*, cache_dir: str | os.PathLike, seq_len: int, source: str = "e
     prefixes, one per split in SPLITS, tokenized with `tokenizer_model` (required then).
     `fractions`: val_fraction=, test_fraction=, selection_fraction= (splits.HELD_OUT, named like
     the config keys): each held-out split's share of the target domain's documents.
+    `target_domain` None: python_docs for the embedded corpus, else the data's only domain (a
+    DataError when it has several); the bundle's notes then say which domain that is.
     """
     fractions = fractions_from_args(fractions)
     _check_args(seq_len=seq_len, source=source, files=files, megatron_prefixes=megatron_prefixes,
@@ -100,10 +103,12 @@ def prepare_data(*, cache_dir: str | os.PathLike, seq_len: int, source: str = "e
                 max_docs_per_domain=max_docs_per_domain, vocab_size=vocab_size,
                 text_field=text_field, domain_field=domain_field, crawl=crawl,
                 target_domain=target_domain)
+    only = target_domain is None and source != "embedded"  # the target is the data's only domain
+    target_domain = _known_target(target_domain, source, domain_field)
     if source == "megatron":
         paths = {"tokenizer": Path(tokenizer_model),
                  **{split: Path(megatron_prefixes[split]) for split in SPLITS}}
-        return _load(paths, seq_len, target_domain)
+        return _load(paths, seq_len, target_domain, only)
 
     cache_dir = Path(cache_dir)
     plan = _plan(cache_dir, source=source, files=files, file_format=file_format,
@@ -122,7 +127,20 @@ def prepare_data(*, cache_dir: str | os.PathLike, seq_len: int, source: str = "e
              **{split: plan.indexed.require() / split for split in SPLITS}}
     if plan.tokenizer is not None:
         plan.tokenizer.require()
-    return _load(paths, seq_len, target_domain)
+    return _load(paths, seq_len, target_domain, only)
+
+
+def _known_target(target_domain: str | None, source: str, domain_field: str | None) -> str | None:
+    """The target domain as far as it is known before any data is read (None: the only domain,
+    found when the documents or the prefixes are read). Resolved here, the cache keys are those
+    of the same domain set explicitly."""
+    if target_domain is not None:
+        return target_domain
+    if source == "embedded":
+        return EMBEDDED_TARGET
+    if source == "files" and domain_field is None:
+        return user_files.DEFAULT_DOMAIN  # every document's domain
+    return None
 
 
 def _check_args(*, seq_len, source, files, megatron_prefixes, tokenizer_model, fractions,
@@ -265,12 +283,20 @@ def _read_splits(path: Path, documents: list[Document]) -> tuple[list[str], dict
     return record["domain_names"], {split: [by_id[i] for i in record[split]] for split in SPLITS}
 
 
-def _load(paths: dict[str, Path], seq_len: int, target_domain: str) -> DataBundle:
+def _load(paths: dict[str, Path], seq_len: int, target_domain: str | None,
+          only: bool) -> DataBundle:
+    """`only`: the target is the data's only domain (target_domain None: found here, from the
+    held-out data's domains); a note says which it is."""
     tokenizer = Tokenizer(paths["tokenizer"])
     sets = {split: SampleSet(paths[split], seq_len) for split in SPLITS}
+    if target_domain is None:
+        target_domain = only_domain(sorted({name for split in HELD_OUT
+                                            for name in sets[split].domain_names}))
     for split in HELD_OUT:
         names = sets[split].domain_names
         if target_domain not in names:
             raise DataError(f"target domain {target_domain!r} is not a domain of the {split} data "
-                            f"{paths[split]}; domains there: {', '.join(names)}")
-    return DataBundle(sets, tokenizer, tokenizer.vocab_size, target_domain, paths)
+                            f"{paths[split]}; domains present: {', '.join(names)}")
+    notes = [f"data.target_domain is not set: the data has one domain, {target_domain!r}, and it is "
+             "the target"] if only else []
+    return DataBundle(sets, tokenizer, tokenizer.vocab_size, target_domain, paths, notes)

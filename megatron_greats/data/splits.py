@@ -11,7 +11,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -97,9 +97,19 @@ def prefixes_problem(prefixes: Any, prefix: str = "") -> str | None:
     return None
 
 
-# The embedded source's crawl-like fourth domain (sources/crawl.py); named here, where the config
-# validation can read it without importing the sources.
+# The embedded source's crawl-like fourth domain (sources/crawl.py) and its target when
+# data.target_domain is not set; named here, where the config can read them without the sources.
 CRAWL_DOMAIN = "crawl"
+EMBEDDED_TARGET = "python_docs"
+
+
+def only_domain(domains: Sequence[str]) -> str:
+    """The target domain when data.target_domain is not set (other sources than the embedded one):
+    the data's only domain; DataError when it has several."""
+    if len(domains) == 1:
+        return domains[0]
+    raise DataError(f"data.target_domain is not set and the data has {len(domains)} domains "
+                    f"({', '.join(domains) or 'none'}); allowed: data.target_domain set to one of them")
 
 
 def crawl_problem(source: Any, crawl: Any, target_domain: Any, prefix: str = "") -> str | None:
@@ -122,17 +132,20 @@ def _rng(seed: int, domain: str, purpose: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(domain.encode()), purpose])
 
 
-def split_documents(documents: list[Document], *, target_domain: str,
+def split_documents(documents: list[Document], *, target_domain: str | None,
                     fractions: Mapping[str, float], seed: int,
                     max_docs_per_domain: int | None) -> dict[str, list[Document]]:
     """Split name (SPLITS) -> documents, in corpus order inside each split; a pure function of
-    the inputs. `fractions` maps each HELD_OUT name to its share of the target domain."""
+    the inputs. `fractions` maps each HELD_OUT name to its share of the target domain;
+    `target_domain` None: the documents' only domain (only_domain)."""
     if set(fractions) != set(HELD_OUT):
         raise ConfigError(f"fractions for {sorted(fractions)}; allowed: exactly "
                           f"{', '.join(HELD_OUT)}")
     by_domain: dict[str, list[int]] = {}
     for i, doc in enumerate(documents):
         by_domain.setdefault(doc.domain, []).append(i)
+    if target_domain is None:  # not set: the only domain
+        target_domain = only_domain(sorted(by_domain))
     if target_domain not in by_domain:
         raise DataError(f"target domain {target_domain!r} has no documents; domains present: "
                         f"{', '.join(sorted(by_domain)) or 'none'}")

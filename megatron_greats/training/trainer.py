@@ -265,11 +265,11 @@ def evaluation_batches(eval_batches: int, samples: int, global_batch: int) -> in
 def start_up(cfg):
     """Inside a distributed_session: the data, megatron-core's groups: (data, layout). Data comes before
     the model-parallel groups so that bad data fails before heavy work; so do the split sizes
-    (split_size_notes: its notes are printed on rank 0)."""
+    (split_size_notes: its notes, and the data's, are printed on rank 0)."""
     deepspeed_internals.check_deepspeed()  # another DeepSpeed release ends the run here (once per process)
     timeout = cfg.parallel.distributed_timeout_minutes
     data = load_data(cfg, show_progress=dist.get_rank() == 0)
-    notes = split_size_notes(cfg, data, dist.get_world_size())
+    notes = data.notes + split_size_notes(cfg, data, dist.get_world_size())
     if dist.get_rank() == 0:
         for note in notes:
             print(f"megatron_greats: note: {note}", file=sys.stderr, flush=True)
@@ -283,6 +283,7 @@ def pretrain(cfg) -> dict:
     run_dir = prepare_run_dir(cfg)
     with distributed_session(cfg.parallel.distributed_timeout_minutes):
         data, layout = start_up(cfg)
+        cfg = cfg.with_value("data.target_domain", data.target_domain)  # config.yaml: the target trained for
         reference = checkpoint.reference_model(cfg, data.vocab_size, layout) if cfg.method.needs_reference else None
         engine = build_engine(cfg, data.vocab_size, layout)
         trainer = Trainer(cfg, engine, data, layout, run_dir, reference_module=reference)
@@ -290,5 +291,5 @@ def pretrain(cfg) -> dict:
         check_scoring_memory(cfg, trainer.strategy, ModelSpec.from_config(cfg, data.vocab_size).vocab_size, layout)
         summary = trainer.train()
     summary.update(run_dir=str(run_dir), tensorboard=str(run_dir / "tensorboard"), world_size=layout.world_size,
-                   layout=f"dp={layout.data} tp={layout.tensor} pp={layout.pipeline}")
+                   layout=f"dp={layout.data} tp={layout.tensor} pp={layout.pipeline}", target_domain=data.target_domain)
     return summary
