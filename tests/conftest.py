@@ -30,7 +30,9 @@ TINY_TRAIN = ["train.global_batch=8", "train.micro_batch=2", "train.steps=5", "t
               "train.eval_batches=1", "train.save_interval=0", "train.progress=false", "train.warmup_steps=1",
               "selection.method=regular", "selection.candidates=null",
               # plain GREATS unless a test asks for a variant (the config's default is a tuned one)
-              "selection.preconditioner=none", "selection.eta=null", "selection.score_exclude=[]"]
+              "selection.preconditioner=none", "selection.eta=null", "selection.score_exclude=[]",
+              # exact scoring (the default's window and top layer are cheap-scoring settings)
+              "selection.score_window=null", "selection.score_layers=null", "selection.update=single_pass"]
 
 
 def free_port() -> int:

@@ -73,6 +73,10 @@ class PeakMemory:
         return False
 
 
+# the exact rows score every token of every candidate with every layer, whatever the config's default
+EXACT = ["selection.score_window=null", "selection.score_layers=null", "selection.prefilter=null"]
+
+
 def variant_overrides(cfg, world_size: int, cheap: dict = None) -> dict:
     """{variant: its overrides on top of the config}; cheap: {name: [selection overrides]} of the cheap
     variants (GREATS with them, at the config's update)."""
@@ -83,9 +87,9 @@ def variant_overrides(cfg, world_size: int, cheap: dict = None) -> dict:
             "regular_N": ["selection.method=regular", f"train.global_batch={n * dp}"],
             "regular_Nm": ["selection.method=regular", "selection.candidates=null", f"train.global_batch={(n + m) * dp}",
                            f"train.micro_batch={n + m}"],
-            "greats": ["selection.method=greats", "selection.update=two_pass"],
-            "single": ["selection.method=greats", "selection.update=single_pass"],
-            **{name: ["selection.method=greats", *extra] for name, extra in (cheap or {}).items()}}
+            "greats": ["selection.method=greats", "selection.update=two_pass", *EXACT],
+            "single": ["selection.method=greats", "selection.update=single_pass", *EXACT],
+            **{name: ["selection.method=greats", *EXACT, *extra] for name, extra in (cheap or {}).items()}}
 
 
 def cheap_variants(texts, cfg, world_size: int) -> tuple:
