@@ -69,8 +69,9 @@ def first_reach(run: dict, loss: float):
     return None if hit is None else (run["eval_steps"][hit], run["eval_seconds"][hit])
 
 
-def summarize(run_dir) -> dict:
-    r = read_run(run_dir)
+def summarize(run_dir, r: dict = None) -> dict:
+    """r: the run's curves, where already read (read_run)."""
+    r = read_run(run_dir) if r is None else r
     return {
         "run_dir": str(run_dir), "method": r["method"], "target_domain": r["target"], "steps": r["steps"],
         "evals": dict(zip(r["eval_steps"], zip(r["val"], r["test"]))),
@@ -86,7 +87,7 @@ def side_by_side(run_dirs) -> str:
     from megatron_greats.selection.catalog import regular
 
     curves = [read_run(d) for d in run_dirs]
-    runs = [summarize(d) for d in run_dirs]
+    runs = [summarize(d, c) for d, c in zip(run_dirs, curves)]  # each run's files read once
     names = [r["method"] for r in runs]
     width = max(12, *(len(n) for n in names))
     target = runs[0]["target_domain"]
