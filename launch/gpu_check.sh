@@ -216,7 +216,7 @@ bench_step() {  # FOLDER [overrides ...]
   local folder="$1"; shift
   python -m megatron_greats.bench step --config configs/tiny-cpu.yaml --out "$folder" \
     --cheap "window16+top1:selection.score_window=16,selection.score_layers=1" \
-    data.cache_dir="$DATA_CACHE" train.progress=false "$@"
+    data.cache_dir="$DATA_CACHE" train.progress=false selection.candidates=32 "$@"
 }
 
 # GPT-2-small width (12 x 768) at the default's sequence and batch, in bf16: a GPU-sized step

@@ -249,7 +249,7 @@ def test_cheap_settings_parse_and_default_to_the_config():
                 "w:selection.score_window"):
         with pytest.raises(ConfigError):
             parse_setting(bad, CHEAP_KEYS, "--setting")
-    tiny = load_config(str(REPO / "configs" / "tiny-cpu.yaml"))  # seq 128, 4 layers, N=32, k=16
+    tiny = load_config(str(REPO / "configs" / "tiny-cpu.yaml"), ["selection.candidates=32"])  # seq 128, 4 layers, k=16
     assert default_settings(tiny, 1, DEFAULT_KINDS) == {
         "window64": ["selection.score_window=64"], "window32": ["selection.score_window=32"],
         "window16": ["selection.score_window=16"],

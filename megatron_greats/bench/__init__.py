@@ -21,6 +21,10 @@ def rotated(items: tuple, round_index: int) -> tuple:
 # candidates, validation samples or model a step has (fidelity compares on the same ones).
 CHEAP_KEYS = ("selection.score_window", "selection.score_window_at", "selection.score_layers", "selection.prefilter",
               "selection.score_micro_batch", "selection.score_exclude")
+# Exact scoring, whatever the config's default: every token of every candidate, every layer. The
+# reference of bench fidelity and the exact rows of bench step.
+EXACT_SCORING = ("selection.score_window=null", "selection.score_window_at=start", "selection.score_layers=null",
+                 "selection.prefilter=null")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+.-]*")
 _NEXT_KEY = re.compile(r",(?=\s*[A-Za-z_][\w.]*=)")  # a comma that starts the next key=value (not one in a list)
 

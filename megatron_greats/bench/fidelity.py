@@ -28,14 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_greats.bench import CHEAP_KEYS, default_settings, parse_setting
+from megatron_greats.bench import CHEAP_KEYS, EXACT_SCORING, default_settings, parse_setting
 
 # The default settings, sized to the config (bench.default_settings): for tiny-cpu (seq 128, 4 layers,
 # N=32, k=16) window64, window32, window16, window32random, top1, top2, prefilter24, window32+top1.
 DEFAULT_KINDS = ("window:2", "window:4", "window:8", "random:4", "top:1", "top:2", "prefilter", "window:4+top:1")
 # Unset in the exact run: it is the reference every setting is compared with.
-EXACT = ["selection.score_window=null", "selection.score_window_at=start", "selection.score_layers=null",
-         "selection.prefilter=null"]
+EXACT = list(EXACT_SCORING)
 METRICS = ("spearman", "jaccard", "gram_r")
 DEFAULT_STEPS = 60  # --steps, at most train.steps
 

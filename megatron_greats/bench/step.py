@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_greats.bench import CHEAP_KEYS, default_settings, parse_setting, rotated, rss_bytes
+from megatron_greats.bench import CHEAP_KEYS, EXACT_SCORING, default_settings, parse_setting, rotated, rss_bytes
 from megatron_greats.training.telemetry import STEP_PHASES, PhaseClock
 
 VARIANTS = ("regular_k", "regular_N", "regular_Nm", "greats", "single")
@@ -73,8 +73,7 @@ class PeakMemory:
         return False
 
 
-# the exact rows score every token of every candidate with every layer, whatever the config's default
-EXACT = ["selection.score_window=null", "selection.score_layers=null", "selection.prefilter=null"]
+EXACT = list(EXACT_SCORING)  # the exact rows, whatever the config's default
 
 
 def variant_overrides(cfg, world_size: int, cheap: dict = None) -> dict:
