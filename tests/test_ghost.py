@@ -340,6 +340,21 @@ def test_operands_are_freed_once_used_and_kept_only_for_an_update():
     assert rec.held_bytes() == 0
 
 
+def test_a_released_capture_cannot_be_read():
+    """release() drops the operands, kept blocks and Gram: an update or a Gram read afterwards is an error
+    (not gradients of zero, nor a Gram formed from nothing)."""
+    model, inputs, labels = transformer_batch(7)
+    rec = GhostRecorder(model, keep_operands=True)
+    with rec.capture():
+        rec.backward(token_losses(model(inputs), labels))
+    rec.gram()
+    rec.release()
+    with pytest.raises(RuntimeError, match="release"):
+        rec.weighted_gradients(torch.full((6,), 1 / 6, dtype=torch.float64))
+    with pytest.raises(RuntimeError):
+        rec.gram()
+
+
 def test_blocks_are_kept_where_they_take_no_more_bytes_than_the_operands():
     from megatron_greats.ghost.products import Kind, Use, blocks_fit
 
