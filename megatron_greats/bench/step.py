@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_greats.bench import CHEAP_KEYS, default_settings, parse_setting, rotated, rss_bytes
+from megatron_greats.selection.catalog import SINGLE_PASS, TWO_PASS
 from megatron_greats.training.telemetry import STEP_PHASES, PhaseClock
 
 VARIANTS = ("regular_k", "regular_N", "regular_Nm", "greats", "single")
@@ -83,8 +84,8 @@ def variant_overrides(cfg, world_size: int, cheap: dict = None) -> dict:
             "regular_N": ["selection.method=regular", f"train.global_batch={n * dp}"],
             "regular_Nm": ["selection.method=regular", "selection.candidates=null", f"train.global_batch={(n + m) * dp}",
                            f"train.micro_batch={n + m}"],
-            "greats": ["selection.method=greats", "selection.update=two_pass"],
-            "single": ["selection.method=greats", "selection.update=single_pass"],
+            "greats": ["selection.method=greats", f"selection.update={TWO_PASS}"],
+            "single": ["selection.method=greats", f"selection.update={SINGLE_PASS}"],
             **{name: ["selection.method=greats", *extra] for name, extra in (cheap or {}).items()}}
 
 
@@ -286,8 +287,8 @@ def markdown(r: dict) -> str:
              "|---|---|---|---|"]
     labels = {"regular_k": f"Regular, k={r['k']}", "regular_N": f"Regular, N={r['N']}",
               "regular_Nm": f"Regular, N+m={r['N'] + r['m']}",
-              "greats": f"GREATS two_pass, N={r['N']} -> k={r['k']}, m={r['m']}",
-              "single": f"GREATS single_pass, N={r['N']} -> k={r['k']}, m={r['m']}"}
+              "greats": f"GREATS {TWO_PASS}, N={r['N']} -> k={r['k']}, m={r['m']}",
+              "single": f"GREATS {SINGLE_PASS}, N={r['N']} -> k={r['k']}, m={r['m']}"}
     for name, c in cheap.items():
         keys = ", ".join(o.replace("selection.", "") for o in c["overrides"])
         labels[name] = f"{name}: GREATS {c['update']}, {keys}"
@@ -296,7 +297,7 @@ def markdown(r: dict) -> str:
         lines.append(f"| {labels[name]} | {x['median_s']:.3f} | {x['min_s']:.3f}-{x['max_s']:.3f} | "
                      f"{x['peak_bytes'] / 2**20:.0f} |")
     q = r["ratios"]
-    names = {"greats": "two_pass", "single": "single_pass", "regular_k": "Regular(k)", "regular_N": "Regular(N)",
+    names = {"greats": TWO_PASS, "single": SINGLE_PASS, "regular_k": "Regular(k)", "regular_N": "Regular(N)",
              "regular_Nm": "Regular(N+m)", **{name: name for name in cheap}}
     spread = r.get("rounds", 1) > 1
 
@@ -318,8 +319,7 @@ def markdown(r: dict) -> str:
             cells = [cell(f"{name}_over_{base}_{what}") for what in ("time", "memory") for base in RATIO_BASES]
             lines.append(f"| {name} | {' | '.join(cells)} |")
     shown = ("greats", "single", *cheap)
-    lines += ["", "| phase | " + " | ".join(f"{'two_pass' if g == 'greats' else 'single_pass' if g == 'single' else g}"
-                                              " (s) | share" for g in shown) + " |",
+    lines += ["", "| phase | " + " | ".join(f"{names[g]} (s) | share" for g in shown) + " |",
               "|---|" + "---|---|" * len(shown)]
     for name in STEP_PHASES:
         lines.append(f"| {name} | " + " | ".join(f"{v[g]['phases_median_s'][name]:.4f} | "

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_greats import deepspeed_internals
-from megatron_greats.config import WINDOW_START
+from megatron_greats.choices import WINDOW_START
 from megatron_greats.errors import ConfigError
 from megatron_greats.ghost import GhostRecorder
 from megatron_greats.ghost.recorder import matches
