@@ -14,9 +14,8 @@ Both offer the same operations on this replica's micro-batches [(inputs, labels)
                           per-sample losses of every sample, on every rank of the model-parallel
                           group; with a capture (a GhostRecorder's): a forward and a backward w.r.t.
                           activations through it (the Gram spans the micro-batches), without: forward
-                          only. input_grad:
-                          whether a pipeline stage sends its input's gradient down (something below
-                          is scored); otherwise the backward stops in the stage
+                          only. input_grad: whether a pipeline stage sends its input's gradient down
+                          (something below is scored); otherwise the backward stops in the stage
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ ForwardPass / BackwardPass in what the engine must not do:
   ScoreForward   runs the stage's module directly (no engine hooks) and, on the last stage, keeps
                  per-sample losses instead of the mean training loss;
   ScoreBackward  differentiates w.r.t. activations only through the GhostRecorder's capture
-                 (parameters are frozen): no engine.backward, so no loss scaling, no gradient hooks, no .grad written.
-                 The gradient w.r.t. the stage input is left in its .grad for DeepSpeed's SendGrad.
+                 (parameters are frozen): no engine.backward, so no loss scaling, no gradient hooks,
+                 no .grad written. The gradient w.r.t. the stage input is left in its .grad for
+                 DeepSpeed's SendGrad.
 
 run_schedule() keeps the training exchange state apart: DeepSpeed caches activation and gradient
 buffer shapes of the training micro-batches, and partitions activations over tensor-parallel ranks;
