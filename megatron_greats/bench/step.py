@@ -84,8 +84,8 @@ def variant_overrides(cfg, world_size: int, cheap: dict = None) -> dict:
             "regular_N": ["selection.method=regular", f"train.global_batch={n * dp}"],
             "regular_Nm": ["selection.method=regular", "selection.candidates=null", f"train.global_batch={(n + m) * dp}",
                            f"train.micro_batch={n + m}"],
-            "greats": ["selection.method=greats", f"selection.update={TWO_PASS}"],
-            "single": ["selection.method=greats", f"selection.update={SINGLE_PASS}"],
+            "greats": ["selection.method=greats", "selection.update=two_pass"],
+            "single": ["selection.method=greats", "selection.update=single_pass"],
             **{name: ["selection.method=greats", *extra] for name, extra in (cheap or {}).items()}}
 
 
