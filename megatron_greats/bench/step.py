@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_greats.bench import CHEAP_KEYS, default_settings, parse_setting, rotated, rss_bytes
-from megatron_greats.selection.catalog import SINGLE_PASS, TWO_PASS
 from megatron_greats.training.telemetry import STEP_PHASES, PhaseClock
 
 VARIANTS = ("regular_k", "regular_N", "regular_Nm", "greats", "single")
@@ -275,6 +274,8 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
 
 
 def markdown(r: dict) -> str:
+    from megatron_greats.selection.catalog import SINGLE_PASS, TWO_PASS
+
     v, cheap = r["variants"], r.get("cheap") or {}
     lines = [f"Step benchmark: `{r['config']}` {' '.join(r['overrides'])}".rstrip(),
              "",
