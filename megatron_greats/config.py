@@ -15,6 +15,10 @@ from typing import Any, Callable, Optional
 
 import yaml
 
+from megatron_greats.choices import (ADAM, ADAMW, ALIGNMENTS, ARCHS, BF16, DOT, EMBEDDED, ETA_AUTO, FILE_FORMATS,
+                                     FILES, FORMAT_AUTO, FP32, GPT2, LLAMA, MEGATRON, NO_PRECONDITIONER,
+                                     OPTIMIZERS, PRECISIONS, PRECONDITIONERS, SOURCES, WINDOW_PLACEMENTS,
+                                     WINDOW_START)
 from megatron_greats.data.splits import (EMBEDDED_TARGET, HELD_OUT, crawl_problem, fractions_problem,
                                         prefixes_problem)
 from megatron_greats.errors import ConfigError
@@ -33,9 +37,10 @@ class Key:
 
 
 def _eta_problem(v):
+    allowed = f"allowed: > 0, {ETA_AUTO}, or null"
     if isinstance(v, str):
-        return None if v == ETA_AUTO else "allowed: > 0, auto, or null"
-    return None if v > 0 else "allowed: > 0, auto, or null"
+        return None if v == ETA_AUTO else allowed
+    return None if v > 0 else allowed
 
 
 def _one_of(*allowed):
@@ -59,26 +64,18 @@ def _non_negative(v):
 
 
 INT, FLOAT, STR, BOOL = (int,), (float, int), (str,), (bool,)
-# The selection keys' named values (compared by name everywhere else).
-NO_PRECONDITIONER, ADAM = "none", "adam"
-PRECONDITIONERS = (NO_PRECONDITIONER, ADAM)
-DOT, COSINE = "dot", "cosine"
-ALIGNMENTS = (DOT, COSINE)
-WINDOW_START, WINDOW_RANDOM = "start", "random"
-WINDOW_PLACEMENTS = (WINDOW_START, WINDOW_RANDOM)
-ETA_AUTO = "auto"
 OPT_INT, OPT_FLOAT, OPT_STR = (int, type(None)), (float, int, type(None)), (str, type(None))
 
 SCHEMA: dict = {
     "seed": Key(INT, 1234, help="seed of initialisation, data order and selection"),
     "run_dir": Key(STR, "runs/default", help="outputs: tensorboard/, metrics.jsonl, checkpoints/, config.yaml"),
     "data": {
-        "source": Key(STR, "embedded", _one_of("embedded", "files", "megatron")),
+        "source": Key(STR, EMBEDDED, _one_of(*SOURCES)),
         "cache_dir": Key(STR, "data_cache", help="built corpus, tokenizer and indexed data are cached here"),
         "crawl": Key(BOOL, False, help="source=embedded: add the crawl-like fourth domain (licence texts, "
                                       "RECORD hash lines, package metadata; docs/data.md), never the target"),
         "files": Key((list,), [], help="source=files: local json/jsonl/parquet/text files"),
-        "format": Key(STR, "auto", _one_of("auto", "json", "jsonl", "parquet", "text")),
+        "format": Key(STR, FORMAT_AUTO, _one_of(FORMAT_AUTO, *FILE_FORMATS)),
         "text_field": Key(STR, "text"),
         "domain_field": Key(OPT_STR, None),
         "megatron_prefixes": Key((dict, type(None)), None,
@@ -98,7 +95,7 @@ SCHEMA: dict = {
         "vocab_size": Key(INT, 4096, _at_least(320), help="at least 320: 256 byte-fallback pieces + specials"),
     },
     "model": {
-        "arch": Key(STR, "gpt2", _one_of("gpt2", "llama")),
+        "arch": Key(STR, GPT2, _one_of(*ARCHS)),
         "num_layers": Key(INT, 2, _at_least(1)),
         "hidden_size": Key(INT, 64, _at_least(1)),
         "num_heads": Key(INT, 4, _at_least(1)),
@@ -182,8 +179,8 @@ SCHEMA: dict = {
         "steps": Key(INT, 100, _at_least(1)),
         "global_batch": Key(INT, 8, _at_least(1), help="samples per optimizer step, over all replicas"),
         "micro_batch": Key(INT, 4, _at_least(1), help="samples per forward pass per replica"),
-        "precision": Key(STR, "fp32", _one_of("fp32", "bf16")),
-        "optimizer": Key(STR, "adamw", _one_of("adamw", "sgd"),
+        "precision": Key(STR, FP32, _one_of(*PRECISIONS)),
+        "optimizer": Key(STR, ADAMW, _one_of(*OPTIMIZERS),
                          help="adamw, or sgd: plain SGD without momentum (its step is lr x gradient, so "
                               "checks can see the gradient's scale, which AdamW divides out)"),
         "lr": Key(FLOAT, 1e-3, lambda v: None if v > 0 else "allowed: > 0"),
@@ -362,7 +359,7 @@ class Config:
         m = self.model
         if m.ffn_hidden_size is not None:
             return m.ffn_hidden_size
-        if m.arch == "llama":
+        if m.arch == LLAMA:
             return 64 * ((int(8 * m.hidden_size / 3) + 63) // 64)
         return 4 * m.hidden_size
 
@@ -444,7 +441,7 @@ class Config:
         if m.vocab_pad_multiple % p.tensor:
             raise ConfigError(f"model.vocab_pad_multiple={m.vocab_pad_multiple} is not divisible by "
                               f"parallel.tensor={p.tensor}")
-        if m.arch == "llama" and (m.hidden_size // m.num_heads) % 2:
+        if m.arch == LLAMA and (m.hidden_size // m.num_heads) % 2:
             raise ConfigError(f"RoPE needs an even head size; hidden_size/num_heads = {m.hidden_size // m.num_heads}")
         if p.sequence_parallel and p.tensor == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor > 1")
@@ -454,7 +451,7 @@ class Config:
         if p.pipeline > 1 and self.zero.stage > 1:
             raise ConfigError(f"zero.stage={self.zero.stage} with parallel.pipeline={p.pipeline}; "
                               "allowed with pipeline parallelism: 0 or 1")
-        if t.precision == "bf16" and self.zero.stage == 0 and p.pipeline == 1:
+        if t.precision == BF16 and self.zero.stage == 0 and p.pipeline == 1:
             # DeepSpeed's plain engine then updates bf16 weights directly (no fp32 master copy)
             raise ConfigError("train.precision=bf16 with zero.stage=0 and no pipeline trains without fp32 master "
                               "weights; allowed: zero.stage >= 1 (also at data-parallel size 1), or fp32")
@@ -469,9 +466,9 @@ class Config:
         problem = crawl_problem(self.data.source, self.data.crawl, self.data.target_domain, prefix="data.")
         if problem:
             raise ConfigError(problem)
-        if self.data.source == "files" and not self.data.files:
+        if self.data.source == FILES and not self.data.files:
             raise ConfigError("data.source=files needs data.files (a list of local files)")
-        if self.data.source == "megatron":
+        if self.data.source == MEGATRON:
             problem = prefixes_problem(self.data.megatron_prefixes, prefix="data.")
             if problem:
                 raise ConfigError(f"data.source=megatron: {problem}")
@@ -503,7 +500,7 @@ class Config:
         if sel.eta == ETA_AUTO and sel.batch_mean:
             raise ConfigError("selection.batch_mean=true with selection.eta=auto: auto already divides by k; "
                               "allowed: one of them")
-        if sel.preconditioner == ADAM and t.optimizer != "adamw" and self.method.needs_gram:
+        if sel.preconditioner == ADAM and t.optimizer != ADAMW and self.method.needs_gram:
             raise ConfigError(f"selection.preconditioner=adam with train.optimizer={t.optimizer}: it reads AdamW's "
                               "second moment; allowed: train.optimizer=adamw, or selection.preconditioner=none")
         if not all(isinstance(x, str) for x in sel.score_exclude):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, child_env, free_port, read_selections, run_pretrain, tiny_overrides
+from megatron_greats.phases import GHOST_PRODUCTS, SCORE_BACKWARD, SCORE_EXCHANGE, SCORE_FORWARD, TRAINING
 
 # a cheap variant valid at the tiny settings (seq 32, 2 layers): a quarter of the sequence, the top layer
 TINY_CHEAP = "w8top1:selection.score_window=8,selection.score_layers=1"
@@ -144,14 +145,14 @@ def _check_step_report(out, rounds=1, cheap=()):
         assert 0 < value < float("inf")
     for name in ("greats", "single", *cheap):  # two_pass, single_pass and the cheap variants
         phases = report["variants"][name]["phases_median_s"]
-        assert phases["score_forward"] > 0 and phases["score_backward"] > 0 and phases["training"] > 0
+        assert phases[SCORE_FORWARD] > 0 and phases[SCORE_BACKWARD] > 0 and phases[TRAINING] > 0
         # top layers only: a pipeline stage below them (maybe the slowest rank) forms no product
-        assert phases["ghost_products"] > 0 or name in cheap and report["layout"] != "dp=1 tp=1 pp=1"
+        assert phases[GHOST_PRODUCTS] > 0 or name in cheap and report["layout"] != "dp=1 tp=1 pp=1"
         # the phases account for the step (the rest: drawing candidates, reading samples)
         assert 0.5 < sum(phases.values()) / report["variants"][name]["median_s"] <= 1.05
     markdown = (out / "bench_step.md").read_text()
     assert "single_pass / Regular(N)" in markdown and "two_pass / Regular(N)" in markdown
-    assert "ghost_products" in markdown
+    assert GHOST_PRODUCTS in markdown
     for name in cheap:
         assert f"| {name} | " in markdown and f"| {name}: GREATS " in markdown
     return report
@@ -198,7 +199,7 @@ def test_step_benchmark_under_the_deepspeed_launcher_with_pipeline(data_cache, t
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     report = _check_step_report(out, cheap=["w8top1"])
     assert report["layout"] == "dp=1 tp=1 pp=2"
-    assert report["variants"]["greats"]["phases_median_s"]["score_exchange"] > 0
+    assert report["variants"]["greats"]["phases_median_s"][SCORE_EXCHANGE] > 0
 
 
 def test_step_benchmark_bad_input_is_one_line(data_cache, tmp_path):

@@ -10,6 +10,7 @@ samples on every device.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -104,21 +105,21 @@ def reference_gram(model, loss_fn, inputs, targets, params):
 
 def recorded_gram(model, loss_fn, inputs, targets, **options):
     rec = GhostRecorder(model, **options)
-    with rec.capture():
-        rec.backward(loss_fn(model(inputs), targets))
-    return rec.gram(), rec.parameters()
+    with rec.capture() as cap:
+        cap.backward(loss_fn(model(inputs), targets))
+    return cap.gram(), rec.parameters()
 
 
-def captured_gram(rec, model, loss_fn, inputs, targets, micro_batches: int, **capture_options):
-    """rec.gram() of a capture over `micro_batches` equal micro-batches (one: no begin_micro_batch)."""
+def capture_of(rec, model, loss_fn, inputs, targets, micro_batches: int, **capture_options):
+    """A capture of `rec` over `micro_batches` equal micro-batches (one: no begin_micro_batch)."""
     size = inputs.shape[0] // micro_batches
-    with rec.capture(**capture_options):
+    with rec.capture(**capture_options) as cap:
         for index in range(micro_batches):
             if micro_batches > 1:
-                rec.begin_micro_batch(index, size)
+                cap.begin_micro_batch(index, size)
             part = slice(size * index, size * (index + 1))
-            rec.backward(loss_fn(model(inputs[part]), targets[part]))
-    return rec.gram()
+            cap.backward(loss_fn(model(inputs[part]), targets[part]))
+    return cap
 
 
 def averaged_by_hand(full, a: int):
@@ -197,10 +198,10 @@ def test_weighted_gradients_equal_a_backward_of_the_weighted_loss(batch_dim, upd
     weights = torch.tensor([0.5, 0.0, 0.0, 0.25, 0.25, 0.0], dtype=torch.float64)  # 3 selected samples
     rec = GhostRecorder(model, exclude=["pos.*"], batch_dim=batch_dim, keep_operands=True,
                         path="materialise", update_from=update_from)
-    with rec.capture():
-        rec.backward(token_losses(model(inputs), labels))
-    rec.gram()  # the Gram does not use the operands up
-    sources = rec.update_sources()
+    with rec.capture() as cap:
+        cap.backward(token_losses(model(inputs), labels))
+    cap.gram()  # the Gram does not use the operands up
+    sources = cap.update_sources()
     assert sources["pos.weight"] == "operands"  # not scored: no blocks
     expected = {"operands": {"operands"}, "blocks": {"blocks"}}.get(update_from, {"blocks", "operands"})
     assert {v for k, v in sources.items() if k != "pos.weight"} <= expected
@@ -208,7 +209,7 @@ def test_weighted_gradients_equal_a_backward_of_the_weighted_loss(batch_dim, upd
         assert sources["blocks.0.qkv.weight"] == "blocks"
     if update_from == "auto":  # here T = 6 < d: a weight's blocks outweigh its operands, a bias's do not
         assert sources["blocks.0.qkv.weight"] == "operands" and sources["blocks.0.qkv.bias"] == "blocks"
-    grads = rec.weighted_gradients(weights)
+    grads = cap.weighted_gradients(weights)
     model.zero_grad()
     (token_losses(model(inputs), labels) * weights).sum().backward()
     assert set(grads) == set(model.parameters())
@@ -224,18 +225,19 @@ def test_averaged_samples_are_one_row_and_blocks_stay_exact(path, micro_batches)
     kept blocks is unchanged by it (the averaged rows are never read) and weights on them are refused."""
     model, inputs, labels = transformer_batch(6)
     rec = GhostRecorder(model, path=path, keep_operands=True, update_from="blocks")
-    gram = captured_gram(rec, model, token_losses, inputs, labels, micro_batches, averaged=slice(4, 6))
+    cap = capture_of(rec, model, token_losses, inputs, labels, micro_batches, averaged=slice(4, 6))
+    gram = cap.gram()
     expected = averaged_by_hand(reference_gram(model, token_losses, inputs, labels, rec.parameters()), 4)
     assert gram.shape == (5, 5)
     assert relative_error(gram, expected) < 1e-9
     weights = torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64)
-    grads = rec.weighted_gradients(weights)
+    grads = cap.weighted_gradients(weights)
     model.zero_grad()
     (token_losses(model(inputs), labels) * weights).sum().backward()
     for name, p in model.named_parameters():
         assert relative_error(grads[p], p.grad) < 1e-12, name
     with pytest.raises(ValueError, match="weights on the averaged samples 4..5"):
-        rec.weighted_gradients(torch.tensor([0.0, 0.5, 0.0, 0.0, 0.5, 0.0], dtype=torch.float64))
+        cap.weighted_gradients(torch.tensor([0.0, 0.5, 0.0, 0.0, 0.5, 0.0], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("samples", [6, 30])
@@ -267,8 +269,8 @@ def test_long_tiles_summed_in_either_form_match_the_reference(monkeypatch, sampl
     assert (samples - averaged >= GramSum.SYMMETRIC_MIN_ROWS) == (samples == 30)
     x, y = torch.randn(samples, 3, 64, dtype=torch.float64), torch.randint(0, 5, (samples, 3))
     rec = GhostRecorder(model, path="materialise")
-    gram = captured_gram(rec, model, token_losses, x, y, 1,
-                         averaged=slice(samples - averaged, samples) if averaged else None)
+    gram = capture_of(rec, model, token_losses, x, y, 1,
+                      averaged=slice(samples - averaged, samples) if averaged else None).gram()
     full = reference_gram(model, token_losses, x, y, rec.parameters())
     expected = averaged_by_hand(full, samples - averaged) if averaged else full
     assert relative_error(gram, expected) < 1e-9
@@ -324,20 +326,64 @@ def test_operands_are_freed_once_used_and_kept_only_for_an_update():
     blocks (total x parameter size) and no operand until release()."""
     model, inputs, labels = transformer_batch(7)
     rec = GhostRecorder(model)
-    with rec.capture():
+    with rec.capture() as cap:
         losses = token_losses(model(inputs), labels)
-        assert rec.held_bytes() > 0  # the forward's layer inputs are held (held_bytes can see them)
-        rec.backward(losses)
-        assert rec.held_bytes() == 0
-    rec.gram()
+        assert cap.held_bytes() > 0  # the forward's layer inputs are held (held_bytes can see them)
+        cap.backward(losses)
+        assert cap.held_bytes() == 0
+    cap.gram()
     rec = GhostRecorder(model, keep_operands=True, update_from="blocks", path="materialise")
-    with rec.capture():
-        rec.backward(token_losses(model(inputs), labels))
-    rec.gram()
-    assert set(rec.update_sources().values()) == {"blocks"}
-    assert rec.held_bytes() == 6 * sum(p.numel() for p in model.parameters()) * 8
-    rec.release()
-    assert rec.held_bytes() == 0
+    with rec.capture() as cap:
+        cap.backward(token_losses(model(inputs), labels))
+    cap.gram()
+    assert set(cap.update_sources().values()) == {"blocks"}
+    assert cap.held_bytes() == 6 * sum(p.numel() for p in model.parameters()) * 8
+    cap.release()
+    assert cap.held_bytes() == 0
+
+
+def test_a_released_capture_cannot_be_read():
+    """release() drops the operands, kept blocks and Gram: an update or Gram read afterwards is an error
+    (not gradients of zero, nor a Gram formed from nothing). The recorder's next capture releases the
+    one before it, so no two steps' operands are held at once."""
+    model, inputs, labels = transformer_batch(7)
+    rec = GhostRecorder(model, keep_operands=True)
+    with rec.capture() as cap:
+        cap.backward(token_losses(model(inputs), labels))
+    cap.gram()
+    cap.release()
+    reads = {"weighted_gradients()": lambda: cap.weighted_gradients(torch.full((6,), 1 / 6, dtype=torch.float64)),
+             "gram()": cap.gram, "num_samples": lambda: cap.num_samples}
+    for name, read in reads.items():
+        with pytest.raises(RuntimeError, match=rf"^GhostCapture: {re.escape(name)} after release\(\)"):
+            read()
+    assert cap.held_bytes() == 0 and cap.update_sources() == {}
+    cap.release()  # again: nothing to do
+    with rec.capture() as first:
+        first.backward(token_losses(model(inputs), labels))
+    assert first.held_bytes() > 0
+    rec.capture()
+    assert first.held_bytes() == 0
+    with pytest.raises(RuntimeError, match="after release"):
+        first.gram()
+
+
+def test_an_update_read_before_the_gram_forms_the_gram_first():
+    """The Gram's reduction decides what each parameter keeps for the update (its per-sample gradients or
+    its operands): weighted_gradients() before gram() runs it first, and both equal the usual order's,
+    against torch.func and an ordinary backward."""
+    model, inputs, labels = transformer_batch(7)
+    weights = torch.tensor([0.5, 0.0, 0.0, 0.25, 0.25, 0.0], dtype=torch.float64)
+    rec = GhostRecorder(model, keep_operands=True, path="materialise")
+    with rec.capture() as cap:
+        cap.backward(token_losses(model(inputs), labels))
+    grads = cap.weighted_gradients(weights)
+    assert {"blocks", "operands"} == set(cap.update_sources().values())
+    assert relative_error(cap.gram(), reference_gram(model, token_losses, inputs, labels, rec.parameters())) < 1e-9
+    model.zero_grad()
+    (token_losses(model(inputs), labels) * weights).sum().backward()
+    for name, p in model.named_parameters():
+        assert relative_error(grads[p], p.grad) < 1e-12, name
 
 
 def test_blocks_are_kept_where_they_take_no_more_bytes_than_the_operands():
@@ -377,9 +423,9 @@ def test_backward_touches_no_parameter_gradient():
             p.grad = torch.full_like(p, 0.5)
             existing[p] = p.grad.clone()
     rec = GhostRecorder(model)
-    with rec.capture():
-        rec.backward(token_losses(model(tokens[:, :-1]), tokens[:, 1:]))
-    rec.gram()
+    with rec.capture() as cap:
+        cap.backward(token_losses(model(tokens[:, :-1]), tokens[:, 1:]))
+    cap.gram()
     for p in model.parameters():
         if p in existing:
             assert torch.equal(p.grad, existing[p])
@@ -394,13 +440,13 @@ def test_micro_batches_give_the_whole_gram():
     tokens = torch.randint(0, 40, (6, 7))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     rec = GhostRecorder(model)
-    with rec.capture():
+    with rec.capture() as cap:
         for index in range(3):
-            rec.begin_micro_batch(index, 2)
+            cap.begin_micro_batch(index, 2)
             part = slice(2 * index, 2 * index + 2)
-            rec.backward(token_losses(model(inputs[part]), labels[part]))
+            cap.backward(token_losses(model(inputs[part]), labels[part]))
     ref = reference_gram(model, token_losses, inputs, labels, rec.parameters())
-    assert relative_error(rec.gram(), ref) < 1e-9
+    assert relative_error(cap.gram(), ref) < 1e-9
 
 
 def test_small_chunks_change_nothing(monkeypatch):
@@ -443,7 +489,7 @@ def test_deferred_vector_grams_summed_in_batches_match_the_reference(monkeypatch
     model, inputs, labels = transformer_batch(seed=8)
     rec = GhostRecorder(model, path="materialise")
     options = {"averaged": slice(6 - averaged, 6)} if averaged else {}
-    gram = captured_gram(rec, model, token_losses, inputs, labels, micro_batches=1, **options)
+    gram = capture_of(rec, model, token_losses, inputs, labels, micro_batches=1, **options).gram()
     full = reference_gram(model, token_losses, inputs, labels, rec.parameters())
     expected = averaged_by_hand(full, 6 - averaged) if averaged else full
     assert relative_error(gram, expected) < 1e-9
@@ -686,9 +732,9 @@ def test_megatron_rules_wait_until_megatron_core_is_loaded():
         "from megatron_greats.ghost import GhostRecorder, layers\n"
         "model = torch.nn.Sequential(torch.nn.Linear(3, 2))\n"
         "rec = GhostRecorder(model)\n"
-        "with rec.capture():\n"
-        "    rec.backward(model(torch.randn(4, 1, 3)).sum(dim=(1, 2)))\n"
-        "assert rec.gram().shape == (4, 4)\n"
+        "with rec.capture() as cap:\n"
+        "    cap.backward(model(torch.randn(4, 1, 3)).sum(dim=(1, 2)))\n"
+        "assert cap.gram().shape == (4, 4)\n"
         "assert 'megatron.core' not in sys.modules, 'imported megatron-core'\n"
         "from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear\n"
         "from megatron_greats.model.gpt import RMSNorm\n"
@@ -742,16 +788,17 @@ def test_aligned_position_rows_skip_the_per_sample_blocks(monkeypatch, positions
     inputs = torch.stack([torch.randint(0, 11, (samples, 6)), pos], dim=-1)
     labels = torch.randint(0, 11, (samples, 6))
     rec = GhostRecorder(model, path="materialise", keep_operands=True)
-    gram = captured_gram(rec, model, token_losses, inputs, labels, 1,
-                         averaged=slice(samples - averaged, samples) if averaged else None)
+    cap = capture_of(rec, model, token_losses, inputs, labels, 1,
+                     averaged=slice(samples - averaged, samples) if averaged else None)
+    gram = cap.gram()
     full = reference_gram(model, token_losses, inputs, labels, rec.parameters())
     expected = averaged_by_hand(full, samples - averaged) if averaged else full
     assert relative_error(gram, expected) < 1e-9
     assert flats == ([8] if aligned else [])  # the position embedding only (8 rows); the tokens differ
     if aligned:  # no blocks to keep (elsewhere blocks_fit decides)
-        assert rec.update_sources()["pos.weight"] == "operands"
+        assert cap.update_sources()["pos.weight"] == "operands"
     weights = torch.tensor([0.5, 0.0, 0.5, 0.0, 0.0], dtype=torch.float64)[:samples]
-    grads = rec.weighted_gradients(weights)
+    grads = cap.weighted_gradients(weights)
     model.zero_grad()
     (token_losses(model(inputs), labels) * weights).sum().backward()
     for name, p in model.named_parameters():

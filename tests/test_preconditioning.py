@@ -12,7 +12,7 @@ import torch
 
 from megatron_greats.ghost import GhostRecorder
 from megatron_greats.ghost.preconditioning import Preconditioning, rank_one
-from test_ghost import MLP, captured_gram, relative_error, token_losses, transformer_batch
+from test_ghost import MLP, capture_of, relative_error, token_losses, transformer_batch
 from torch.func import functional_call, grad, vmap
 
 
@@ -48,9 +48,9 @@ def random_diagonals(params, seed):
 
 def capture(model, loss_fn, inputs, targets, preconditioning, **options):
     rec = GhostRecorder(model, **options)
-    with rec.capture(preconditioning=preconditioning):
-        rec.backward(loss_fn(model(inputs), targets))
-    return rec.gram(), rec.parameters()
+    with rec.capture(preconditioning=preconditioning) as cap:
+        cap.backward(loss_fn(model(inputs), targets))
+    return cap.gram(), rec.parameters()
 
 
 def _transformer(seed):
@@ -170,15 +170,16 @@ def test_kept_blocks_are_the_unscaled_gradients(micro_batches, chunk_elements):
     rows = slice(0, 4)
     rec = GhostRecorder(model, path="materialise", keep_operands=True, update_from="blocks",
                         chunk_elements=chunk_elements)
-    gram = captured_gram(rec, model, loss_fn, inputs, targets, micro_batches,
-                         preconditioning=Preconditioning(rows, diagonal=diagonals), averaged=slice(4, 6))
+    cap = capture_of(rec, model, loss_fn, inputs, targets, micro_batches,
+                     preconditioning=Preconditioning(rows, diagonal=diagonals), averaged=slice(4, 6))
+    gram = cap.gram()
     full = scaled_reference(per_sample_gradients(model, loss_fn, inputs, targets, params),
                             [diagonals[p] for p in params], rows)
     assert relative_error(gram[:4, :4], full[:4, :4]) < 1e-9
     assert relative_error(gram[:4, 4], full[:4, 4:].mean(dim=1)) < 1e-9
-    assert set(rec.update_sources().values()) == {"blocks"}
+    assert set(cap.update_sources().values()) == {"blocks"}
     weights = torch.tensor([0.25, 0.0, 0.75, 0.0, 0.0, 0.0], dtype=torch.float64)
-    grads = rec.weighted_gradients(weights)
+    grads = cap.weighted_gradients(weights)
     model.zero_grad()
     (loss_fn(model(inputs), targets) * weights).sum().backward()
     for p in params:

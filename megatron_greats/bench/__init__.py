@@ -3,6 +3,8 @@
 import os
 import re
 
+from megatron_greats.choices import WINDOW_RANDOM
+
 
 def rss_bytes() -> int:
     """Resident set size of this process now (CPU memory measurements)."""
@@ -64,7 +66,7 @@ def default_settings(cfg, world_size: int, kinds: tuple) -> dict:
                 name.append(f"window{length}" + ("random" if what == "random" else ""))
                 overrides.append(f"selection.score_window={length}")
                 if what == "random":
-                    overrides.append("selection.score_window_at=random")
+                    overrides.append(f"selection.score_window_at={WINDOW_RANDOM}")
             elif what == "top":
                 if int(arg) >= cfg.model.num_layers:
                     break

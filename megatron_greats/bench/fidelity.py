@@ -174,6 +174,7 @@ def run(config_path: str, overrides: list, texts: list, steps: int, every: int, 
     import torch.distributed as dist
 
     from megatron_greats.errors import ConfigError, TrainingError
+    from megatron_greats.selection.catalog import SINGLE_PASS
     from megatron_greats.parallel.state import distributed_session, launcher_world_size
     from megatron_greats.training.executors import executor_for
     from megatron_greats.training.step import SinglePassStep, TwoPassStep
@@ -198,7 +199,7 @@ def run(config_path: str, overrides: list, texts: list, steps: int, every: int, 
             print(f"megatron_greats: note: {note}", file=sys.stderr, flush=True)
         engine = build_engine(exact_cfg, data.vocab_size, layout)
         executor = executor_for(engine, layout)
-        kind = SinglePassStep if exact_cfg.update_mode() == "single_pass" else TwoPassStep
+        kind = SinglePassStep if exact_cfg.update_mode() == SINGLE_PASS else TwoPassStep
         exact = observed(kind)(exact_cfg, data, layout, engine, executor)
         # the cheap ones only choose (their update is never taken): a two-pass strategy keeps no operands
         cheap = {}

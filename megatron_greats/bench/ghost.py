@@ -90,10 +90,10 @@ def losses_of(logits, labels):
 def ghost_gram(model, inputs, labels, recorder: GhostRecorder = None):
     """recorder: one built for this model beforehand (as the trainer builds one per run), else a new one."""
     rec = recorder if recorder is not None else GhostRecorder(model)
-    with rec.capture():
-        rec.backward(losses_of(model(inputs), labels))
-    gram = rec.gram()
-    rec.release()  # as the trainer does after each step
+    with rec.capture() as cap:
+        cap.backward(losses_of(model(inputs), labels))
+    gram = cap.gram()
+    cap.release()  # as the trainer does after each step
     return gram
 
 

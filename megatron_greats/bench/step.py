@@ -277,6 +277,8 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
 
 
 def markdown(r: dict) -> str:
+    from megatron_greats.selection.catalog import SINGLE_PASS, TWO_PASS
+
     v, cheap = r["variants"], r.get("cheap") or {}
     lines = [f"Step benchmark: `{r['config']}` {' '.join(r['overrides'])}".rstrip(),
              "",
@@ -289,8 +291,8 @@ def markdown(r: dict) -> str:
              "|---|---|---|---|"]
     labels = {"regular_k": f"Regular, k={r['k']}", "regular_N": f"Regular, N={r['N']}",
               "regular_Nm": f"Regular, N+m={r['N'] + r['m']}",
-              "greats": f"GREATS two_pass, N={r['N']} -> k={r['k']}, m={r['m']}",
-              "single": f"GREATS single_pass, N={r['N']} -> k={r['k']}, m={r['m']}"}
+              "greats": f"GREATS {TWO_PASS}, N={r['N']} -> k={r['k']}, m={r['m']}",
+              "single": f"GREATS {SINGLE_PASS}, N={r['N']} -> k={r['k']}, m={r['m']}"}
     for name, c in cheap.items():
         keys = ", ".join(o.replace("selection.", "") for o in c["overrides"])
         labels[name] = f"{name}: GREATS {c['update']}, {keys}"
@@ -299,7 +301,7 @@ def markdown(r: dict) -> str:
         lines.append(f"| {labels[name]} | {x['median_s']:.3f} | {x['min_s']:.3f}-{x['max_s']:.3f} | "
                      f"{x['peak_bytes'] / 2**20:.0f} |")
     q = r["ratios"]
-    names = {"greats": "two_pass", "single": "single_pass", "regular_k": "Regular(k)", "regular_N": "Regular(N)",
+    names = {"greats": TWO_PASS, "single": SINGLE_PASS, "regular_k": "Regular(k)", "regular_N": "Regular(N)",
              "regular_Nm": "Regular(N+m)", **{name: name for name in cheap}}
     spread = r.get("rounds", 1) > 1
 
@@ -321,8 +323,7 @@ def markdown(r: dict) -> str:
             cells = [cell(f"{name}_over_{base}_{what}") for what in ("time", "memory") for base in RATIO_BASES]
             lines.append(f"| {name} | {' | '.join(cells)} |")
     shown = ("greats", "single", *cheap)
-    lines += ["", "| phase | " + " | ".join(f"{'two_pass' if g == 'greats' else 'single_pass' if g == 'single' else g}"
-                                              " (s) | share" for g in shown) + " |",
+    lines += ["", "| phase | " + " | ".join(f"{names[g]} (s) | share" for g in shown) + " |",
               "|---|" + "---|---|" * len(shown)]
     for name in STEP_PHASES:
         lines.append(f"| {name} | " + " | ".join(f"{v[g]['phases_median_s'][name]:.4f} | "

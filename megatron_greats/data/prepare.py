@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 import sentencepiece as spm
 import torch
 
+from ..choices import EMBEDDED, FILES, FORMAT_AUTO, MEGATRON, SOURCES
 from ..errors import ConfigError, DataError
 from . import sources
 from .cache import Artifact, atomic_path, file_digest
@@ -28,7 +29,6 @@ from .splits import (EMBEDDED_TARGET, HELD_OUT, SPLITS, crawl_problem, fractions
                      fractions_problem, only_domain, prefixes_problem, split_documents)
 from .tokenizer import MIN_VOCAB_SIZE, TRAINER_SETTINGS, Tokenizer, train_tokenizer
 
-SOURCES = ("embedded", "files", "megatron")
 MIN_SEQ_LEN = 8
 CORPUS_FILE = "corpus.jsonl"
 SPLITS_FILE = "splits.json"
@@ -77,9 +77,9 @@ class _Plan:
     split_args: dict
 
 
-def prepare_data(*, cache_dir: str | os.PathLike, seq_len: int, source: str = "embedded",
+def prepare_data(*, cache_dir: str | os.PathLike, seq_len: int, source: str = EMBEDDED,
                  files: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-                 file_format: str = "auto", text_field: str = "text",
+                 file_format: str = FORMAT_AUTO, text_field: str = "text",
                  domain_field: str | None = None,
                  megatron_prefixes: Mapping[str, str | os.PathLike] | None = None,
                  target_domain: str | None = None, split_seed: int = 1234,
@@ -103,9 +103,9 @@ def prepare_data(*, cache_dir: str | os.PathLike, seq_len: int, source: str = "e
                 max_docs_per_domain=max_docs_per_domain, vocab_size=vocab_size,
                 text_field=text_field, domain_field=domain_field, crawl=crawl,
                 target_domain=target_domain)
-    only = target_domain is None and source != "embedded"  # the target is the data's only domain
+    only = target_domain is None and source != EMBEDDED  # the target is the data's only domain
     target_domain = _known_target(target_domain, source, domain_field)
-    if source == "megatron":
+    if source == MEGATRON:
         paths = {"tokenizer": Path(tokenizer_model),
                  **{split: Path(megatron_prefixes[split]) for split in SPLITS}}
         return _load(paths, seq_len, target_domain, only)
@@ -136,9 +136,9 @@ def _known_target(target_domain: str | None, source: str, domain_field: str | No
     of the same domain set explicitly."""
     if target_domain is not None:
         return target_domain
-    if source == "embedded":
+    if source == EMBEDDED:
         return EMBEDDED_TARGET
-    if source == "files" and domain_field is None:
+    if source == FILES and domain_field is None:
         return user_files.DEFAULT_DOMAIN  # every document's domain
     return None
 
@@ -169,10 +169,10 @@ def _check_args(*, seq_len, source, files, megatron_prefixes, tokenizer_model, f
     if not text_field or (domain_field is not None and not domain_field):
         raise ConfigError(f"text_field {text_field!r} / domain_field {domain_field!r} must be "
                           "non-empty names (domain_field may be None)")
-    if bool(files) != (source == "files"):  # an empty list counts as not given
+    if bool(files) != (source == FILES):  # an empty list counts as not given
         raise ConfigError(f"files={files!r} with source {source!r}: give files exactly when "
                           "source is 'files'")
-    if source == "megatron":
+    if source == MEGATRON:
         problem = prefixes_problem(megatron_prefixes)
         if problem:
             raise ConfigError(problem)
@@ -187,7 +187,7 @@ def _check_args(*, seq_len, source, files, megatron_prefixes, tokenizer_model, f
 def _plan(cache_dir: Path, *, source, files, file_format, text_field, domain_field,
           target_domain, fractions, split_seed, max_docs_per_domain, vocab_size,
           tokenizer_model, crawl, show_progress) -> _Plan:
-    if source == "embedded":
+    if source == EMBEDDED:
         # Read now: the cache key hashes the crawl documents, and the same ones are written.
         crawl_docs = sources.crawl.documents() if crawl else None
         corpus_params = {"source": source, **sources.embedded_fingerprint(crawl_docs)}

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..choices import EMBEDDED
 from ..errors import ConfigError, DataError
 from .documents import Document
 
@@ -117,10 +118,10 @@ def crawl_problem(source: Any, crawl: Any, target_domain: Any, prefix: str = "")
     embedded source and is never its target. `prefix` ("data." in the config) is put before keys."""
     if not isinstance(crawl, bool):
         return f"{prefix}crawl {crawl!r} is not allowed; use true or false"
-    if crawl and source != "embedded":
+    if crawl and source != EMBEDDED:
         return (f"{prefix}crawl=true with {prefix}source={source}: the crawl domain is part of the "
                 f"embedded corpus; allowed: {prefix}source=embedded, or {prefix}crawl=false")
-    if source == "embedded" and target_domain == CRAWL_DOMAIN:
+    if source == EMBEDDED and target_domain == CRAWL_DOMAIN:
         return (f"{prefix}target_domain={CRAWL_DOMAIN} is not allowed: the crawl domain is training "
                 f"noise, never the target; allowed: a clean embedded domain (bible, shakespeare, "
                 f"python_docs)")

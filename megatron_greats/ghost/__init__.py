@@ -1,5 +1,5 @@
 """Exact per-sample gradient inner products ("ghost" products) of the recorded layers. See recorder.py."""
 
-from megatron_greats.ghost.recorder import GhostRecorder
+from megatron_greats.ghost.recorder import GhostCapture, GhostRecorder
 
-__all__ = ["GhostRecorder"]
+__all__ = ["GhostCapture", "GhostRecorder"]

@@ -3,7 +3,8 @@
 The capture rules (layers.py) report each call's operands; the store keeps those of the captured
 parameters, marks which samples (micro-batch) they belong to, and fills in each use's output gradient
 when backward reaches it. on_complete(params) is called when the output gradient of a layer call has
-arrived, with the parameters that call used.
+arrived, with the parameters that call used. Its owner (the recorder's GhostCapture) reads and frees
+the uses through its methods.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from megatron_greats.ghost.layers import rule_for, samples_first
 from megatron_greats.ghost.products import Use
+from megatron_greats.ghost.reduction import Reduction, reduction_of
 
 
 @contextlib.contextmanager
@@ -51,6 +53,37 @@ class CaptureStore:
     @property
     def num_samples(self) -> int:
         return sum(self.sizes.values())
+
+    def begin_micro_batch(self, index: int, size: int) -> None:
+        """Following layer calls belong to micro-batch `index` (samples index*size ...)."""
+        self.micro_batch = (index, size)
+
+    def uses_of(self, param) -> list:
+        """The parameter's uses still held ([] where none are, or they were freed)."""
+        return self.uses.get(param, [])
+
+    def used_parameters(self) -> list:
+        """The parameters whose uses are still held, in the order of their first use."""
+        return list(self.uses)
+
+    def uses_by_parameter(self) -> dict:
+        """param -> [Use], a copy: a caller may append uses to it (e.g. those of other pipeline stages)."""
+        return {p: list(uses) for p, uses in self.uses.items()}
+
+    def reduction(self, param) -> Reduction:
+        """How the parameter's per-sample products sum over tensor-parallel ranks: as its layers reported,
+        or, for a weight used only on other pipeline stages (tied), from megatron-core's mark."""
+        return self.reductions[param] if param in self.reductions else reduction_of(param)
+
+    def free(self, param) -> None:
+        """Drop a parameter's operands from its Use records themselves: the output-gradient hooks of the
+        capture reference the records until close(), so leaving the dict would not free them."""
+        for use in self.uses.pop(param, []):
+            use.inputs = use.grads = None
+
+    def forget_uses(self) -> None:
+        """Drop the per-parameter lists of uses; the records keep their tensors until close()."""
+        self.uses.clear()
 
     @contextlib.contextmanager
     def recording(self, parameters: list):

@@ -1,16 +1,23 @@
 """GhostRecorder: the B x B matrix of per-sample gradient inner products over the recorded layers.
 
-    rec = GhostRecorder(model, include=None, exclude=None)
-    with rec.capture():
-        losses = per_sample_losses(model, batch)     # [B]
-        rec.backward(losses)                         # d(losses.sum()) w.r.t. activations only
-    gram = rec.gram()                                # [B, B]
-    rec.weighted_gradients(w)                        # sum_i w_i g_i per parameter (keep_operands=True)
-    rec.parameters()                                 # the parameters the Gram covers
-    rec.uncovered()                                  # names of trainable parameters it leaves out
+    rec = GhostRecorder(model, include=None, exclude=None)  # once per model: what is recorded
+    rec.parameters()                                         # the parameters the Gram covers
+    rec.uncovered()                                          # names of trainable parameters it leaves out
+    with rec.capture() as cap:                               # once per step: a GhostCapture
+        losses = per_sample_losses(model, batch)             # [B]
+        cap.backward(losses)                                 # d(losses.sum()) w.r.t. activations only
+    gram = cap.gram()                                        # [B, B]
+    cap.weighted_gradients(w)                                # sum_i w_i g_i per parameter (keep_operands=True)
+    cap.release()                                            # frees what it holds; nothing is read after it
+
+A step's capture is one object: it records inside its with-block, then gives the Gram and an update
+from what the Gram's reduction kept (weighted_gradients forms the Gram first where gram() was not
+called), until release(). The recorder holds only what belongs to the model (the names, the scored
+and captured parameters, the recorded modules, the groups, the pipeline ties); its next capture()
+releases the previous capture, so no two steps' operands are held at once.
 
 During a capture every parameter is frozen (requires_grad=False) so the forward builds a graph over
-activations only: rec.backward never computes a weight gradient nor touches .grad, and DeepSpeed's
+activations only: cap.backward never computes a weight gradient nor touches .grad, and DeepSpeed's
 gradient hooks never fire. Layer outputs that would then be leaves are marked as roots; backward
 differentiates w.r.t. them.
 
@@ -25,7 +32,6 @@ the per-sample gradients the Gram was formed from are kept, or the operands; see
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 from typing import Optional, Sequence
 
@@ -37,11 +43,11 @@ from megatron_greats.ghost import products
 from megatron_greats.ghost.capture import CaptureStore, frozen_parameters
 from megatron_greats.ghost.layers import recorded_modules, rule_for
 from megatron_greats.ghost.products import Path, UpdateFrom
-from megatron_greats.ghost.reduction import GramReduction, Reduction, reduction_of
+from megatron_greats.ghost.reduction import GramReduction, Reduction
 from megatron_greats.ghost.ties import gather_tied_uses, pipeline_ties
 from megatron_greats.phases import ALLREDUCE
 
-__all__ = ["GhostRecorder", "frozen_parameters"]
+__all__ = ["GhostCapture", "GhostRecorder", "frozen_parameters"]
 
 
 def matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
@@ -62,7 +68,7 @@ class GhostRecorder:
         path: "auto" (cost model per parameter), or force "ghost" / "materialise".
         tensor_group / model_parallel_group: default to megatron-core's groups when initialised.
         keep_operands: also capture every trainable parameter's operands, and keep what an update formed
-            from them needs until the next capture (weighted_gradients).
+            from them needs until the capture's release (GhostCapture.weighted_gradients).
         update_from: with keep_operands, what a scored parameter keeps: "auto", "blocks" (its per-sample
             gradients, where the materialised path forms them) or "operands" (see UpdateFrom).
         """
@@ -89,8 +95,7 @@ class GhostRecorder:
         self.tensor_group, self.model_parallel_group = self._default_groups(tensor_group, model_parallel_group)
         self.tied = pipeline_ties(model, self.scored)
         self._tied = {p for p, _, _ in self.tied}
-        self.clock = None  # optional: an object with .phase(name) (training/telemetry.py's PhaseClock)
-        self._store = self._reduction = self._gram = None
+        self._last = None  # the last capture: the next one releases it
 
     # ---- set-up -----------------------------------------------------------------------------------
     @staticmethod
@@ -135,62 +140,63 @@ class GhostRecorder:
                 if p in self.captured and p in self.trainable and p not in covered]
 
     # ---- capture ----------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def capture(self, preconditioning=None, averaged: Optional[slice] = None):
-        """Record supported layers' operands; parameters are frozen for the duration (see module doc).
+    def capture(self, preconditioning=None, averaged: Optional[slice] = None, clock=None) -> "GhostCapture":
+        """A new step's capture (use it as a context manager: it records inside the with-block). The
+        previous capture of this recorder is released first, so that no two steps' operands are held.
         preconditioning: optional Preconditioning (ghost/preconditioning.py): the Gram rows of its samples
         hold D g_i instead of g_i; after gram(), its rank_one_errors() says what the ghost path fitted.
         averaged: optional slice of the last samples (e.g. validation samples) that the Gram holds as one
         row, their mean gradient: gram() is then [a + 1, a + 1] with a = averaged.start, which saves
-        the products between them. An update may not weigh them (weighted_gradients)."""
-        self.release()  # the previous capture's operands
-        first = self._parameters[0]
-        dtype = products.compute_dtype(first.dtype)  # the same on every rank: the all-reduce needs it
-        self._store = CaptureStore(self.modules, self.captured, self.batch_dim, self._on_complete)
-        self._reduction = GramReduction(self._order, self.path, self.chunk_elements, self.tensor_group,
-                                        self.model_parallel_group, dtype, clock=self.clock)
-        self._reduction.preconditioning = preconditioning
-        self._reduction.averaged = averaged if averaged is not None and averaged.stop > averaged.start else None
+        the products between them. An update may not weigh them (weighted_gradients).
+        clock: optional, an object with .phase(name) (training/telemetry.py's PhaseClock) that times the
+        capture's products and sums over ranks."""
+        if self._last is not None:
+            self._last.release()
+        self._last = GhostCapture(self, preconditioning, averaged, clock)
+        return self._last
+
+
+class GhostCapture:
+    """One step of a GhostRecorder: recorded inside its with-block, read until release().
+
+        with rec.capture() as cap:        # the supported layers' operands; parameters frozen
+            cap.begin_micro_batch(i, b)   # before each micro-batch's forward, where there are several
+            cap.backward(losses)          # or backward_from(...) on a pipeline stage
+        cap.gram()                        # formed once: the same tensor on every call
+        cap.weighted_gradients(w)         # from what the Gram's reduction kept (keep_operands=True)
+        cap.release()                     # reading the capture after it is an error
+    """
+
+    def __init__(self, recorder: GhostRecorder, preconditioning=None, averaged: Optional[slice] = None, clock=None):
+        self._recorder = rec = recorder
+        # the same on every rank: the all-reduce needs it
+        self._dtype = products.compute_dtype(rec._parameters[0].dtype)
+        self._averaged = averaged if averaged is not None and averaged.stop > averaged.start else None
+        self._store = CaptureStore(rec.modules, rec.captured, rec.batch_dim, self._on_complete)
+        self._reduction = GramReduction(rec._order, rec.path, rec.chunk_elements, rec.tensor_group,
+                                        rec.model_parallel_group, self._dtype, clock=clock,
+                                        preconditioning=preconditioning, averaged=self._averaged)
         self._streaming, self._reduced, self._gram = True, set(), None
-        with self._store.recording(self._parameters):
-            yield self
+        self._recording = None  # the with-block's recording, once entered
+
+    # ---- recording --------------------------------------------------------------------------------
+    def __enter__(self) -> "GhostCapture":
+        """Record supported layers' operands; parameters are frozen for the duration (see module doc)."""
+        store = self._held("recording")
+        if self._recording is not None:
+            raise RuntimeError("GhostCapture: a capture records in one with-block; allowed: a new rec.capture() "
+                               "for each step")
+        self._recording = store.recording(self._recorder._parameters)
+        self._recording.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._recording.__exit__(*exc)
 
     def begin_micro_batch(self, index: int, size: int) -> None:
         """Following layer calls belong to micro-batch `index` (samples index*size ... of the Gram)."""
-        self._store.micro_batch = (index, size)
+        self._held("begin_micro_batch()").begin_micro_batch(index, size)
         self._streaming = False  # cross terms between micro-batches need every use: reduce in gram()
-
-    def _on_complete(self, params: set) -> None:
-        """With one micro-batch nothing else can add to a parameter whose every use has its output
-        gradient: reduce it now, and (without keep_operands) free its activations and output gradients
-        during backward instead of holding them until gram()."""
-        if not self._streaming:
-            return
-        store = self._store
-        for param in self._reduction.sorted(params):
-            uses = store.uses.get(param)
-            if param in self._tied or not uses or any(u.grads is None for u in uses):
-                continue
-            if param in self.scored:
-                self._reduction.add_streamed(param, uses, store.reductions[param], self._keeps(param, uses))
-                self._reduced.add(param)
-            if not self.keep_operands or param in self._reduction.kept:
-                self._free(param)
-
-    def _keeps(self, param, uses: list) -> bool:
-        """Whether the update keeps this scored parameter's per-sample gradients (not its operands)."""
-        if not self.keep_operands or self.update_from == UpdateFrom.OPERANDS or param in self._tied:
-            return False  # a tied weight's Gram blocks hold other stages' uses too
-        if self.update_from == UpdateFrom.BLOCKS:
-            return True
-        total = self._store.num_samples  # aligned rows: the Gram forms no blocks, the update reads the operands
-        return products.blocks_fit(uses, total, self._reduction.dtype) and not products.rows_aligned(uses, total)
-
-    def _free(self, param) -> None:
-        """Drop a parameter's operands from its Use records themselves: the output-gradient hooks of the
-        capture reference the records until it closes, so leaving the dict would not free them."""
-        for use in self._store.uses.pop(param, []):
-            use.inputs = use.grads = None
 
     def backward(self, losses: torch.Tensor) -> None:
         """Backward of losses.sum() w.r.t. the recorded activations; no parameter gradient is formed."""
@@ -198,107 +204,141 @@ class GhostRecorder:
 
     def backward_from(self, tensors: list, grad_tensors: list, inputs: Sequence[torch.Tensor] = ()) -> list:
         """Backward of a pipeline stage: given output gradients, return d/d(inputs) (e.g. the stage input)."""
-        return self._store.backward_from(tensors, grad_tensors, inputs)
+        return self._held("backward_from()").backward_from(tensors, grad_tensors, inputs)
 
-    # ---- the Gram ---------------------------------------------------------------------------------
+    def _on_complete(self, params: set) -> None:
+        """With one micro-batch nothing else can add to a parameter whose every use has its output
+        gradient: reduce it now, and (without keep_operands) free its activations and output gradients
+        during backward instead of holding them until gram()."""
+        if not self._streaming:
+            return
+        rec, store, reduction = self._recorder, self._store, self._reduction
+        for param in reduction.sorted(params):
+            uses = store.uses_of(param)
+            if param in rec._tied or not uses or any(u.grads is None for u in uses):
+                continue
+            if param in rec.scored:
+                reduction.add_streamed(param, uses, store.reduction(param), self._keeps(param, uses))
+                self._reduced.add(param)
+            if not rec.keep_operands or reduction.keeps_blocks(param):
+                store.free(param)
+
+    def _keeps(self, param, uses: list) -> bool:
+        """Whether the update keeps this scored parameter's per-sample gradients (not its operands)."""
+        rec = self._recorder
+        if not rec.keep_operands or rec.update_from == UpdateFrom.OPERANDS or param in rec._tied:
+            return False  # a tied weight's Gram blocks hold other stages' uses too
+        if rec.update_from == UpdateFrom.BLOCKS:
+            return True
+        total = self._store.num_samples  # aligned rows: the Gram forms no blocks, the update reads the operands
+        return products.blocks_fit(uses, total, self._dtype) and not products.rows_aligned(uses, total)
+
+    def _held(self, what: str) -> CaptureStore:
+        """The capture's store; reading a released capture is an error."""
+        if self._store is None:
+            raise RuntimeError(f"GhostCapture: {what} after release(); allowed: reading a capture before its "
+                               "release() or the recorder's next capture()")
+        return self._store
+
+    # ---- what is read from it -----------------------------------------------------------------------
     @property
     def num_samples(self) -> int:
-        return self._store.num_samples
+        return self._held("num_samples").num_samples
 
-    @property
-    def operands(self) -> dict:
-        """param -> [Use] of the last capture (every captured parameter with keep_operands=True)."""
-        return self._store.uses
+    def gram(self) -> torch.Tensor:
+        """[B, B] over all micro-batches recorded, identical on every rank of the model-parallel group.
+        Computed once per capture (after backward, inside or after the with-block); a second call
+        returns the same tensor."""
+        store = self._held("gram()")
+        if self._gram is None:
+            self._gram = self._reduce(store)
+        return self._gram
+
+    def _reduce(self, store: CaptureStore) -> torch.Tensor:
+        rec, reduction = self._recorder, self._reduction
+        device = next(rec.model.parameters()).device
+        with reduction.phase(ALLREDUCE):
+            total = self._agreed_total(device)
+            # a copy: uses received from other stages count in the Gram, never in this stage's update
+            uses_of = store.uses_by_parameter()
+            elsewhere = gather_tied_uses(rec.tied, uses_of, device)
+        averaged = self._averaged
+        if averaged is not None and averaged.stop != total:
+            raise ValueError(f"GhostCapture: averaged samples {averaged.start}..{averaged.stop - 1} of {total}; "
+                             "allowed: the last samples of the capture")
+        pending = {p: uses for p, uses in uses_of.items()
+                   if p in rec.scored and p not in self._reduced and p not in elsewhere}
+        for param, uses in pending.items():
+            if any(u.grads is None for u in uses):
+                raise RuntimeError(f"GhostCapture: no output gradient reached a layer using '{rec.names[param]}'; "
+                                   "call cap.backward(losses) inside the capture")
+        keep = {p for p, uses in pending.items() if self._keeps(p, uses)}
+        reductions = {p: store.reduction(p) for p in pending}
+        gram = reduction.finish(pending, reductions, total, device, keep)
+        if not rec.keep_operands:
+            store.forget_uses()
+        for param in reduction.kept_parameters():
+            store.free(param)
+        return gram
+
+    def _agreed_total(self, device) -> int:
+        total = self.num_samples
+        group = self._recorder.model_parallel_group
+        if group is not None:
+            # stages without recorded layers still need the size
+            t = torch.tensor([total], dtype=torch.int64, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+            total = int(t)
+        return total
 
     def weighted_gradients(self, weights: torch.Tensor) -> dict:
-        """{param: sum_i weights[i] * per-sample gradient_i} for every captured parameter of the last
-        capture (keep_operands=True), after gram(), as this rank's shard of the parameter; per-sample
-        vectors of sequence shards are summed over tensor-parallel ranks, so every rank holds the full
-        gradient. Pipeline ties are left to the engine (each stage holds its own uses' part)."""
-        if not self.keep_operands:
-            raise RuntimeError("GhostRecorder: weighted_gradients() needs GhostRecorder(..., keep_operands=True)")
-        if self._store is None or self._gram is None:
-            raise RuntimeError("GhostRecorder: weighted_gradients() after gram(), before release()")
-        averaged = self._reduction.averaged
+        """{param: sum_i weights[i] * per-sample gradient_i} for every captured parameter
+        (keep_operands=True), as this rank's shard of the parameter; per-sample vectors of sequence
+        shards are summed over tensor-parallel ranks, so every rank holds the full gradient. Pipeline
+        ties are left to the engine (each stage holds its own uses' part). The Gram's reduction decides
+        what each parameter keeps (its per-sample gradients or its operands): it is formed first where
+        gram() has not been called."""
+        rec = self._recorder
+        if not rec.keep_operands:
+            raise RuntimeError("GhostCapture: weighted_gradients() needs GhostRecorder(..., keep_operands=True)")
+        store = self._held("weighted_gradients()")
+        self.gram()
+        averaged, reduction = self._averaged, self._reduction
         if averaged is not None and bool(weights[averaged].ne(0).any()):
-            raise ValueError(f"GhostRecorder: weights on the averaged samples {averaged.start}..{averaged.stop - 1}; "
+            raise ValueError(f"GhostCapture: weights on the averaged samples {averaged.start}..{averaged.stop - 1}; "
                              "allowed: zero there (the Gram holds only their mean)")
-        kept, grads = self._reduction.kept, {}
-        for param in self._reduction.sorted(set(self._store.uses) | set(kept)):
-            if param in kept:  # already summed over tensor-parallel ranks where that was needed
-                grads[param] = products.weighted_block_sum(kept[param], weights, param.shape, param.dtype)
+        grads = {}
+        for param in reduction.sorted(set(store.used_parameters()) | set(reduction.kept_parameters())):
+            if reduction.keeps_blocks(param):  # already summed over tensor-parallel ranks where that was needed
+                grads[param] = reduction.weighted_blocks(param, weights)
                 continue
-            grad = products.weighted_gradient(self._store.uses[param], weights, param.shape, param.dtype)
-            if self._store.reductions[param] == Reduction.SUM_VECTORS and self.tensor_group is not None:
-                dist.all_reduce(grad, group=self.tensor_group)
+            grad = products.weighted_gradient(store.uses_of(param), weights, param.shape, param.dtype)
+            if store.reduction(param) == Reduction.SUM_VECTORS and rec.tensor_group is not None:
+                dist.all_reduce(grad, group=rec.tensor_group)
             grads[param] = grad
         return grads
 
     def held_bytes(self) -> int:
-        """Memory the last capture still holds: the storages of its kept operands and per-sample blocks
-        (the Gram aside). Streamed parameters free theirs during backward, unless an update needs them."""
+        """Memory the capture still holds: the storages of its kept operands and per-sample blocks (the
+        Gram aside); 0 once released. Streamed parameters free theirs during backward, unless an update
+        needs them."""
         if self._store is None:
             return 0
-        blocks = sum(tile.block.untyped_storage().nbytes() for tiles in self._reduction.kept.values()
-                     for tile in tiles)
-        return self._store.held_bytes() + blocks
+        return self._store.held_bytes() + self._reduction.blocks_bytes()
 
     def update_sources(self) -> dict:
-        """Parameter name -> what the last capture keeps for weighted_gradients: "blocks" or "operands"."""
+        """Parameter name -> what the capture keeps for weighted_gradients: "blocks" or "operands"."""
         if self._store is None:
             return {}
-        kept = self._reduction.kept
-        sources = {self.names[p]: UpdateFrom.OPERANDS.value for p in self._store.uses if p not in kept}
-        sources.update({self.names[p]: UpdateFrom.BLOCKS.value for p in kept})
+        names, reduction = self._recorder.names, self._reduction
+        sources = {names[p]: UpdateFrom.OPERANDS.value for p in self._store.used_parameters()
+                   if not reduction.keeps_blocks(p)}
+        sources.update({names[p]: UpdateFrom.BLOCKS.value for p in reduction.kept_parameters()})
         return sources
 
     def release(self) -> None:
-        """Drop what the last capture holds (operands, Gram)."""
+        """Drop what the capture holds (operands, kept blocks, Gram). Reading it afterwards is an error;
+        releasing again does nothing."""
         if self._store is not None:
             self._store.close()
         self._store = self._reduction = self._gram = None
-
-    def gram(self) -> torch.Tensor:
-        """[B, B] over all micro-batches recorded, identical on every rank of the model-parallel group.
-        Computed once per capture; a second call returns the same tensor."""
-        if self._store is None:
-            raise RuntimeError("GhostRecorder: gram() before any capture; call it after rec.backward(...) "
-                               "inside or after `with rec.capture():`")
-        if self._gram is not None:
-            return self._gram
-        store = self._store
-        device = next(self.model.parameters()).device
-        with self._reduction.phase(ALLREDUCE):
-            total = self._agreed_total(device)
-            # a copy: uses received from other stages count in the Gram, never in this stage's update
-            uses_of = {p: list(uses) for p, uses in store.uses.items()}
-            elsewhere = gather_tied_uses(self.tied, uses_of, device)
-        for param, _, _ in self.tied:
-            if param in uses_of:
-                store.reductions.setdefault(param, reduction_of(param))
-        averaged = self._reduction.averaged
-        if averaged is not None and averaged.stop != total:
-            raise ValueError(f"GhostRecorder: averaged samples {averaged.start}..{averaged.stop - 1} of {total}; "
-                             "allowed: the last samples of the capture")
-        pending = {p: uses for p, uses in uses_of.items()
-                   if p in self.scored and p not in self._reduced and p not in elsewhere}
-        for param, uses in pending.items():
-            if any(u.grads is None for u in uses):
-                raise RuntimeError(f"GhostRecorder: no output gradient reached a layer using '{self.names[param]}'; "
-                                   "call rec.backward(losses) inside the capture")
-        keep = {p for p, uses in pending.items() if self._keeps(p, uses)}
-        self._gram = self._reduction.finish(pending, store.reductions, total, device, keep)
-        if not self.keep_operands:
-            store.uses.clear()
-        for param in self._reduction.kept:
-            self._free(param)
-        return self._gram
-
-    def _agreed_total(self, device) -> int:
-        total = self.num_samples
-        if self.model_parallel_group is not None:
-            # stages without recorded layers still need the size
-            t = torch.tensor([total], dtype=torch.int64, device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.model_parallel_group)
-            total = int(t)
-        return total

@@ -15,6 +15,7 @@ import contextlib
 import os
 import time
 from enum import Enum
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -192,15 +193,31 @@ class GramSum:
 
 class GramReduction:
     def __init__(self, order: dict, path: Path, chunk_elements: int, tensor_group, model_parallel_group, dtype,
-                 clock=None):
-        """order: param -> position (the same on every rank: collectives inside must line up)."""
+                 clock=None, preconditioning=None, averaged: Optional[slice] = None):
+        """order: param -> position (the same on every rank: collectives inside must line up).
+        preconditioning: optional Preconditioning (preconditioning.py) of some Gram rows.
+        averaged: optional slice of the last samples, merged into one Gram row (their mean)."""
         self.order, self.path, self.chunk_elements, self.dtype = order, Path(path), chunk_elements, dtype
         self.tensor_group, self.model_parallel_group, self.clock = tensor_group, model_parallel_group, clock
         self.tensor_rank = dist.get_rank(tensor_group) if tensor_group is not None else 0
+        self.preconditioning, self.averaged = preconditioning, averaged
         self.streamed = None  # the Gram part of the parameters reduced during backward
-        self.preconditioning = None  # optional: a Preconditioning (preconditioning.py) of some Gram rows
-        self.averaged = None  # optional: a slice of the last samples, merged into one Gram row (their mean)
-        self.kept = {}  # param -> per-sample gradients kept for an update: [products.Tile]
+        self._kept = {}  # param -> per-sample gradients kept for an update: [products.Tile]
+
+    def keeps_blocks(self, param) -> bool:
+        """Whether the parameter's per-sample gradients are kept for an update (not its operands)."""
+        return param in self._kept
+
+    def kept_parameters(self) -> list:
+        return list(self._kept)
+
+    def weighted_blocks(self, param, weights: torch.Tensor) -> torch.Tensor:
+        """sum_i weights[i] * the kept per-sample gradient i of the parameter."""
+        return products.weighted_block_sum(self._kept[param], weights, param.shape, param.dtype)
+
+    def blocks_bytes(self) -> int:
+        """The storages of the kept per-sample gradients."""
+        return sum(tile.block.untyped_storage().nbytes() for tiles in self._kept.values() for tile in tiles)
 
     def phase(self, name: str):
         return self.clock.phase(name) if self.clock is not None else contextlib.nullcontext()
@@ -222,7 +239,7 @@ class GramReduction:
                        keep: bool = False) -> None:
         """gram += this rank's share of the parameter's Gram (gram_size rows: the averaged samples are
         one); nothing where another rank counts it. keep: where the materialised path forms the
-        per-sample gradients, keep them (self.kept[param]: [products.Tile]) for an update."""
+        per-sample gradients, keep them (self._kept[param]: [products.Tile]) for an update."""
         tensor_rank = self.tensor_rank
         if reduction == Reduction.ONCE and tensor_rank != 0:
             return  # replicated over tensor-parallel ranks: rank 0 counts it
@@ -251,7 +268,7 @@ class GramReduction:
                 with self.phase(ALLREDUCE):
                     dist.all_reduce(tile.block, group=self.tensor_group)
             if keep:
-                self.kept.setdefault(param, []).append(tile)
+                self._kept.setdefault(param, []).append(tile)
             if counted:
                 self._add_block_gram(gram, param, pre, tile, cols, copy_scaled=keep, defer=vector)
 

@@ -31,6 +31,8 @@ from megatron.core.tensor_parallel import (
 )
 from torch import nn
 
+from megatron_greats.choices import GPT2, LLAMA
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -110,7 +112,7 @@ class RMSNorm(_Norm):
         return F.rms_norm(x, (x.shape[-1],), _replicated(self.weight, self.spec), self.spec.norm_eps)
 
 
-NORMS = {"gpt2": LayerNorm, "llama": RMSNorm}
+NORMS = {GPT2: LayerNorm, LLAMA: RMSNorm}
 
 
 def rotary(x: torch.Tensor, base: float) -> torch.Tensor:
@@ -130,7 +132,7 @@ class SelfAttention(nn.Module):
         self.spec = spec
         self.head_dim = spec.hidden_size // spec.num_heads
         self.local_heads = spec.num_heads // spec.tensor_parallel
-        bias = spec.arch == "gpt2"
+        bias = spec.arch == GPT2
         # Output features are laid out [head, (q, k, v), head_dim], so a tensor-parallel shard of the
         # output dim holds whole heads.
         self.qkv = ColumnParallelLinear(spec.hidden_size, 3 * spec.hidden_size, config=config, bias=bias,
@@ -143,7 +145,7 @@ class SelfAttention(nn.Module):
         qkv, _ = self.qkv(x)
         seq, batch = qkv.shape[:2]
         q, k, v = qkv.view(seq, batch, self.local_heads, 3, self.head_dim).permute(3, 1, 2, 0, 4)
-        if self.spec.arch == "llama":
+        if self.spec.arch == LLAMA:
             q, k = rotary(q, self.spec.rope_base), rotary(k, self.spec.rope_base)
         dropout = self.spec.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
@@ -157,7 +159,7 @@ class MLP(nn.Module):
         super().__init__()
         self.spec = spec
         h, f, init = spec.hidden_size, spec.ffn_hidden_size, _normal(spec.init_std)
-        gpt2 = spec.arch == "gpt2"
+        gpt2 = spec.arch == GPT2
         self.fc_in = ColumnParallelLinear(h, f, config=config, bias=gpt2, gather_output=False, init_method=init)
         # SwiGLU's gate is its own layer (not fused with fc_in) so every TP shard pairs matching columns.
         self.fc_gate = None if gpt2 else ColumnParallelLinear(h, f, config=config, bias=False,
@@ -222,7 +224,7 @@ class EmbeddingOutput(nn.Module):
         super().__init__()
         self.spec = spec
         self.positions = None
-        if spec.arch == "gpt2":
+        if spec.arch == GPT2:
             self.positions = nn.Embedding(spec.seq_len, spec.hidden_size)
             nn.init.normal_(self.positions.weight, std=spec.init_std)
 

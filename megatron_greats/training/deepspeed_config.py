@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_greats.choices import BF16, SGD
+
 
 def deepspeed_config(cfg, data_parallel: int) -> dict:
     t = cfg.train
@@ -14,10 +16,10 @@ def deepspeed_config(cfg, data_parallel: int) -> dict:
         "gradient_accumulation_steps": grad_accum,
         "optimizer": _optimizer(t),
         # ZeRO lists only its own optimizers as tested; plain SGD keeps no state to partition
-        "zero_allow_untested_optimizer": t.optimizer == "sgd",
+        "zero_allow_untested_optimizer": t.optimizer == SGD,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": cfg.zero.stage},
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": t.precision == BF16},
         # DeepSpeed splits stage-to-stage activations over tensor-parallel ranks, assuming they are
         # replicated there; sequence-parallel activations are per-rank shards, so send them whole.
         "pipeline": {"pipe_partitioned": not cfg.parallel.sequence_parallel,
@@ -29,7 +31,7 @@ def deepspeed_config(cfg, data_parallel: int) -> dict:
 
 
 def _optimizer(t) -> dict:
-    if t.optimizer == "sgd":  # DeepSpeed builds any torch.optim class by name
+    if t.optimizer == SGD:  # DeepSpeed builds any torch.optim class by name
         return {"type": "SGD", "params": {"lr": t.lr, "momentum": 0.0, "weight_decay": t.weight_decay}}
     # torch_adam: DeepSpeed would otherwise build its fused CPU Adam op (minutes of compiling)
     return {"type": "AdamW", "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.adam_eps,

@@ -10,12 +10,12 @@ Both offer the same operations on this replica's micro-batches [(inputs, labels)
                           over this replica's samples}: DeepSpeed does the rest as after any backward
                           (data-parallel mean, ZeRO partitions, tied weights, global norm and
                           clipping, overflow check, LR schedule)
-  score(module, micro, recorder, input_grad)
+  score(module, micro, capture, input_grad)
                           per-sample losses of every sample, on every rank of the model-parallel
-                          group; with a recorder: a forward and a backward w.r.t. activations through
-                          it (the Gram spans the micro-batches), without: forward only. input_grad:
-                          whether a pipeline stage sends its input's gradient down (something below
-                          is scored); otherwise the backward stops in the stage
+                          group; with a capture (a GhostRecorder's): a forward and a backward w.r.t.
+                          activations through it (the Gram spans the micro-batches), without: forward
+                          only. input_grad: whether a pipeline stage sends its input's gradient down
+                          (something below is scored); otherwise the backward stops in the stage
 """
 
 from __future__ import annotations
@@ -81,20 +81,20 @@ class PlainExecutor:
             losses = [per_sample_losses(module(inputs), labels).mean() for inputs, labels in micro]
         return data_parallel_mean(torch.stack(losses).mean(), self.layout)
 
-    def score(self, module, micro: list, recorder=None, clock: PhaseClock = None, input_grad: bool = False) -> torch.Tensor:
+    def score(self, module, micro: list, capture=None, clock: PhaseClock = None, input_grad: bool = False) -> torch.Tensor:
         clock = clock or PhaseClock()  # input_grad: for the pipeline's stages; the model's input is token ids
         losses = []
         for index, (inputs, labels) in enumerate(micro):
-            if recorder is None:
+            if capture is None:
                 with clock.phase(SCORE_FORWARD), torch.no_grad():
                     losses.append(per_sample_losses(module(inputs), labels))
                 continue
             if len(micro) > 1:
-                recorder.begin_micro_batch(index, inputs.shape[0])  # the Gram spans all micro-batches
+                capture.begin_micro_batch(index, inputs.shape[0])  # the Gram spans all micro-batches
             with clock.phase(SCORE_FORWARD):
                 part = per_sample_losses(module(inputs), labels)
             with clock.phase(SCORE_BACKWARD):
-                recorder.backward(part)
+                capture.backward(part)
             losses.append(part.detach())
         return torch.cat(losses)
 
@@ -113,11 +113,11 @@ class PipelineExecutor:
     def apply_gradients(self, grads: dict) -> None:
         pipeline_schedules.apply_gradients(self.engine, grads)
 
-    def score(self, module, micro: list, recorder=None, clock: PhaseClock = None, input_grad: bool = True) -> torch.Tensor:
+    def score(self, module, micro: list, capture=None, clock: PhaseClock = None, input_grad: bool = True) -> torch.Tensor:
         from megatron.core import parallel_state as ps
 
         inputs, labels = [m[0] for m in micro], [m[1] for m in micro]
-        run = pipeline_schedules.ScoringRun(module, inputs, labels, recorder, input_grad=input_grad,
+        run = pipeline_schedules.ScoringRun(module, inputs, labels, capture, input_grad=input_grad,
                                             clock=clock or PhaseClock())
         losses = pipeline_schedules.score(self.engine, run)
         if losses is None:

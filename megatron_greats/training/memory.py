@@ -47,12 +47,15 @@ from typing import Optional
 
 import torch
 
+from megatron_greats.choices import ADAMW, BF16, LLAMA
 from megatron_greats.errors import ConfigError
+from megatron_greats.selection.catalog import SINGLE_PASS, TWO_PASS
 
 # What a first pass allocates besides its tensors (allocator arenas, kernels' scratch), measured on CPU.
 FIRST_PASS_SCRATCH = 16 << 20
 # The factor the tests hold the estimate to: measured peak / estimate in [1 / 1.5, 1.5].
 ESTIMATE_FACTOR = 1.5
+FORWARD_ONLY = "forward"  # ScoringMemory.update of a losses-only pass (no backward, no update kept)
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class ScoringMemory:
     samples: int        # S: samples scored per step by this replica (N + m; N for losses-only methods)
     micro_batch: int    # samples per forward/backward of the pass
     tokens: int         # T
-    update: str         # what the update keeps: "single_pass" or "two_pass" (or "forward" for losses only)
+    update: str         # what the update keeps: SINGLE_PASS or TWO_PASS (or FORWARD_ONLY for losses only)
     scoring_pass: int   # bytes: the pass's peak over what is resident before it
     first_step: int     # bytes the first optimizer step allocates that the engine has not yet
 
@@ -71,7 +74,7 @@ class ScoringMemory:
     def describe(self) -> str:
         """e.g. '530 MiB per process: the scoring pass 520 MiB (N + m = 40 samples of 128 tokens at once,
         selection.update=single_pass), the first optimizer step 10 MiB'."""
-        if self.update == "forward":
+        if self.update == FORWARD_ONLY:
             what = f"N = {self.samples} samples of {self.tokens} tokens, forward only"
         else:
             parts = f"in micro-batches of {self.micro_batch}" if self.micro_batch < self.samples else "at once"
@@ -134,7 +137,7 @@ def recorder_widths(recorder, vocab_local: int) -> tuple:
 def _activation_width(cfg) -> int:
     """A above: per token and transformer layer, what autograd keeps that the recorder does not."""
     h, f, tp = cfg.model.hidden_size, cfg.ffn_hidden_size, cfg.parallel.tensor
-    return (6 * h + 3 * f) // tp if cfg.model.arch == "llama" else (4 * h + f) // tp
+    return (6 * h + 3 * f) // tp if cfg.model.arch == LLAMA else (4 * h + f) // tp
 
 
 def estimate_scoring_memory(cfg, scoring, vocab_size: int, samples: int, gram: bool) -> ScoringMemory:
@@ -143,7 +146,7 @@ def estimate_scoring_memory(cfg, scoring, vocab_size: int, samples: int, gram: b
     from megatron_greats.ghost import products
 
     sel, T = cfg.selection, scoring_tokens(cfg)
-    act = 2 if cfg.train.precision == "bf16" else 4
+    act = 2 if cfg.train.precision == BF16 else 4
     vocab_local = vocab_size // cfg.parallel.tensor
     layers = _transformer_layers(scoring.module)
     if gram and scoring.top_layers is not None:  # autograd keeps nothing below the scored layers
@@ -153,7 +156,7 @@ def estimate_scoring_memory(cfg, scoring, vocab_size: int, samples: int, gram: b
     vocab_bytes = vocab_local * (4 + (act if act != 4 else 0)) if logits else 0
     layer = _activation_width(cfg) * act
     if not gram:  # no backward: one layer's activations at a time
-        return ScoringMemory(samples, samples, T, "forward", samples * T * (vocab_bytes + layer) + FIRST_PASS_SCRATCH, 0)
+        return ScoringMemory(samples, samples, T, FORWARD_ONLY, samples * T * (vocab_bytes + layer) + FIRST_PASS_SCRATCH, 0)
     # the logits' gradient, if kept, is the softmax's storage
     logits_grads = vocab_local if logits_captured else 0
     # the backward of one layer: its activations' gradients and its output gradients, about its own size
@@ -173,7 +176,7 @@ def estimate_scoring_memory(cfg, scoring, vocab_size: int, samples: int, gram: b
     largest = max((p.numel() for p in scoring.recorder.captured), default=0)
     tiles = min(products.DEFAULT_CHUNK_ELEMENTS, samples * largest) * 4
     peak += samples * samples * 4 + tiles + FIRST_PASS_SCRATCH
-    return ScoringMemory(samples, micro, T, "single_pass" if keeps_all else "two_pass", peak, 0)
+    return ScoringMemory(samples, micro, T, SINGLE_PASS if keeps_all else TWO_PASS, peak, 0)
 
 
 def scoring_tokens(cfg) -> int:
@@ -188,7 +191,7 @@ def first_step_bytes(cfg, module: torch.nn.Module) -> int:
     the engine is built."""
     if cfg.zero.stage != 0:
         return 0
-    per_parameter = 4 + (8 if cfg.train.optimizer == "adamw" else 0)
+    per_parameter = 4 + (8 if cfg.train.optimizer == ADAMW else 0)
     return per_parameter * sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 

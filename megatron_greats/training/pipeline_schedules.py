@@ -11,9 +11,10 @@ InferenceSchedule with the same swap (per-sample losses only). The scoring instr
 ForwardPass / BackwardPass in what the engine must not do:
   ScoreForward   runs the stage's module directly (no engine hooks) and, on the last stage, keeps
                  per-sample losses instead of the mean training loss;
-  ScoreBackward  differentiates w.r.t. activations only through the GhostRecorder (parameters are
-                 frozen): no engine.backward, so no loss scaling, no gradient hooks, no .grad written.
-                 The gradient w.r.t. the stage input is left in its .grad for DeepSpeed's SendGrad.
+  ScoreBackward  differentiates w.r.t. activations only through the GhostRecorder's capture
+                 (parameters are frozen): no engine.backward, so no loss scaling, no gradient hooks,
+                 no .grad written. The gradient w.r.t. the stage input is left in its .grad for
+                 DeepSpeed's SendGrad.
 
 run_schedule() keeps the training exchange state apart: DeepSpeed caches activation and gradient
 buffer shapes of the training micro-batches, and partitions activations over tensor-parallel ranks;
@@ -45,7 +46,7 @@ class ScoreForward(ds_schedule.BufferOpInstruction):
 
 
 class ScoreBackward(ds_schedule.BufferOpInstruction):
-    """Backward w.r.t. activations through the GhostRecorder; the stage input's gradient goes to .grad."""
+    """Backward w.r.t. activations through the capture; the stage input's gradient goes to .grad."""
 
 
 _NOT_IN_SCORING = (ds_schedule.ReduceTiedGrads, ds_schedule.ReduceGrads, ds_schedule.OptimizerStep)
@@ -91,14 +92,14 @@ class ScoringRun:
     module: torch.nn.Module
     inputs: list                                  # per micro-batch token ids (first stage)
     labels: list                                  # per micro-batch labels (last stage)
-    recorder: Optional[object] = None             # GhostRecorder; None: forward only
+    capture: Optional[object] = None              # a GhostRecorder's GhostCapture; None: forward only
     input_grad: bool = True                       # an earlier stage captures: send it the stage input's gradient
     losses: dict = field(default_factory=dict)    # micro-batch id -> per-sample losses (last stage)
     clock: PhaseClock = field(default_factory=PhaseClock)
 
     @property
     def backward(self) -> bool:
-        return self.recorder is not None
+        return self.capture is not None
 
 
 def _exec_score_load(engine, buffer_id: int, micro_batch_id: int):
@@ -113,8 +114,8 @@ def _exec_score_forward(engine, buffer_id: int, micro_batch_id: int):
     run = engine.greats_run
     inputs = ds.pipe_buffer(engine, "inputs", buffer_id)
     if run.backward and len(run.inputs) > 1:
-        # the Gram spans all micro-batches: tell the recorder where these samples sit
-        run.recorder.begin_micro_batch(micro_batch_id, run.inputs[0].shape[0])
+        # the Gram spans all micro-batches: tell the capture where these samples sit
+        run.capture.begin_micro_batch(micro_batch_id, run.inputs[0].shape[0])
     if not run.input_grad and not engine.is_first_stage():
         # nothing below is scored: the backward stops at this stage's first captured layer
         inputs = inputs.detach()
@@ -132,10 +133,10 @@ def _exec_score_backward(engine, buffer_id: int, micro_batch_id: int):
     outputs = ds.pipe_buffer(engine, "outputs", buffer_id)
     stage_input = ds.pipe_buffer(engine, "inputs", buffer_id)
     targets = [stage_input] if run.input_grad and not engine.is_first_stage() else []
-    # the received gradient is a view of a buffer DeepSpeed reuses for the next micro-batch; the recorder
+    # the received gradient is a view of a buffer DeepSpeed reuses for the next micro-batch; the capture
     # keeps output gradients (autograd may hand this very tensor to a layer's hook) until gram()
     output_grad = None if engine.is_last_stage() else ds.received_grad(engine).clone()
-    grads = run.recorder.backward_from([outputs], [output_grad], inputs=targets)
+    grads = run.capture.backward_from([outputs], [output_grad], inputs=targets)
     if not engine.is_first_stage():  # DeepSpeed's SendGrad sends the stage input's .grad: zeros where unused
         grad = grads[0] if targets else None
         stage_input.grad = grad if grad is not None else torch.zeros_like(stage_input)

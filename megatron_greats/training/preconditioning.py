@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_greats import deepspeed_internals as ds
-from megatron_greats.config import ADAM, ETA_AUTO, NO_PRECONDITIONER
+from megatron_greats.choices import ADAM, ETA_AUTO, NO_PRECONDITIONER
 from megatron_greats.ghost.preconditioning import Preconditioning
 
 
@@ -92,7 +92,7 @@ class StepScaler:
     def for_step(self, lr: float, params: list, candidates: slice) -> StepScale:
         """params: the parameters the Gram covers (in the recorder's order on every rank)."""
         if self.preconditioner == NO_PRECONDITIONER:
-            return StepScale(self._eta(lr, adam=False), None, "none")
+            return StepScale(self._eta(lr, adam=False), None, NO_PRECONDITIONER)
         t = steps_taken(self.engine)
         if t == 0:
             return StepScale(self._eta(lr, adam=False), None, "none (step 0: Adam has no second moment yet)")

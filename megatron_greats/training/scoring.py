@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_greats import deepspeed_internals
-from megatron_greats.config import WINDOW_START
+from megatron_greats.choices import WINDOW_START
 from megatron_greats.errors import ConfigError
 from megatron_greats.ghost import GhostRecorder
 from megatron_greats.ghost.recorder import matches
@@ -105,6 +105,7 @@ class ScoringPass:
         scoring forward keeps no autograd state below them and the backward stops there."""
         self.module, self.layout, self.executor, self.micro_batch = module, layout, executor, micro_batch
         self.top_layers = top_layers
+        self.capture = None      # the last scores() call's GhostCapture, until release()
         self.last_losses = None  # of the last scores() call, until release()
         below = parameters_below_top_layers(module, top_layers) if top_layers is not None else set()
         below_names = [name for name, p in module.named_parameters() if p in below]
@@ -163,7 +164,7 @@ class ScoringPass:
                               "selection.method=regular")
 
     def use_clock(self, clock: PhaseClock) -> None:
-        self.clock = self.recorder.clock = clock
+        self.clock = clock  # the captures time their products and sums over ranks on it too
 
     def losses(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per-sample losses [n] of tokens [n, seq + 1], forward only."""
@@ -174,11 +175,13 @@ class ScoringPass:
         """The candidates' losses, their Gram and their alignment with the mean validation gradient
         (with a Preconditioning of the candidates: <D g_i, D g_j> and <D g_i, g_val>)."""
         # the validation samples count only through their mean gradient: one Gram row for all of them
-        with self._scoring_mode(), self.recorder.capture(preconditioning, averaged=batch.validation):
+        with self._scoring_mode(), self.recorder.capture(preconditioning, averaged=batch.validation,
+                                                         clock=self.clock) as capture:
+            self.capture = capture  # from here on release() frees it, also where the pass fails
             losses = self.executor.score(self.module, micro_batches(batch.tokens, self.micro_batch),
-                                         recorder=self.recorder, clock=self.clock, input_grad=self.input_grad)
+                                         capture=capture, clock=self.clock, input_grad=self.input_grad)
         self.last_losses = losses  # per sample of the batch (validation samples' too)
-        gram, c, v = self.recorder.gram(), batch.candidates, batch.validation
+        gram, c, v = capture.gram(), batch.candidates, batch.validation
         return SelectorInputs(losses=losses[c], gram=gram[c, c],
                               val_alignment=gram[c, v.start] if v.stop > v.start else None)
 
@@ -189,14 +192,17 @@ class ScoringPass:
     def mean_gradient(self, rows: torch.Tensor) -> dict:
         """{param: the mean gradient of the last scores() call's samples `rows`} for every trainable
         parameter (keep_operands=True), formed from the pass's own operands: this rank's shard."""
-        weights = torch.zeros(self.recorder.num_samples, dtype=torch.float64)
+        if self.capture is None:
+            raise RuntimeError("ScoringPass: mean_gradient() before scores(), or after release()")
+        weights = torch.zeros(self.capture.num_samples, dtype=torch.float64)
         weights[rows] = 1.0 / len(rows)
-        return self.recorder.weighted_gradients(weights)
+        return self.capture.weighted_gradients(weights)
 
     def release(self) -> None:
         """Free the operands, Gram and losses of the last scoring pass."""
-        self.recorder.release()
-        self.last_losses = None
+        if self.capture is not None:
+            self.capture.release()
+        self.capture = self.last_losses = None
 
     @contextlib.contextmanager
     def _scoring_mode(self):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_greats.config import COSINE
+from megatron_greats.choices import COSINE
 from megatron_greats.parallel.state import Layout, device
 from megatron_greats.selection import SelectorInputs, select, unit_gradients
 from megatron_greats.selection.greedy import greedy_step

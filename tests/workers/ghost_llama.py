@@ -122,10 +122,10 @@ def main():
                 if isinstance(m, RMSNorm):
                     m.weight.copy_(1.0 + 0.3 * torch.randn(H, generator=norm_values, dtype=torch.float64))
         rec = GhostRecorder(model, batch_dim=1, path=path)
-        with rec.capture():
+        with rec.capture() as cap:
             losses = per_sample_losses(model, inputs, labels)
-            rec.backward(losses)
-        gram = rec.gram()
+            cap.backward(losses)
+        gram = cap.gram()
         ref, ref_losses = reference(full_weights(model, tp), inputs, labels)
         everyone = [torch.empty_like(gram) for _ in range(tp)]
         dist.all_gather(everyone, gram)

@@ -128,9 +128,9 @@ def main():
                 before, after = model(inputs, positions, causal_mask()), model(changed, positions, causal_mask())
             assert torch.equal(before[:, :-1], after[:, :-1]) and not torch.equal(before[:, -1], after[:, -1])
         rec = GhostRecorder(model, batch_dim=1)   # torch norms see [seq, batch, hidden]
-        with rec.capture():
-            rec.backward(loss_fn(model, inputs, positions, labels))
-        gram = rec.gram()
+        with rec.capture() as cap:
+            cap.backward(loss_fn(model, inputs, positions, labels))
+        gram = cap.gram()
         ref = reference(model, loss_fn, inputs, positions, labels, tp)
         everyone = [torch.empty_like(gram) for _ in range(tp)]
         dist.all_gather(everyone, gram)

@@ -37,12 +37,12 @@ def main():
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
 
     rec = GhostRecorder(model, batch_dim=1, path=path)
-    with rec.capture():
+    with rec.capture() as cap:
         if pp == 1:
-            rec.backward(per_sample_losses(model(inputs), labels))
+            cap.backward(per_sample_losses(model(inputs), labels))
         else:
-            run_stages(model, rec, inputs, labels, layout, seq=T // tp if sp else T)
-    gram = rec.gram()
+            run_stages(model, cap, inputs, labels, layout, seq=T // tp if sp else T)
+    gram = cap.gram()
     # every rank must hold the whole Gram, and every rank's parameters must be covered
     everyone = [torch.empty_like(gram) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, gram.contiguous())
@@ -56,20 +56,20 @@ def main():
         torch.save(result, out)
 
 
-def run_stages(model, rec, inputs, labels, layout, seq):
+def run_stages(model, cap, inputs, labels, layout, seq):
     nxt, prev = dist.get_rank() + layout.tensor, dist.get_rank() - layout.tensor
     if layout.is_first_stage:
         h = model(inputs)
         dist.send(h.detach().contiguous(), nxt)
         grad_h = torch.empty_like(h)
         dist.recv(grad_h, nxt)
-        rec.backward_from([h], [grad_h])
+        cap.backward_from([h], [grad_h])
     else:
         h = torch.empty(seq, inputs.shape[0], 16)  # [seq (shard), batch, hidden]
         dist.recv(h, prev)
         h.requires_grad_(True)
         losses = per_sample_losses(model(h), labels)
-        (grad_h,) = rec.backward_from([losses.sum()], [None], inputs=[h])
+        (grad_h,) = cap.backward_from([losses.sum()], [None], inputs=[h])
         dist.send(grad_h.contiguous(), prev)
 
 

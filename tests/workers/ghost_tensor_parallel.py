@@ -103,9 +103,9 @@ def main():
             continue
         layers = build(tp, bias, skip, sp, tied)
         rec = GhostRecorder(layers, path=path)
-        with rec.capture():
-            rec.backward(forward(layers, tokens, sp, tied))
-        gram = rec.gram()
+        with rec.capture() as cap:
+            cap.backward(forward(layers, tokens, sp, tied))
+        gram = cap.gram()
         ref = reference(layers, tokens, tp, bias, tied)
         everyone = [torch.empty_like(gram) for _ in range(tp)]
         dist.all_gather(everyone, gram)

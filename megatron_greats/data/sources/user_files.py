@@ -9,13 +9,14 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
+from ...choices import FORMAT_AUTO, JSON, JSONL, PARQUET, TEXT
 from ...errors import ConfigError, DataError
 from ..documents import Document
 from ..messages import one_line
 
 DEFAULT_DOMAIN = "default"
 # file_format values -> `datasets` builder names
-FORMATS = {"json": "json", "jsonl": "json", "parquet": "parquet", "text": "text"}
+FORMATS = {JSON: "json", JSONL: "json", PARQUET: "parquet", TEXT: "text"}
 EXTENSION_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet",
                      ".txt": "text", ".text": "text"}
 
@@ -43,9 +44,9 @@ def resolve_files(files: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
 
 def resolve_format(paths: list[Path], file_format: str) -> str:
     """The `datasets` builder name: given, or inferred from the (common) file extension."""
-    if file_format != "auto":
+    if file_format != FORMAT_AUTO:
         if file_format not in FORMATS:
-            raise ConfigError(f"file_format {file_format!r} is not supported; use auto or one of "
+            raise ConfigError(f"file_format {file_format!r} is not supported; use {FORMAT_AUTO} or one of "
                               f"{', '.join(FORMATS)}")
         return FORMATS[file_format]
     formats = set()
