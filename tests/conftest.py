@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_greats.bench import EXACT_SCORING
 from megatron_greats.data.splits import SPLITS
 
 warnings.filterwarnings("ignore", module="megatron")  # optional-dependency notices (apex, TE) at import
@@ -32,7 +33,7 @@ TINY_TRAIN = ["train.global_batch=8", "train.micro_batch=2", "train.steps=5", "t
               # plain GREATS unless a test asks for a variant (the config's default is a tuned one)
               "selection.preconditioner=none", "selection.eta=null", "selection.score_exclude=[]",
               # exact scoring (the default's window and top layer are cheap-scoring settings)
-              "selection.score_window=null", "selection.score_layers=null", "selection.update=single_pass"]
+              *EXACT_SCORING, "selection.update=single_pass"]
 
 
 def free_port() -> int:

@@ -33,8 +33,6 @@ from megatron_greats.bench import CHEAP_KEYS, EXACT_SCORING, default_settings, p
 # The default settings, sized to the config (bench.default_settings): for tiny-cpu (seq 128, 4 layers,
 # N=32, k=16) window64, window32, window16, window32random, top1, top2, prefilter24, window32+top1.
 DEFAULT_KINDS = ("window:2", "window:4", "window:8", "random:4", "top:1", "top:2", "prefilter", "window:4+top:1")
-# Unset in the exact run: it is the reference every setting is compared with.
-EXACT = list(EXACT_SCORING)
 METRICS = ("spearman", "jaccard", "gram_r")
 DEFAULT_STEPS = 60  # --steps, at most train.steps
 
@@ -134,7 +132,7 @@ def settings_of(config_path: str, overrides: list, texts: list, world: int) -> t
     from megatron_greats.selection.catalog import CATALOG
     from megatron_greats.errors import ConfigError
 
-    exact = load_config(config_path, [*overrides, *EXACT], world_size=world)
+    exact = load_config(config_path, [*overrides, *EXACT_SCORING], world_size=world)
     if not exact.method.needs_gram:
         gram_methods = [name for name, spec in CATALOG.items() if spec.needs_gram]
         raise ConfigError(f"bench fidelity: selection.method={exact.selection.method} forms no Gram or first-order "
@@ -152,7 +150,7 @@ def settings_of(config_path: str, overrides: list, texts: list, world: int) -> t
     settings = {}
     for name, extra in given.items():
         try:
-            settings[name] = (extra, load_config(config_path, [*overrides, *EXACT, *extra], world_size=world))
+            settings[name] = (extra, load_config(config_path, [*overrides, *EXACT_SCORING, *extra], world_size=world))
         except ConfigError as e:
             if texts:
                 raise ConfigError(f"--setting '{name}': {e}") from None
@@ -260,7 +258,7 @@ def run(config_path: str, overrides: list, texts: list, steps: int, every: int, 
     pooled = {name: [r for first, recs, _ in gathered if first for r in recs[name]] for name in cheap}
     exact_pooled = [s for first, _, seconds in gathered if first for s in seconds]
     report = {
-        "config": config_path, "overrides": list(overrides), "exact_overrides": EXACT,
+        "config": config_path, "overrides": list(overrides), "exact_overrides": list(EXACT_SCORING),
         "device": _device_name(), "world_size": layout.world_size,
         "layout": f"dp={layout.data} tp={layout.tensor} pp={layout.pipeline}",
         "method": exact_cfg.selection.method, "update": exact_cfg.update_mode(),

@@ -73,9 +73,6 @@ class PeakMemory:
         return False
 
 
-EXACT = list(EXACT_SCORING)  # the exact rows, whatever the config's default
-
-
 def variant_overrides(cfg, world_size: int, cheap: dict = None) -> dict:
     """{variant: its overrides on top of the config}; cheap: {name: [selection overrides]} of the cheap
     variants (GREATS with them, at the config's update)."""
@@ -86,9 +83,9 @@ def variant_overrides(cfg, world_size: int, cheap: dict = None) -> dict:
             "regular_N": ["selection.method=regular", f"train.global_batch={n * dp}"],
             "regular_Nm": ["selection.method=regular", "selection.candidates=null", f"train.global_batch={(n + m) * dp}",
                            f"train.micro_batch={n + m}"],
-            "greats": ["selection.method=greats", "selection.update=two_pass", *EXACT],
-            "single": ["selection.method=greats", "selection.update=single_pass", *EXACT],
-            **{name: ["selection.method=greats", *EXACT, *extra] for name, extra in (cheap or {}).items()}}
+            "greats": ["selection.method=greats", "selection.update=two_pass", *EXACT_SCORING],
+            "single": ["selection.method=greats", "selection.update=single_pass", *EXACT_SCORING],
+            **{name: ["selection.method=greats", *EXACT_SCORING, *extra] for name, extra in (cheap or {}).items()}}
 
 
 def cheap_variants(texts, cfg, world_size: int) -> tuple:
