@@ -12,6 +12,26 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_high_water() -> bool:
+    """Reset this process's peak resident set (VmHWM) to its current size; False where the kernel does
+    not allow it (not Linux, or /proc/self/clear_refs not writable)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def high_water_bytes() -> int:
+    """Peak resident set size of this process since its last reset_high_water (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def rotated(items: tuple, round_index: int) -> tuple:
     """`items` rotated left by round_index: the order of one benchmark round (each round starts one
     later, so a drift of the machine's speed falls on every variant alike)."""

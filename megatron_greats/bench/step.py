@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_greats.bench import CHEAP_KEYS, EXACT_SCORING, default_settings, parse_setting, rotated, rss_bytes
+from megatron_greats.bench import (CHEAP_KEYS, EXACT_SCORING, default_settings, high_water_bytes, parse_setting,
+                                   reset_high_water, rotated, rss_bytes)
 from megatron_greats.training.telemetry import STEP_PHASES, PhaseClock
 
 VARIANTS = ("regular_k", "regular_N", "regular_Nm", "greats", "single")
@@ -40,7 +41,9 @@ STEP_CHEAP_KEYS = CHEAP_KEYS + ("selection.update",)
 
 class PeakMemory:
     """Peak memory of this process while inside the context: the accelerator's peak allocation, or on
-    CPU the peak resident set size sampled every `interval` seconds (ru_maxrss never goes down)."""
+    CPU the peak resident set size: Linux's high-water mark (VmHWM) reset on entry where the kernel
+    allows it (/proc/self/clear_refs), and sampled every `interval` seconds besides (ru_maxrss never
+    goes down). Sampling alone misses short peaks when the machine is busy."""
 
     def __init__(self, interval: float = 0.002):
         from deepspeed.accelerator import get_accelerator
@@ -50,6 +53,7 @@ class PeakMemory:
 
     def __enter__(self):
         if self.on_cpu:
+            self._high_water = reset_high_water()
             self.peak, self._stop = rss_bytes(), threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -66,7 +70,7 @@ class PeakMemory:
         if self.on_cpu:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, rss_bytes(), high_water_bytes() if self._high_water else 0)
         else:
             self.acc.synchronize()
             self.peak = self.acc.max_memory_allocated()

@@ -19,7 +19,8 @@ pipeline stage), in the model's dtype:
   G  the output gradients it keeps (the output width of each recorded layer that captures a parameter;
      the logits' gradient is the softmax's own storage, so it is not counted again);
   V  the softmax over the vocabulary / tp, in float32 (megatron-core forms it in place in the logits);
-  Bw the backward of one layer: about its own A + (I + G) / L of gradients in flight.
+  Bw the backward of one layer: about its own A + G / L of gradients in flight (its inputs are the I
+     already counted; with one scored layer, counting them again put the estimate 1.5 x over).
 One micro-batch of all S = N + m samples: S T (L A + I + V + Bw) under two_pass (each parameter's
 operands are reduced and freed as the backward reaches it), plus S T G under single_pass (the update
 keeps them). Micro-batches of b samples: the recorder keeps I + G of every sample until the Gram, and
@@ -31,10 +32,11 @@ FIRST_PASS_SCRATCH. The losses-only methods (maxloss, rholoss) run a forward wit
 S T (V + A). What the first optimizer step allocates comes on top where the engine has not allocated
 it yet (ZeRO stage 0: the gradients and AdamW's two moments).
 
-Calibrated on CPU against the peak resident-memory increase of a process's first scoring pass: over
-16 shapes (gpt2 and llama, both update modes, with and without micro-batches and with the embeddings
-left out of the score, 9 to 716 MiB) the measured peak was 0.75-1.22 x the estimate.
-tests/test_memory.py holds three of them to ESTIMATE_FACTOR. On an accelerator the same tensors are
+Calibrated on CPU against the peak resident-memory increase of a process's first scoring pass
+(Linux's high-water mark, reset before the pass): over 13 shapes (gpt2 and llama, both update modes,
+with and without micro-batches, the embeddings left out of the score, one or two top layers over a
+window, the prefilter; 53 to 212 MiB) the measured peak was 0.74-1.20 x the estimate.
+tests/test_memory.py holds four of them to ESTIMATE_FACTOR. On an accelerator the same tensors are
 counted in its memory (not measured there).
 """
 
@@ -160,7 +162,7 @@ def estimate_scoring_memory(cfg, scoring, vocab_size: int, samples: int, gram: b
     # the logits' gradient, if kept, is the softmax's storage
     logits_grads = vocab_local if logits_captured else 0
     # the backward of one layer: its activations' gradients and its output gradients, about its own size
-    backward = layer + (inputs + grads - logits_grads) * act // max(layers, 1)
+    backward = layer + (grads - logits_grads) * act // max(layers, 1)
     micro = sel.score_micro_batch or samples
     keeps_all = scoring.recorder.keep_operands
     if micro >= samples:

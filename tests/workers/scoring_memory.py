@@ -7,8 +7,8 @@ SHAPE_JSON: {"vocab": int, "overrides": [dotted.key=value, ...]}; the shape's mo
 (the config's scored candidates (N, or the prefilter's M) + selection.val_batch samples of its score
 window, its update mode and scored layers), then one
 ScoredBatch goes through ScoringPass.scores. The increase is the peak resident set during the
-pass (sampled every millisecond by bench/step.py's PeakMemory, and the high-water mark ru_maxrss
-where the pass raised it) less the resident set before it; the heap the model's construction freed is
+pass (bench/step.py's PeakMemory: Linux's high-water mark, reset on entry, and samples every
+millisecond) less the resident set before it; the heap the model's construction freed is
 returned to the system first (malloc_trim), so that the pass cannot reuse it unseen. Writes
 {"measured": bytes, "estimate": bytes} to OUT (JSON).
 """
@@ -17,7 +17,6 @@ import ctypes
 import ctypes.util
 import gc
 import json
-import resource
 import sys
 import warnings
 from pathlib import Path
@@ -59,12 +58,11 @@ def measure(shape: dict, layout) -> dict:
     batch = ScoredBatch.of(tokens[:n], tokens[n:])
     estimate = estimate_scoring_memory(cfg, scoring, vocab, n + m, gram=True)
     trim()
-    before, high_before = rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = rss_bytes()
     with PeakMemory(interval=0.001) as peak:
         scoring.scores(batch)
-    high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     scoring.release()
-    measured = max(peak.peak, high if high > high_before else 0) - before
+    measured = peak.peak - before
     return {"measured": measured, "estimate": estimate.scoring_pass}
 
 
