@@ -362,7 +362,23 @@ def plot(out: Path, runs: dict, summary: dict) -> list:
 
 
 # ---- command line ---------------------------------------------------------------------------------------
-def main(argv=None) -> int:
+def recorded_command(args, parser) -> str:
+    """The command line that redoes a comparison (provenance.json, summary.md): every option that differs
+    from its default, in a form the parser reads back to the same arguments."""
+    default = parser.get_default
+    return ("bash launch/compare.sh " + " ".join(
+        ([f"--config {args.config}"] if args.config != default("config") else [])
+        + ([f"--out {args.out}"] if args.out else []) + (["--quick"] if args.quick else [])
+        + ([f"--seeds {args.seeds}"] if args.seeds is not None else [])
+        + ([f"--first-seed {args.first_seed}"] if args.first_seed != default("first_seed") else [])
+        + ([f"--methods {args.methods}"] if args.methods != default("methods") else [])
+        + [f"--arm {shlex.quote(a)}" for a in args.arm]
+        + ([f"--init-checkpoint {args.init_checkpoint}"] if args.init_checkpoint else [])
+        + ([f"--reference-checkpoint {args.reference_checkpoint}"] if args.reference_checkpoint else [])
+        + (["--", *args.overrides] if args.overrides else []))).strip()
+
+
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m megatron_greats.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="output folder (default runs/compare-<time>)")
@@ -379,6 +395,11 @@ def main(argv=None) -> int:
     parser.add_argument("--reference-checkpoint", default=None,
                         help="a step_N checkpoint folder of the same model: adds rholoss")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run (after --)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = argument_parser()
     args = parser.parse_args(argv)
 
     from megatron_greats.config import load_config
@@ -430,19 +451,11 @@ def main(argv=None) -> int:
     train_all(out, config, arms, seeds, overrides, steps)
     kept = collect_raw(out, list(arms), seeds)
     summary, runs = summarize(out, list(arms), seeds)
-    command = "bash launch/compare.sh " + " ".join(
-        ([f"--out {args.out}"] if args.out else []) + (["--quick"] if args.quick else [])
-        + ([f"--seeds {args.seeds}"] if args.seeds is not None else [])
-        + ([f"--first-seed {args.first_seed}"] if args.first_seed != parser.get_default("first_seed") else [])
-        + ([f"--methods {args.methods}"] if args.methods != ",".join(DEFAULT_METHODS) else [])
-        + [f"--arm {shlex.quote(a)}" for a in args.arm]
-        + ([f"--init-checkpoint {args.init_checkpoint}"] if args.init_checkpoint else [])
-        + ([f"--reference-checkpoint {args.reference_checkpoint}"] if args.reference_checkpoint else [])
-        + (["--", *args.overrides] if args.overrides else []))
-    text = markdown(summary, command.strip())
+    command = recorded_command(args, parser)
+    text = markdown(summary, command)
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "provenance.json").write_text(json.dumps({**provenance(command.strip()), "selection_kept": kept},
+    (out / "provenance.json").write_text(json.dumps({**provenance(command), "selection_kept": kept},
                                                     indent=2) + "\n")
     plot(out, runs, summary)
     print(text)

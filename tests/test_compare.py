@@ -227,3 +227,21 @@ def test_side_by_side_puts_each_run_in_its_own_column(tmp_path):
     assert metrics("greats")[3]["test/loss"] > regular_final >= metrics("greats")[4]["test/loss"]
     assert cells("wall time to reach Regular's final (s)") == ["4.0", "3.2"]  # 3.25 rounds to even
 
+
+
+def test_the_recorded_command_reads_back_to_the_same_arguments():
+    """provenance.json's command redoes the comparison: parsed again it gives the arguments it was recorded
+    from, a non-default --config included (three crawl-like studies once recorded theirs without it)."""
+    import shlex
+
+    from megatron_greats.compare import argument_parser, recorded_command
+
+    parser = argument_parser()
+    for argv in ([], ["--config", "configs/tiny-cpu-crawl.yaml", "--out", "runs/x", "--seeds", "5", "--first-seed",
+                      "1241", "--methods", "regular", "--arm", "w16: selection.method=greats selection.score_window=16",
+                      "--arm", "e: selection.score_exclude=['*word*']", "--init-checkpoint", "runs/b/checkpoints/step_3",
+                      "--reference-checkpoint", "runs/r/step_2", "--quick", "--", "train.steps=300"]):
+        args = parser.parse_args(argv)
+        command = shlex.split(recorded_command(args, parser))
+        assert command[:2] == ["bash", "launch/compare.sh"]
+        assert vars(parser.parse_args(command[2:])) == vars(args), command
