@@ -176,6 +176,59 @@ def scaled_uses(uses: list, samples: slice, r: torch.Tensor, c: torch.Tensor, dt
     return out
 
 
+# ---- a stored vector (the target of selection.target_ema), from the operands ---------------------------
+def _within(u: Use, samples: slice) -> tuple:
+    """(lo, hi): the positions in u of the samples in `samples` (hi <= lo: none)."""
+    return max(u.samples.start, samples.start) - u.samples.start, min(u.samples.stop, samples.stop) - u.samples.start
+
+
+def aligned_with(uses: list, samples: slice, vector: torch.Tensor, dtype,
+                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """<G_i, vector> [len(samples)] for the samples in `samples`, summed over the dense and sparse uses,
+    without forming G_i: a dense use gives sum_t b_t^T V a_t = rowsum((B_i V) * A_i) (one GEMM over its
+    tokens, as a weight gradient costs), a sparse use sum_t b_t . V[id_t]. vector V: [rows, cols]."""
+    out = torch.zeros(samples.stop - samples.start, dtype=dtype, device=vector.device)
+    v = _as(vector, dtype)
+    for u in uses:
+        lo, hi = _within(u, samples)
+        step = max(1, chunk_elements // max(1, u.tokens * u.cols))  # [c T, cols] temporaries
+        for i0 in range(lo, hi, step):
+            i1 = min(hi, i0 + step)
+            b = _as(u.grads[i0:i1], dtype)
+            if u.kind == Kind.DENSE:
+                terms = (b.reshape(-1, u.rows) @ v) * _as(u.inputs[i0:i1], dtype).reshape(-1, u.cols)
+            elif u.kind == Kind.SPARSE:
+                ids = u.inputs[i0:i1].reshape(-1)  # -1: a row on another rank, or the padding row
+                terms = v[ids.clamp(min=0)] * b.reshape(-1, u.cols) * (ids >= 0).to(dtype).unsqueeze(-1)
+            else:
+                raise ValueError(f"aligned_with: a {u.kind.value} use; allowed: dense or sparse (the others are "
+                                 "per-sample vectors, formed on the materialised path)")
+            first = u.samples.start + i0 - samples.start
+            out[first:first + i1 - i0] += terms.reshape(i1 - i0, -1).sum(dim=1)
+    return out
+
+
+def samples_gradient(uses: list, samples: slice, dtype) -> torch.Tensor:
+    """sum_i G_i [rows, cols] over the samples in `samples`, from the dense and sparse uses: one GEMM per
+    dense use over all those samples' tokens, B^T A; a sparse use adds its tokens' b_t at their rows."""
+    rows, cols = uses[0].rows, uses[0].cols
+    grad = torch.zeros(rows, cols, dtype=dtype, device=uses[0].inputs.device)
+    for u in uses:
+        lo, hi = _within(u, samples)
+        if hi <= lo:
+            continue
+        b = _as(u.grads[lo:hi], dtype)
+        if u.kind == Kind.DENSE:
+            grad.addmm_(b.reshape(-1, rows).T, _as(u.inputs[lo:hi], dtype).reshape(-1, cols))
+        elif u.kind == Kind.SPARSE:
+            ids = u.inputs[lo:hi].reshape(-1)
+            inside = ids >= 0
+            grad.index_add_(0, ids[inside], b.reshape(-1, cols)[inside])
+        else:
+            raise ValueError(f"samples_gradient: a {u.kind.value} use; allowed: dense or sparse")
+    return grad
+
+
 # ---- materialised path -----------------------------------------------------------------------------
 class _SparseTokens:
     """A sparse use's tokens on this rank (row id >= 0) with their samples and output gradients. With

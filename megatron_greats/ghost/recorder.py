@@ -140,7 +140,8 @@ class GhostRecorder:
                 if p in self.captured and p in self.trainable and p not in covered]
 
     # ---- capture ----------------------------------------------------------------------------------
-    def capture(self, preconditioning=None, averaged: Optional[slice] = None, clock=None) -> "GhostCapture":
+    def capture(self, preconditioning=None, averaged: Optional[slice] = None, clock=None,
+                target: Optional[dict] = None) -> "GhostCapture":
         """A new step's capture (use it as a context manager: it records inside the with-block). The
         previous capture of this recorder is released first, so that no two steps' operands are held.
         preconditioning: optional Preconditioning (ghost/preconditioning.py): the Gram rows of its samples
@@ -149,10 +150,14 @@ class GhostRecorder:
         row, their mean gradient: gram() is then [a + 1, a + 1] with a = averaged.start, which saves
         the products between them. An update may not weigh them (weighted_gradients).
         clock: optional, an object with .phase(name) (training/telemetry.py's PhaseClock) that times the
-        capture's products and sums over ranks."""
+        capture's products and sums over ranks.
+        target: optional {param: V} of stored vectors (param-shaped, this rank's shard; may be empty), with
+        `averaged`: after gram(), target_alignment() holds each individual sample's <g_i, V> summed over
+        the scored parameters (D g_i with a preconditioning, as in the Gram's rows), and
+        averaged_gradients() the averaged samples' mean gradient per parameter (selection.target_ema)."""
         if self._last is not None:
             self._last.release()
-        self._last = GhostCapture(self, preconditioning, averaged, clock)
+        self._last = GhostCapture(self, preconditioning, averaged, clock, target)
         return self._last
 
 
@@ -167,15 +172,19 @@ class GhostCapture:
         cap.release()                     # reading the capture after it is an error
     """
 
-    def __init__(self, recorder: GhostRecorder, preconditioning=None, averaged: Optional[slice] = None, clock=None):
+    def __init__(self, recorder: GhostRecorder, preconditioning=None, averaged: Optional[slice] = None, clock=None,
+                 target: Optional[dict] = None):
         self._recorder = rec = recorder
         # the same on every rank: the all-reduce needs it
         self._dtype = products.compute_dtype(rec._parameters[0].dtype)
         self._averaged = averaged if averaged is not None and averaged.stop > averaged.start else None
+        if target is not None and self._averaged is None:
+            raise ValueError("GhostCapture: a target needs averaged samples (e.g. the validation samples); allowed: "
+                             "capture(averaged=slice(a, total), target=...)")
         self._store = CaptureStore(rec.modules, rec.captured, rec.batch_dim, self._on_complete)
         self._reduction = GramReduction(rec._order, rec.path, rec.chunk_elements, rec.tensor_group,
                                         rec.model_parallel_group, self._dtype, clock=clock,
-                                        preconditioning=preconditioning, averaged=self._averaged)
+                                        preconditioning=preconditioning, averaged=self._averaged, target=target)
         self._streaming, self._reduced, self._gram = True, set(), None
         self._recording = None  # the with-block's recording, once entered
 
@@ -290,6 +299,28 @@ class GhostCapture:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
             total = int(t)
         return total
+
+    def target_alignment(self) -> torch.Tensor:
+        """[a] (a = averaged.start): each individual sample's <g_i, V> over the scored parameters, with the
+        capture's target V (D g_i where its Gram rows are preconditioned), summed over the model-parallel
+        group like the Gram; formed with it."""
+        self._needs_target("target_alignment()")
+        self.gram()
+        return self._reduction.target_alignment
+
+    def averaged_gradients(self) -> dict:
+        """{param: the averaged samples' mean gradient, param-shaped} for the scored parameters this rank
+        counts in the Gram (its tensor-parallel shard; a parameter replicated over tensor-parallel ranks
+        on tensor rank 0 only; a weight tied across pipeline stages on the stage that forms its Gram).
+        Formed with the Gram; new tensors, which outlive release()."""
+        self._needs_target("averaged_gradients()")
+        self.gram()
+        return {p: mean.view(p.shape) for p, mean in self._reduction.means.items()}
+
+    def _needs_target(self, what: str) -> None:
+        if self._held(what) is not None and self._reduction.target is None:
+            raise RuntimeError(f"GhostCapture: {what} needs a capture with a target; allowed: "
+                               "rec.capture(averaged=..., target={...})")
 
     def weighted_gradients(self, weights: torch.Tensor) -> dict:
         """{param: sum_i weights[i] * per-sample gradient_i} for every captured parameter

@@ -193,14 +193,24 @@ class GramSum:
 
 class GramReduction:
     def __init__(self, order: dict, path: Path, chunk_elements: int, tensor_group, model_parallel_group, dtype,
-                 clock=None, preconditioning=None, averaged: Optional[slice] = None):
+                 clock=None, preconditioning=None, averaged: Optional[slice] = None, target: Optional[dict] = None):
         """order: param -> position (the same on every rank: collectives inside must line up).
         preconditioning: optional Preconditioning (preconditioning.py) of some Gram rows.
-        averaged: optional slice of the last samples, merged into one Gram row (their mean)."""
+        averaged: optional slice of the last samples, merged into one Gram row (their mean).
+        target: optional {param: a stored vector V, param-shaped (this rank's shard)}, with `averaged`:
+        then each individual sample's <g_i, V> summed over the parameters (D g_i where preconditioned,
+        with the D its Gram rows get) is formed beside the Gram (target_alignment), and the averaged
+        samples' mean gradient of each parameter (means); a parameter without a V adds nothing to the
+        alignment. Both where this rank counts the parameter's Gram (see add_param_gram)."""
         self.order, self.path, self.chunk_elements, self.dtype = order, Path(path), chunk_elements, dtype
         self.tensor_group, self.model_parallel_group, self.clock = tensor_group, model_parallel_group, clock
         self.tensor_rank = dist.get_rank(tensor_group) if tensor_group is not None else 0
         self.preconditioning, self.averaged = preconditioning, averaged
+        if target is not None and averaged is None:
+            raise ValueError("GramReduction: a target needs averaged samples (their mean gradient is formed)")
+        self.target = target
+        self.target_alignment = None  # [averaged.start]: sum over parameters of <g_i, V>, summed over ranks in finish()
+        self.means = {}  # param -> the averaged samples' mean gradient [rows, cols] (with a target)
         self.streamed = None  # the Gram part of the parameters reduced during backward
         self._kept = {}  # param -> per-sample gradients kept for an update: [products.Tile]
 
@@ -249,6 +259,8 @@ class GramReduction:
             flat = products.aligned_rows_flat(uses[0], self.dtype)
             if gram.size < total:  # the averaged samples' mean (a copy: the update may read the operands)
                 flat = torch.cat([flat[:gram.size - 1], flat[gram.size - 1:].mean(dim=0, keepdim=True)])
+            if self.target is not None:
+                self._target_of_aligned_rows(param, uses[0], flat)
             gram.add_rows(flat)
             return
         rows, cols = uses[0].rows, uses[0].cols
@@ -256,6 +268,8 @@ class GramReduction:
             if pre is not None:  # exact for the rank-1 fit r c^T of D
                 r, c, _ = pre.factor(param, rows, cols)
                 uses = products.scaled_uses(uses, pre.samples, r, c, self.dtype)
+            if self.target is not None:  # the scaled uses: <(r c^T) * g_i, V>, as the Gram rows
+                self._target_of_operands(param, uses)
             gram.add(products.averaged_gram(products.ghost_gram(uses, total, self.dtype, self.chunk_elements),
                                             self.averaged))
             return
@@ -288,7 +302,55 @@ class GramReduction:
                 flat = flat.clone()
             rows_of = flat[pre.samples].view(-1, *block.shape[1:])
             rows_of *= pre.block(param, tile.rows, tile.cols, cols, rows_of.mean(dim=0))
+        if self.target is not None:
+            self._target_of_tile(param, tile, flat, cols)
         (gram.defer_rows if defer else gram.add_rows)(flat)
+
+    # ---- the stored target (selection.target_ema) ---------------------------------------------------------
+    def _vector(self, param, rows: int, cols: int) -> Optional[torch.Tensor]:
+        vector = self.target.get(param)
+        return None if vector is None else vector.reshape(rows, cols)
+
+    def _align(self, terms: torch.Tensor) -> None:
+        if self.target_alignment is None:
+            self.target_alignment = torch.zeros(self.averaged.start, dtype=self.dtype, device=terms.device)
+        self.target_alignment += terms
+
+    def _mean_of(self, param, rows: int, cols: int, device) -> torch.Tensor:
+        if param not in self.means:
+            self.means[param] = torch.zeros(rows, cols, dtype=self.dtype, device=device)
+        return self.means[param]
+
+    def _target_of_tile(self, param, tile: products.Tile, flat: torch.Tensor, cols: int) -> None:
+        """A tile's rows (individual samples, preconditioned where the Gram's are, then the averaged
+        samples' mean): their products with V's tile, and the mean into the parameter's mean gradient
+        (a copy: the tile's buffer is reused)."""
+        a, rows = self.averaged.start, param.numel() // cols
+        vector = self._vector(param, rows, cols)
+        if vector is not None:
+            self._align(flat[:a] @ vector[tile.rows, tile.cols].reshape(-1).to(self.dtype))
+        mean = self._mean_of(param, rows, cols, flat.device)
+        mean[tile.rows, tile.cols] = flat[a].view(tile.block.shape[1:])
+
+    def _target_of_aligned_rows(self, param, use: products.Use, flat: torch.Tensor) -> None:
+        """Aligned rows (products.rows_aligned): each sample's gradient is its output gradients placed at
+        the rows the samples share, in token order."""
+        a, valid = self.averaged.start, use.inputs[0] >= 0
+        ids = use.inputs[0][valid]
+        vector = self._vector(param, use.rows, use.cols)
+        if vector is not None:
+            self._align(flat[:a] @ vector[ids].reshape(-1).to(self.dtype))
+        self._mean_of(param, use.rows, use.cols, flat.device)[ids] = flat[a].view(-1, use.cols)
+
+    def _target_of_operands(self, param, uses: list) -> None:
+        """The ghost path: products with V and the mean gradient from the operands (products.aligned_with,
+        products.samples_gradient), no per-sample gradient formed."""
+        averaged, rows, cols = self.averaged, uses[0].rows, uses[0].cols
+        vector = self._vector(param, rows, cols)
+        if vector is not None:
+            self._align(products.aligned_with(uses, slice(0, averaged.start), vector, self.dtype,
+                                              self.chunk_elements))
+        self.means[param] = products.samples_gradient(uses, averaged, self.dtype) / (averaged.stop - averaged.start)
 
     def finish(self, uses_of: dict, reductions: dict, total: int, device, keep=frozenset()) -> torch.Tensor:
         """The full Gram: streamed parts + the parameters in uses_of, summed over the model-parallel group;
@@ -298,7 +360,14 @@ class GramReduction:
             with self.phase(GHOST_PRODUCTS):
                 self.add_param_gram(gram, param, uses_of[param], reductions[param], total, param in keep)
         gram = gram.matrix()
+        summed = gram
+        if self.target is not None:  # summed over ranks with the Gram, in one all-reduce
+            if self.target_alignment is None:  # nothing counted here (e.g. a stage without scored layers)
+                self.target_alignment = gram.new_zeros(self.averaged.start)
+            summed = torch.cat([gram.reshape(-1), self.target_alignment])
         if self.model_parallel_group is not None and dist.get_world_size(self.model_parallel_group) > 1:
             with self.phase(ALLREDUCE):
-                dist.all_reduce(gram, group=self.model_parallel_group)
+                dist.all_reduce(summed, group=self.model_parallel_group)
+        if self.target is not None:
+            gram, self.target_alignment = summed[:gram.numel()].view(gram.shape), summed[gram.numel():]
         return gram
