@@ -145,6 +145,13 @@ SCHEMA: dict = {
         "alignment": Key(STR, DOT, _one_of(*ALIGNMENTS),
                          help="greats, first_order: cosine scores each candidate's unit gradient g_i / |g_i| "
                               "(no bias toward large gradients); dot: g_i itself"),
+        "target_ema": Key(FLOAT, 0.0, lambda v: None if 0.0 <= v < 1.0 else "allowed: [0, 1)",
+                          help="greats, first_order: align with an exponential moving average of the steps' mean "
+                               "validation gradients, G_t = beta G_(t-1) + (1 - beta) g_val (bias-corrected: "
+                               "G_t / (1 - beta^t), so the first step is unchanged), with beta this value, instead of "
+                               "this step's g_val alone (0, the default); the average smooths the noise of a step's "
+                               "m validation samples. Costs one copy of the scored parameters (kept, and saved with "
+                               "each checkpoint) and about one GEMM per scored layer per step"),
         "temperature": Key(FLOAT, 0.0, lambda v: None if v >= 0 else "allowed: >= 0",
                            help="greats: 0 picks the largest gain; > 0 samples each pick with probability "
                                 "proportional to exp(gain / (temperature x the gains' standard deviation))"),
@@ -503,6 +510,10 @@ class Config:
         if sel.preconditioner == ADAM and t.optimizer != ADAMW and self.method.needs_gram:
             raise ConfigError(f"selection.preconditioner=adam with train.optimizer={t.optimizer}: it reads AdamW's "
                               "second moment; allowed: train.optimizer=adamw, or selection.preconditioner=none")
+        if sel.target_ema > 0 and self.method.reads("target_ema") and self.zero.stage == 3:
+            raise ConfigError(f"selection.target_ema={sel.target_ema} with zero.stage=3: ZeRO-3 partitions the "
+                              "parameters whose shards the target is kept for; allowed with a target EMA: zero.stage "
+                              "0, 1 or 2, or selection.target_ema=0")
         if not all(isinstance(x, str) for x in sel.score_exclude):
             raise ConfigError(f"selection.score_exclude={sel.score_exclude!r}; allowed: a list of name patterns")
         if world_size is None:

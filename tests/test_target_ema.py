@@ -21,6 +21,7 @@ import torch
 from megatron_greats.ghost import GhostRecorder
 from megatron_greats.ghost.preconditioning import Preconditioning
 from test_ghost import capture_of, relative_error, token_losses, transformer_batch
+from test_ghost_parallel import torchrun
 from test_preconditioning import per_sample_gradients, random_diagonals
 
 A, TOTAL = 4, 7  # candidates 0..3, validation samples 4..6
@@ -121,3 +122,71 @@ def test_a_target_needs_averaged_samples():
     cap = capture_of(rec, model, token_losses, inputs, labels, 1, averaged=slice(A, TOTAL))
     with pytest.raises(RuntimeError, match="needs a capture with a target"):
         cap.target_alignment()
+
+
+# ---- tensor parallel: megatron-core's layers ---------------------------------------------------------------
+def test_tensor_parallel_layers_against_torch_func():
+    """TP=2 (tests/workers/target_tensor_parallel.py), 16 variants: every rank holds the same alignment,
+    relative 1e-9 to torch.func's over the full V; each rank's mean gradient is its shard of torch.func's
+    (1e-9), for every parameter but the replicated row-parallel bias, which tensor rank 0 alone counts."""
+    lines = [line.split() for line in torchrun(2, "target_tensor_parallel.py").splitlines()
+             if line.startswith("RESULT")]
+    assert len(lines) == 16  # biases or not x sequence parallel or not x tied or not x 2 paths
+    for _, name, error, mean_error, spread, counts, params in lines:
+        assert float(error) < 1e-9, name
+        assert float(mean_error) < 1e-9, name
+        assert float(spread) == 0.0, f"{name}: ranks disagree"
+        replicated = int("bias1" in name)
+        assert [int(c) for c in counts.split(",")] == [int(params), int(params) - replicated], name
+
+
+# ---- the scoring pass over steps, at layouts -------------------------------------------------------------
+LAYOUTS = {"1p": (1, 1, 0), "tp2-sp": (2, 1, 1), "pp2": (1, 2, 0)}
+
+
+@pytest.fixture(scope="module")
+def ema_runs(tmp_path_factory):
+    runs = {}
+
+    def run(layout: str) -> dict:
+        if layout not in runs:
+            tp, pp, sp = LAYOUTS[layout]
+            out = tmp_path_factory.mktemp(f"ema-{layout}") / "ema.pt"
+            torchrun(tp * pp, "target_ema.py", out, tp, pp, sp)
+            runs[layout] = torch.load(out, weights_only=True)
+        return runs[layout]
+    return run
+
+
+def ema_by_hand(flats: list, n: int, beta: float) -> list:
+    """Per step, the candidates' alignment with the bias-corrected EMA of the steps' mean validation
+    gradients: G_t = beta G_(t-1) + (1 - beta) g_val,t, <g_i, G_t / (1 - beta^t)>."""
+    g, out = torch.zeros_like(flats[0][0]), []
+    for t, flat in enumerate(flats, start=1):
+        g = beta * g + (1 - beta) * flat[n:].mean(dim=0)
+        out.append(flat[:n] @ (g / (1 - beta ** t)))
+    return out
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_ema_over_three_steps_matches_one_by_hand(ema_runs, layout):
+    """tests/workers/target_ema.py: 3 steps of the scoring pass with selection.target_ema=0.6 (tied, every
+    layer; untied, top 2 layers, two micro-batches): every rank's alignment equals the EMA formed by hand
+    from torch.func's per-sample gradients of each step (relative 1e-9), and the Gram the plain one of
+    torch.func; the first step's Gram and alignment are the same tensors as without a target; later steps
+    differ from the plain alignment (the EMA matters)."""
+    run, reference = ema_runs(layout), ema_runs("1p")["reference"]
+    for name in run["cases"]:
+        flats = reference[name]
+        expected = ema_by_hand(flats, run["n"], run["beta"])
+        plain = [flat[:run["n"]] @ flat[run["n"]:].mean(dim=0) for flat in flats]
+        for rank, steps in enumerate(run["results"][name]):
+            assert [s["updates"] for s in steps] == [0, 1, 2], (name, rank)
+            assert torch.equal(steps[0]["gram"], steps[0]["plain_gram"].double()), (name, rank)
+            assert torch.equal(steps[0]["alignment"], steps[0]["plain_alignment"].double()), (name, rank)
+            for t, (mine, want, flat) in enumerate(zip(steps, expected, flats)):
+                assert relative_error(mine["alignment"], want) < 1e-9, (name, rank, t)
+                gram = flat[:run["n"]] @ flat[:run["n"]].T
+                assert relative_error(mine["gram"], gram) < 1e-9, (name, rank, t)
+            for t in (1, 2):
+                assert relative_error(expected[t], plain[t]) > 1e-2, (name, t)

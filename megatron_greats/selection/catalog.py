@@ -24,6 +24,7 @@ UPDATE_MODES = (TWO_PASS, SINGLE_PASS)
 GRADIENT_KEYS = ("preconditioner", "score_exclude", "score_layers")
 WINDOW_KEYS = ("score_window", "score_window_at")
 GREEDY_KEYS = ("eta", "temperature", "self_term", "batch_mean")
+ALIGNMENT_KEYS = ("alignment", "target_ema")  # read by the methods that rank by the validation alignment
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,11 @@ class MethodSpec:
 
 
 CATALOG = {spec.name: spec for spec in (
-    MethodSpec("greats", (GRAM, VAL_ALIGNMENT), GRADIENT_KEYS + WINDOW_KEYS + GREEDY_KEYS + ("alignment", "prefilter"),
+    MethodSpec("greats", (GRAM, VAL_ALIGNMENT),
+               GRADIENT_KEYS + WINDOW_KEYS + GREEDY_KEYS + ALIGNMENT_KEYS + ("prefilter",),
                reported=VAL_ALIGNMENT, interaction=True, summary="the greedy of GREATS: alignment with the validation gradient "
                                                "less the interaction with the picks so far"),
-    MethodSpec("first_order", (VAL_ALIGNMENT,), GRADIENT_KEYS + WINDOW_KEYS + ("alignment", "prefilter"),
+    MethodSpec("first_order", (VAL_ALIGNMENT,), GRADIENT_KEYS + WINDOW_KEYS + ALIGNMENT_KEYS + ("prefilter",),
                reported=VAL_ALIGNMENT, summary="the k largest alignments with the validation gradient"),
     MethodSpec("gradnorm", (GRAM,), GRADIENT_KEYS + WINDOW_KEYS + ("prefilter",), reported=GRAD_NORM,
                summary="the k largest gradient norms"),
@@ -77,7 +79,7 @@ CATALOG = {spec.name: spec for spec in (
 
 # Keys noted when set for a method that does not read them (the others apply to every method), in
 # the order the notes are printed.
-NOTED_KEYS = ("eta", "preconditioner", "alignment", "temperature", "self_term", "batch_mean", "score_exclude",
+NOTED_KEYS = ("eta", "preconditioner", "alignment", "target_ema", "temperature", "self_term", "batch_mean", "score_exclude",
               "score_window", "score_window_at", "score_layers", "prefilter")
 assert set(NOTED_KEYS) == {key for spec in CATALOG.values() for key in spec.keys}, "a method reads an unlisted key"
 

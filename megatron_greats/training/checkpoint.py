@@ -22,7 +22,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -111,12 +111,16 @@ def shape_of(cfg) -> dict:
 _SHAPE_KEYS = ("arch", "num_layers", "hidden_size", "num_heads", "seq_len", "tie_embeddings", "vocab_pad_multiple")
 
 
-def save(engine, folder, step: int, seed: int, shape: dict) -> str:
-    """Every rank calls this; returns the tag. 'latest' moves only once every rank's files are written."""
+def save(engine, folder, step: int, seed: int, shape: dict, write_more: Optional[Callable[[Path], None]] = None) -> str:
+    """Every rank calls this; returns the tag. 'latest' moves only once every rank's files are written.
+    write_more(step folder): what else a rank writes there (the step strategy's state, e.g. the
+    selection.target_ema target), before 'latest' moves."""
     folder = Path(folder)
     tag = tag_of(step)
     engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step, "seed": seed}, save_latest=False)
     torch.save(_rank_state(engine), folder / tag / f"rank_state_{dist.get_rank()}.pt")
+    if write_more is not None:
+        write_more(folder / tag)
     if dist.get_rank() == 0:
         saved = {**shape, WORLD_SIZE: dist.get_world_size()}
         (folder / tag / "shape.json").write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
@@ -156,8 +160,10 @@ def check_shape(folder, tag: str, shape: dict) -> dict:
     return saved
 
 
-def load(engine, folder, seed: int, shape: dict) -> Optional[int]:
-    """Resume from the checkpoint 'latest' names; returns its step, or None when there is none."""
+def load(engine, folder, seed: int, shape: dict, read_more: Optional[Callable[[Path], None]] = None) -> Optional[int]:
+    """Resume from the checkpoint 'latest' names; returns its step, or None when there is none.
+    read_more(step folder): reads back what save's write_more wrote (before the engine loads anything, so
+    that a refusal there leaves the engine as it was)."""
     folder = Path(folder)
     tag = read_latest(folder)
     if tag is None:
@@ -172,6 +178,8 @@ def load(engine, folder, seed: int, shape: dict) -> Optional[int]:
                           "resuming would continue on another sample stream; allowed: the same data settings "
                           "(source, files, fractions, split seed, tokenizer), or another run_dir")
     state_file = check_rank_states(folder / tag, dist.get_rank(), dist.get_world_size(), saved_shape.get(WORLD_SIZE))
+    if read_more is not None:
+        read_more(folder / tag)
     try:
         path, client_state = engine.load_checkpoint(str(folder), tag=tag)
     except RuntimeError as e:  # e.g. size mismatch in a checkpoint written before shape.json existed

@@ -30,7 +30,8 @@ per-sample gradient blocks it keeps where they take no more memory than the oper
 floats), the ghost products' working tile (at most products.DEFAULT_CHUNK_ELEMENTS floats) and a fixed
 FIRST_PASS_SCRATCH. The losses-only methods (maxloss, rholoss) run a forward without gradients:
 S T (V + A). What the first optimizer step allocates comes on top where the engine has not allocated
-it yet (ZeRO stage 0: the gradients and AdamW's two moments).
+it yet (ZeRO stage 0: the gradients and AdamW's two moments), and with selection.target_ema its
+target: two copies of the scored parameters (G and a step's g_val).
 
 Calibrated on CPU against the peak resident-memory increase of a process's first scoring pass
 (Linux's high-water mark, reset before the pass): over 13 shapes (gpt2 and llama, both update modes,
@@ -68,10 +69,11 @@ class ScoringMemory:
     update: str         # what the update keeps: SINGLE_PASS or TWO_PASS (or FORWARD_ONLY for losses only)
     scoring_pass: int   # bytes: the pass's peak over what is resident before it
     first_step: int     # bytes the first optimizer step allocates that the engine has not yet
+    target: int = 0     # bytes of selection.target_ema's G and one step's g_val (training/target.py)
 
     @property
     def total(self) -> int:
-        return self.scoring_pass + self.first_step
+        return self.scoring_pass + self.first_step + self.target
 
     def describe(self) -> str:
         """e.g. '530 MiB per process: the scoring pass 520 MiB (N + m = 40 samples of 128 tokens at once,
@@ -82,6 +84,8 @@ class ScoringMemory:
             parts = f"in micro-batches of {self.micro_batch}" if self.micro_batch < self.samples else "at once"
             what = f"N + m = {self.samples} samples of {self.tokens} tokens {parts}, selection.update={self.update}"
         step = f", the first optimizer step {size(self.first_step)}" if self.first_step else ""
+        if self.target:
+            step += f", the target EMA {size(self.target)}"
         return f"{size(self.total)} per process: the scoring pass {size(self.scoring_pass)} ({what}){step}"
 
 
@@ -206,7 +210,18 @@ def estimate_for_step(cfg, strategy, vocab_size: int, world_size: int) -> Option
     # the prefilter's forward over all N holds less than the M + m samples' pass with a backward
     samples = cfg.num_scored(world_size) + cfg.selection.val_batch if gram else cfg.num_candidates(world_size)
     return replace(estimate_scoring_memory(cfg, scoring, vocab_size, samples, gram),
-                   first_step=first_step_bytes(cfg, scoring.module))
+                   first_step=first_step_bytes(cfg, scoring.module), target=target_bytes(strategy))
+
+
+def target_bytes(strategy) -> int:
+    """selection.target_ema: G (kept from step to step) and the step's g_val (until the selection stands),
+    each one copy of the scored parameters of this rank in the Gram's dtype. Counted for every scored
+    parameter (tensor ranks other than 0 keep none of the replicated ones: an upper bound there)."""
+    target = getattr(strategy, "target", None)
+    if target is None:
+        return 0
+    scored = strategy.scoring.parameters()
+    return sum(p.numel() * target.bytes_per_element(p.dtype) for p in scored)
 
 
 # ---- the memory there is ------------------------------------------------------------------------------

@@ -171,19 +171,25 @@ class ScoringPass:
         with self._scoring_mode():
             return self.executor.score(self.module, micro_batches(tokens, None), clock=self.clock)
 
-    def scores(self, batch: ScoredBatch, preconditioning=None) -> SelectorInputs:
+    def scores(self, batch: ScoredBatch, preconditioning=None, target=None) -> SelectorInputs:
         """The candidates' losses, their Gram and their alignment with the mean validation gradient
-        (with a Preconditioning of the candidates: <D g_i, D g_j> and <D g_i, g_val>)."""
+        (with a Preconditioning of the candidates: <D g_i, D g_j> and <D g_i, g_val>). target: optional
+        TargetEMA (training/target.py, selection.target_ema): the alignment is then with its bias-corrected
+        G_t, and the step's g_val is staged in it (folded in by its commit())."""
         # the validation samples count only through their mean gradient: one Gram row for all of them
+        vectors = None if target is None or batch.validation.stop == batch.validation.start else target.vectors()
         with self._scoring_mode(), self.recorder.capture(preconditioning, averaged=batch.validation,
-                                                         clock=self.clock) as capture:
+                                                         clock=self.clock, target=vectors) as capture:
             self.capture = capture  # from here on release() frees it, also where the pass fails
             losses = self.executor.score(self.module, micro_batches(batch.tokens, self.micro_batch),
                                          capture=capture, clock=self.clock, input_grad=self.input_grad)
         self.last_losses = losses  # per sample of the batch (validation samples' too)
         gram, c, v = capture.gram(), batch.candidates, batch.validation
-        return SelectorInputs(losses=losses[c], gram=gram[c, c],
-                              val_alignment=gram[c, v.start] if v.stop > v.start else None)
+        alignment = gram[c, v.start] if v.stop > v.start else None
+        if vectors is not None:
+            alignment = target.alignment(alignment, capture.target_alignment()[c])
+            target.stage(capture.averaged_gradients())
+        return SelectorInputs(losses=losses[c], gram=gram[c, c], val_alignment=alignment)
 
     def parameters(self) -> list:
         """The parameters the Gram covers, in the same order on every rank."""

@@ -24,6 +24,7 @@ from megatron_greats.training.executors import data_parallel_mean
 from megatron_greats.training.preconditioning import StepScaler
 from megatron_greats.training.scoring import ScoredBatch, ScoreWindow, ScoringPass
 from megatron_greats.training.selecting import Selector, StepChoice
+from megatron_greats.training.target import TargetEMA
 from megatron_greats.training.telemetry import PhaseClock
 
 
@@ -71,6 +72,12 @@ class StepStrategy:
     def update(self, choice: StepChoice) -> float:
         return self.train(choice.ids)
 
+    def save_state(self, folder) -> None:
+        """Write what the strategy carries from step to step into a checkpoint folder (step_N)."""
+
+    def load_state(self, folder) -> None:
+        """Read it back on resume, before anything is loaded into the engine."""
+
     def train(self, ids: np.ndarray) -> float:
         """An ordinary DeepSpeed step on this replica's samples `ids`."""
         return self.executor.train(self.batches.micro_batches(self.data.train, ids))
@@ -110,7 +117,18 @@ class TwoPassStep(StepStrategy):
             self.reference = ScoringPass(reference_module, layout, executor, gram=False)
         # what the Gram covers (fixed for the run): where a preconditioner is read
         self.gram_params = self.scoring.parameters() if spec.needs_gram else []
+        # selection.target_ema: the alignment target averaged over steps (training/target.py)
+        self.target = TargetEMA(sel.target_ema, self.scoring.recorder.names) \
+            if spec.reads("target_ema") and sel.target_ema > 0 else None
         self.use_clock(self.clock)
+
+    def save_state(self, folder) -> None:
+        if self.target is not None:
+            self.target.save(folder, self.layout)
+
+    def load_state(self, folder) -> None:
+        if self.target is not None:
+            self.target.load(folder, self.layout)
 
     def use_clock(self, clock: PhaseClock) -> None:
         self.clock = clock
@@ -129,11 +147,16 @@ class TwoPassStep(StepStrategy):
         offset = self.window.offset(step)
         kept, losses = self.prefiltered(candidates, offset)
         if kept is not None:
-            inputs = self.score(candidates[kept], validation, offset, scale.preconditioning, losses=losses)
+            inputs = self.score(candidates[kept], validation, offset, scale.preconditioning, losses=losses,
+                                target=self.target)
         scoring = self.clock.take()
         with self.clock.phase(SELECTION):
             picked, gains = selector.select(step, scale.eta, inputs) if kept is not None else (np.full(1, -1), None)
             skipped = any_rank(bool(picked[0] < 0), device())  # every replica skips the step together
+            if self.target is not None and skipped:
+                self.target.discard()
+            elif self.target is not None:  # the step's g_val joins the target only where the selection stands
+                self.target.commit()
             scores = None if skipped else selector.reported_score(inputs)
             alignment_terms = None if skipped else selector.alignment_terms(inputs, picked, scale.eta)
         seconds = {"scoring": sum(scoring.values()), **scoring, **self.clock.take()}
@@ -165,14 +188,14 @@ class TwoPassStep(StepStrategy):
         return kept, losses[torch.as_tensor(kept, device=losses.device)]
 
     def score(self, candidates: np.ndarray, validation, offset: int = 0, preconditioning=None,
-              losses=None) -> SelectorInputs:
+              losses=None, target=None) -> SelectorInputs:
         """The selector's inputs for `candidates` (their losses too, where known: the prefilter's)."""
         if self.scoring is None:
             return SelectorInputs()
         tokens = self.window.cut(self.data.train.get(candidates), offset)
         if validation is not None:
             scored = ScoredBatch.of(tokens, self.window.cut(self.data.selection.get(validation), offset))
-            inputs = self.scoring.scores(scored, preconditioning)
+            inputs = self.scoring.scores(scored, preconditioning, target=target)
         else:
             inputs = SelectorInputs(losses=self.scoring.losses(tokens) if losses is None else losses)
         if self.reference is not None:

@@ -122,13 +122,15 @@ class Trainer:
 
     def save(self) -> None:
         if self.saved_step != self.step:
-            checkpoint.save(self.engine, self.checkpoint_dir, self.step, self.cfg.seed, self.checkpoint_shape)
+            checkpoint.save(self.engine, self.checkpoint_dir, self.step, self.cfg.seed, self.checkpoint_shape,
+                            write_more=self.strategy.save_state)
             self.saved_step = self.step
 
     def maybe_resume(self) -> None:
         if not self.cfg.train.resume:
             return
-        step = checkpoint.load(self.engine, self.checkpoint_dir, self.cfg.seed, self.checkpoint_shape)
+        step = checkpoint.load(self.engine, self.checkpoint_dir, self.cfg.seed, self.checkpoint_shape,
+                               read_more=self.strategy.load_state)
         if step is not None:
             self.step = self.saved_step = step
 

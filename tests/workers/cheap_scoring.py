@@ -223,8 +223,8 @@ def scored_names(w, top):
     return [k for k in w if k in ("final_norm", "out") or (k[0].isdigit() and int(k.split(".")[0]) >= LAYERS - top)]
 
 
-def reference(w, tokens, top):
-    """Gram [N, N], alignment with the mean validation gradient [N], losses [N] of the (cut) tokens."""
+def per_sample_flat(w, tokens, top):
+    """[samples, scored elements]: the per-sample gradients of the (cut) tokens w.r.t. the scored weights."""
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     names = scored_names(w, top)
     fixed = {k: v for k, v in w.items() if k not in names}
@@ -233,7 +233,14 @@ def reference(w, tokens, top):
         return reference_loss({**fixed, **scored}, x, y)
 
     per_sample = vmap(grad(loss), in_dims=(None, 0, 0))({k: w[k] for k in names}, inputs, labels)
-    flat = torch.cat([g.reshape(tokens.shape[0], -1) for g in per_sample.values()], dim=1)
+    return torch.cat([per_sample[k].reshape(tokens.shape[0], -1) for k in names], dim=1)
+
+
+def reference(w, tokens, top):
+    """Gram [N, N], alignment with the mean validation gradient [N], losses [N] of the (cut) tokens."""
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    names = scored_names(w, top)
+    flat = per_sample_flat(w, tokens, top)
     gram = flat @ flat.T
     losses = torch.stack([reference_loss(w, x, y) for x, y in zip(inputs, labels)])
     return {"gram": gram[:N, :N], "alignment": gram[:N, N:].mean(dim=1), "losses": losses[:N], "names": names}

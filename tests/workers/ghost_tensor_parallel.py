@@ -66,7 +66,9 @@ def forward(layers, tokens, sp, tied):
     return F.cross_entropy(logits.permute(1, 2, 0), tokens.roll(-1, 1), reduction="none").mean(1)
 
 
-def reference(layers, tokens, tp, bias, tied):
+def per_sample_gradients(layers, tokens, tp, bias, tied):
+    """{name: [B, *full shape]} per-sample gradients of the unsharded re-implementation (torch.func); a tied
+    output layer's weight is 'emb'."""
     full = {"emb": gather(layers["emb"].weight, 0, tp), "col_w": gather(layers["col"].weight, 0, tp),
             "row_w": gather(layers["row"].weight, 1, tp)}
     full["out_w"] = full["emb"] if tied else gather(layers["out"].weight, 0, tp)
@@ -88,6 +90,11 @@ def reference(layers, tokens, tp, bias, tied):
         per_sample = vmap(grad(loss_tied), in_dims=(None, 0))(params, tokens)
     else:
         per_sample = vmap(grad(loss), in_dims=(None, 0))(full, tokens)
+    return per_sample
+
+
+def reference(layers, tokens, tp, bias, tied):
+    per_sample = per_sample_gradients(layers, tokens, tp, bias, tied)
     flat = torch.cat([g.reshape(tokens.shape[0], -1) for g in per_sample.values()], dim=1)
     return flat @ flat.T
 
