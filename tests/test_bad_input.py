@@ -64,6 +64,21 @@ def _finished_run_without(name):
     return setup
 
 
+def _finished_run_with_target_ema(beta: float, saved: float = 0.0):
+    """A finished 1-step run in run_dir (Regular, which keeps no target; saved > 0: its step-1 folder holds
+    a target file of selection.target_ema=saved, as a GREATS run at that value writes it); the bad call
+    resumes it for 2 steps as GREATS with selection.target_ema=beta."""
+    def setup(data_cache, tmp):
+        import torch
+
+        _finished_run(data_cache, tmp)
+        if saved:
+            torch.save({"beta": saved, "updates": 1, "vectors": {}},
+                       tmp / "run" / "checkpoints" / "step_1" / "target_ema_tp0_pp0.pt")
+        return [*GREATS, f"selection.target_ema={beta}", "train.steps=2"]
+    return setup
+
+
 def _reference_of_another_shape(data_cache, tmp):
     """A finished 1-step reference run with 2 layers (outside run_dir); the bad call scores with it at 3."""
     proc = run_pretrain(tiny_overrides(data_cache, tmp / "reference", "train.steps=1"), launcher="python")
@@ -117,6 +132,8 @@ CASES = {
     "prefilter keeping every candidate": ([*GREATS, "selection.prefilter=16"],
                                           ["selection.prefilter=16 with k = 8 selected of N = 16 candidates",
                                            "allowed: 8..15"], 1),
+    "target EMA out of range": ([*GREATS, "selection.target_ema=1"],
+                                ["'selection.target_ema' has value 1", "allowed: [0, 1)"], 1),
     "val_batch beyond the selection split": ([*GREATS, "selection.val_batch=5000"],
                                              ["selection.val_batch=5000 is more than the selection split holds",
                                               "allowed: <= "], 1),
@@ -169,6 +186,14 @@ CASES = {
     "rholoss reference of another model shape": (_reference_of_another_shape,
                                                  ["selection.reference_checkpoint", "model.num_layers=2",
                                                   "this run has model.num_layers=3", "any parallel.pipeline"], 1),
+    "target EMA resumed from a run without one": (_finished_run_with_target_ema(0.9),
+                                                  ["step_1'", "has no target_ema_tp0_pp0.pt",
+                                                   "saved by a run with selection.target_ema=0",
+                                                   "allowed: selection.target_ema=0 to resume it"], 1),
+    "target EMA resumed from a run with another one": (_finished_run_with_target_ema(0.5, saved=0.9),
+                                                       ["step_1'", "holds the target of selection.target_ema=0.9",
+                                                        "this run has selection.target_ema=0.5",
+                                                        "allowed: the same value"], 1),
     "checkpoint without shape.json": (_finished_run_without("shape.json"), ["step_1'", "has no shape.json"], 1),
     "checkpoint without a rank's state": (_finished_run_without("rank_state_0.pt"),
                                           ["step_1'", "has no rank_state_0.pt"], 1),
@@ -180,7 +205,7 @@ CASES = {
 # Refused by the config's own checks (before launch/pretrain.py makes the run folder): no run folder at all.
 BEFORE_THE_RUN_FOLDER = {"score window longer than the sequence", "score window not divisible under sequence parallel",
                          "score_layers beyond the model's layers", "prefilter keeping fewer than k",
-                         "prefilter keeping every candidate"}
+                         "prefilter keeping every candidate", "target EMA out of range"}
 
 
 def _snapshot(folder: Path) -> dict:

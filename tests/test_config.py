@@ -44,6 +44,18 @@ def test_keys_a_method_does_not_read_are_noted_not_refused():
     assert [n.split("=")[0] for n in notes] == ["selection.eta", "selection.temperature"]
 
 
+def test_target_ema_is_read_by_the_alignment_methods_and_noted_for_the_others():
+    """selection.target_ema applies to greats and first_order (they rank by the validation alignment); set
+    for gradnorm it is noted, not refused (not even with ZeRO-3, which it would not meet), as unread keys are."""
+    for method in ("greats", "first_order"):
+        assert load_config(None, ["selection.target_ema=0.9", f"selection.method={method}"]).unread_selection_keys() == []
+    cfg = load_config(None, ["selection.target_ema=0.9", "selection.method=gradnorm", "selection.update=two_pass",
+                             "zero.stage=3"])
+    assert cfg.unread_selection_keys() == ["selection.target_ema=0.9 is not read by selection.method=gradnorm (it "
+                                           "applies to greats, first_order); this run does not use it"]
+    assert load_config(None).selection.target_ema == 0.0
+
+
 def test_candidates_equal_to_k_are_noted_not_refused():
     """N = k: the selection takes every candidate (a valid run that trains as Regular does, at the cost of
     scoring): one note naming both values, for every method that selects, none for regular."""
@@ -92,6 +104,11 @@ def test_candidates_equal_to_k_are_noted_not_refused():
     (["selection.eta=auto", "selection.batch_mean=true"], "auto already divides by k"),
     (["selection.preconditioner=adam", "train.optimizer=sgd"], "it reads AdamW's second moment"),
     (["selection.temperature=-0.5"], "allowed: >= 0"),
+    (["selection.target_ema=1.0"], "'selection.target_ema' has value 1.0; allowed: [0, 1)"),
+    (["selection.target_ema=-0.1"], "'selection.target_ema' has value -0.1; allowed: [0, 1)"),
+    (["selection.target_ema=0.9", "selection.update=two_pass", "zero.stage=3"],
+     "selection.target_ema=0.9 with zero.stage=3: ZeRO-3 partitions the parameters whose shards the target is "
+     "kept for; allowed with a target EMA: zero.stage 0, 1 or 2, or selection.target_ema=0"),
     (["selection.update=single_pass", "model.dropout=0.1"],
      "selection.update=single_pass with model.dropout=0.1: the update reuses the scoring pass"),
 ])

@@ -15,9 +15,13 @@ uninterrupted one (test_pretrain.py style).
 
 from __future__ import annotations
 
+import shutil
+
+import numpy as np
 import pytest
 import torch
 
+from conftest import read_selections, run_pretrain, tiny_overrides
 from megatron_greats.ghost import GhostRecorder
 from megatron_greats.ghost.preconditioning import Preconditioning
 from test_ghost import capture_of, relative_error, token_losses, transformer_batch
@@ -190,3 +194,43 @@ def test_ema_over_three_steps_matches_one_by_hand(ema_runs, layout):
                 assert relative_error(mine["gram"], gram) < 1e-9, (name, rank, t)
             for t in (1, 2):
                 assert relative_error(expected[t], plain[t]) > 1e-2, (name, t)
+
+
+# ---- end to end: a resumed run selects as an uninterrupted one ---------------------------------------------
+def test_a_resumed_run_makes_the_same_selections(data_cache, tmp_path):
+    """launch/pretrain.py, GREATS with selection.target_ema=0.9 and the adam preconditioner, 6 steps with
+    checkpoints at 2, 4, 6 (one target file each, tensor/pipeline rank 0, written beside rank_state_0.pt).
+    Rolled back to step 4 and rerun: steps 5 and 6 pick the same candidates with the same gains (relative
+    1e-6) as the uninterrupted run. The control resumes from step 4 with the target file replaced by an
+    empty target (no steps folded in): its step-5 gains differ, so the saved target is what the resumed
+    run reads."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(data_cache, run_dir, "selection.method=greats", "selection.candidates=16",
+                               "selection.target_ema=0.9", "selection.preconditioner=adam", "train.steps=6",
+                               "train.save_interval=2", "train.lr=0.01", "train.warmup_steps=0")
+    proc = run_pretrain(overrides, launcher="python")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the target EMA" in proc.stderr.split("megatron_greats: memory:")[1].splitlines()[0]
+    whole = {r["step"]: r for r in read_selections(run_dir)}
+    saved = torch.load(run_dir / "checkpoints" / "step_4" / "target_ema_tp0_pp0.pt", weights_only=True)
+    assert saved["beta"] == 0.9 and saved["updates"] == 4 and saved["vectors"]
+    gains_at = {}
+    for name, emptied in (("resumed", False), ("emptied", True)):
+        again = tmp_path / name
+        shutil.copytree(run_dir, again)
+        shutil.rmtree(again / "checkpoints" / "step_6")
+        (again / "checkpoints" / "latest").write_text("step_4")
+        if emptied:
+            torch.save({"beta": 0.9, "updates": 0, "vectors": {}},
+                       again / "checkpoints" / "step_4" / "target_ema_tp0_pp0.pt")
+        proc = run_pretrain([*overrides, f"run_dir={again}"], launcher="python")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records = {r["step"]: r for r in read_selections(again)}
+        assert sorted(records) == [1, 2, 3, 4, 5, 6]
+        gains_at[name] = records[5]["gains"]
+        if not emptied:
+            for step in (5, 6):
+                assert records[step]["selected"] == whole[step]["selected"], step
+                np.testing.assert_allclose(records[step]["gains"], whole[step]["gains"], rtol=1e-6, atol=0)
+    assert np.max(np.abs(np.array(gains_at["emptied"]) - np.array(whole[5]["gains"]))) > \
+        1e-3 * np.max(np.abs(whole[5]["gains"]))
