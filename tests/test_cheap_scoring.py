@@ -23,7 +23,7 @@ import torch
 
 from conftest import read_metrics, read_selections, run_pretrain
 from full_weights import full_weights, relative_gap
-from test_ghost_parallel import torchrun
+from test_ghost_parallel import runs_at_layouts
 from test_selection_training import SGD, assert_selections_match_reference, assert_single_pass_equals_two_pass, greats
 
 LAYOUTS = {"1p": (1, 1, 0), "tp2-sp": (2, 1, 1), "pp2": (1, 2, 0), "tp2-pp2-sp": (2, 2, 1)}
@@ -32,16 +32,7 @@ LAYOUTS = {"1p": (1, 1, 0), "tp2-sp": (2, 1, 1), "pp2": (1, 2, 0), "tp2-pp2-sp":
 @pytest.fixture(scope="module")
 def scoring_runs(tmp_path_factory):
     """layout -> the worker's output at that layout (run once per layout and module)."""
-    runs = {}
-
-    def run(layout: str) -> dict:
-        if layout not in runs:
-            tp, pp, sp = LAYOUTS[layout]
-            out = tmp_path_factory.mktemp(f"cheap-{layout}") / "scored.pt"
-            torchrun(tp * pp, "cheap_scoring.py", out, tp, pp, sp)
-            runs[layout] = torch.load(out, weights_only=True)
-        return runs[layout]
-    return run
+    return runs_at_layouts(tmp_path_factory, "cheap_scoring.py", LAYOUTS)
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -28,6 +28,21 @@ def torchrun(nproc: int, script: str, *args) -> str:
     return proc.stdout
 
 
+def runs_at_layouts(tmp_path_factory, script: str, layouts: dict):
+    """For a module-scoped fixture: layout name -> what the worker `script OUT TP PP SP` wrote to OUT under
+    torchrun with TP x PP processes (layouts: name -> (tp, pp, sp)), run once per layout."""
+    runs = {}
+
+    def run(layout: str) -> dict:
+        if layout not in runs:
+            tp, pp, sp = layouts[layout]
+            out = tmp_path_factory.mktemp(f"{script.split('.')[0]}-{layout}") / "out.pt"
+            torchrun(tp * pp, script, out, tp, pp, sp)
+            runs[layout] = torch.load(out, weights_only=True)
+        return runs[layout]
+    return run
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_megatron_layers_at_tensor_parallel(tp):
     lines = [line.split() for line in torchrun(tp, "ghost_tensor_parallel.py").splitlines()

@@ -25,7 +25,7 @@ from conftest import read_selections, run_pretrain, tiny_overrides
 from megatron_greats.ghost import GhostRecorder
 from megatron_greats.ghost.preconditioning import Preconditioning
 from test_ghost import capture_of, relative_error, token_losses, transformer_batch
-from test_ghost_parallel import torchrun
+from test_ghost_parallel import runs_at_layouts, torchrun
 from test_preconditioning import per_sample_gradients, random_diagonals
 
 A, TOTAL = 4, 7  # candidates 0..3, validation samples 4..6
@@ -150,16 +150,8 @@ LAYOUTS = {"1p": (1, 1, 0), "tp2-sp": (2, 1, 1), "pp2": (1, 2, 0)}
 
 @pytest.fixture(scope="module")
 def ema_runs(tmp_path_factory):
-    runs = {}
-
-    def run(layout: str) -> dict:
-        if layout not in runs:
-            tp, pp, sp = LAYOUTS[layout]
-            out = tmp_path_factory.mktemp(f"ema-{layout}") / "ema.pt"
-            torchrun(tp * pp, "target_ema.py", out, tp, pp, sp)
-            runs[layout] = torch.load(out, weights_only=True)
-        return runs[layout]
-    return run
+    """layout -> tests/workers/target_ema.py's output at that layout (run once per layout and module)."""
+    return runs_at_layouts(tmp_path_factory, "target_ema.py", LAYOUTS)
 
 
 def ema_by_hand(flats: list, n: int, beta: float) -> list:
