@@ -71,7 +71,7 @@ def raw_dir_of(out: Path, method: str, seed: int) -> Path:
 # A results folder keeps the whole selection.jsonl of every run (gzip) while they take less than this
 # together; beyond it, a per-step digest (the selected ids and domains, what the summary reads).
 RAW_SELECTION_LIMIT = 20 * 2 ** 20
-DIGEST_KEYS = ("step", "replica", "selected", "selected_domains", "score_window")
+DIGEST_KEYS = ("step", "replica", "method", "selected", "selected_domains", "score_window")
 
 
 def _gzip(records_text: str) -> bytes:

@@ -63,6 +63,10 @@ def _non_negative(v):
     return None if v >= 0 else "allowed: >= 0"
 
 
+def _a_method(or_null: str = ""):
+    return lambda v: None if v in CATALOG else f"allowed: {', '.join(CATALOG)}{or_null}"
+
+
 INT, FLOAT, STR, BOOL = (int,), (float, int), (str,), (bool,)
 OPT_INT, OPT_FLOAT, OPT_STR = (int, type(None)), (float, int, type(None)), (str, type(None))
 
@@ -124,8 +128,15 @@ SCHEMA: dict = {
         "stage": Key(INT, 0, _one_of(0, 1, 2, 3)),
     },
     "selection": {
-        "method": Key(STR, "greats", lambda v: None if v in CATALOG else f"allowed: {', '.join(CATALOG)}",
-                      help="greats, or a baseline; regular = plain training on k samples from the stream"),
+        "method": Key(STR, "greats", _a_method(), help="greats, or a baseline; regular = plain training on k samples "
+                                                      "from the stream"),
+        "early_method": Key(OPT_STR, None, _a_method(", or null"),
+                            help="phase gating: the method of the first selection.early_steps steps, each taken "
+                                 "exactly as a run of this method takes it (its candidates, scoring and update); "
+                                 "selection.method takes the steps after them. null: selection.method throughout"),
+        "early_steps": Key(INT, 0, _non_negative,
+                           help="how many steps (the first ones, from step 0 of the run) selection.early_method "
+                                "takes; 0: none"),
         "candidates": Key(OPT_INT, None, lambda v: None if v > 0 else "allowed: > 0 or null",
                           help="N candidates per data-parallel replica and step (null: 2k)"),
         "select": Key(OPT_INT, None, lambda v: None if v > 0 else "allowed: > 0 or null",
@@ -325,10 +336,12 @@ def load_config(path: Optional[str] = None, overrides: tuple = (), world_size: O
 
 
 class Config:
-    """Attribute access over the validated nested dict: cfg.train.steps."""
+    """Attribute access over the validated nested dict: cfg.train.steps. method_key: the key that named
+    this config's selection.method (a phase's config, early_config(), names selection.early_method)."""
 
-    def __init__(self, tree: dict):
+    def __init__(self, tree: dict, method_key: str = "selection.method"):
         object.__setattr__(self, "_tree", tree)
+        object.__setattr__(self, "method_key", method_key)
 
     def __getattr__(self, name):
         tree = object.__getattribute__(self, "_tree")
@@ -352,7 +365,7 @@ class Config:
         for key in parents:
             node = node[key]
         node[last] = value
-        return Config(tree)
+        return Config(tree, self.method_key)
 
     def dump(self, path: str) -> None:
         tmp = f"{path}.tmp{os.getpid()}"
@@ -384,6 +397,31 @@ class Config:
         """selection.method's facts (selection/catalog.py)."""
         return spec_of(self.selection.method)
 
+    # ---- phase gating: selection.early_method for the first selection.early_steps steps ----------------
+    @property
+    def phased(self) -> bool:
+        """Whether the first selection.early_steps steps are taken by selection.early_method."""
+        sel = self.selection
+        return sel.early_method is not None and sel.early_steps > 0
+
+    def early_config(self) -> "Config":
+        """The config the early steps are taken with: this one with selection.method = early_method, and
+        no phases of its own (every other key, the candidates N, window, ... as they are)."""
+        tree = self.to_dict()
+        sel = tree["selection"]
+        sel["method"], sel["early_method"], sel["early_steps"] = sel["early_method"], None, 0
+        return Config(tree, method_key="selection.early_method")
+
+    def phases(self) -> list:
+        """The configs this run's steps are taken with, in step order: [early_config(), self] where
+        phased, else [self]."""
+        return [self.early_config(), self] if self.phased else [self]
+
+    def methods_named(self) -> str:
+        """'selection.method=greats', or where phased 'selection.early_method=maxloss nor selection.method=greats'
+        (for 'is not read by ...')."""
+        return " nor ".join(f"{phase.method_key}={phase.selection.method}" for phase in self.phases())
+
     def num_scored(self, world_size: int) -> int:
         """The candidates scored with gradients per replica: the prefilter's M, or all N."""
         prefilter = self.selection.prefilter
@@ -410,11 +448,18 @@ class Config:
         return world_size // (self.parallel.tensor * self.parallel.pipeline)
 
     def unread_selection_keys(self) -> list[str]:
-        """One line per selection key set away from its default that selection.method does not read."""
-        sel, schema = self.selection, SCHEMA["selection"]
-        return [f"selection.{key}={getattr(sel, key)!r} is not read by selection.method={sel.method} (it applies to "
-                f"{', '.join(methods_reading(key))}); this run does not use it"
-                for key in NOTED_KEYS if not self.method.reads(key) and getattr(sel, key) != schema[key].default]
+        """One line per selection key set away from its default that no method of the run reads (where
+        phased: neither early_method nor method), and one for an early_method that no step uses."""
+        sel, schema, specs = self.selection, SCHEMA["selection"], [phase.method for phase in self.phases()]
+        notes = [f"selection.{key}={getattr(sel, key)!r} is not read by {self.methods_named()} (it applies to "
+                 f"{', '.join(methods_reading(key))}); this run does not use it"
+                 for key in NOTED_KEYS if not any(spec.reads(key) for spec in specs)
+                 and getattr(sel, key) != schema[key].default]
+        if sel.early_method is not None and sel.early_steps == 0:
+            notes.append(f"selection.early_method={sel.early_method!r} with selection.early_steps=0 takes no step; "
+                         f"this run steps with selection.method={sel.method} throughout (to use it: "
+                         "selection.early_steps > 0)")
+        return notes
 
     def selection_notes(self, world_size: int) -> list[str]:
         """Settings that run but are unlikely what the user meant, one line each (printed at start).
@@ -423,16 +468,29 @@ class Config:
         does, plus the cost of scoring them. A note, not an error: it is a valid run (a check that GREATS
         with nothing to choose trains as Regular, or a measure of the scoring overhead), but rarely the
         intent of a selection run."""
+        phases = self.phases()
+        if len(phases) == 1:
+            return self._method_notes(world_size, "this run", "s")
+        notes = []
+        for phase in phases:  # each phase's steps, as a run of its method takes them
+            steps = f"the steps of {phase.method_key}={phase.selection.method}"
+            notes += [note for note in phase._method_notes(world_size, steps, "") if note not in notes]
+        return notes
+
+    def _method_notes(self, world_size: int, steps: str, verb_s: str) -> list[str]:
+        """selection_notes() of this config's method; steps: what takes its steps ('this run', or a
+        phase's), verb_s: 's' where that is singular."""
         sel, k = self.selection, self.num_selected(world_size)
         notes = []
         if sel.update == SINGLE_PASS and SINGLE_PASS in self.method.updates and self.partial_scoring():
             notes.append(f"selection.update=single_pass forms the update from every layer's operands over the whole "
                          f"sequence, which a scoring pass with {' and '.join(self.partial_scoring())} does not "
-                         "have: this run takes two_pass steps (an ordinary forward/backward on the selected samples)")
+                         f"have: {steps} take{verb_s} two_pass steps (an ordinary forward/backward on the selected "
+                         "samples)")
         if self.method.from_stream or self.num_candidates(world_size) != k:
             return notes
         return notes + [f"selection.candidates={sel.candidates} equals k = {k} (selected per step and replica): "
-                f"selection.method={sel.method} takes every candidate, so this run trains on the samples "
+                f"{self.method_key}={sel.method} takes every candidate, so {steps} train{verb_s} on the samples "
                 f"selection.method=regular trains on, plus the cost of scoring them; to select, set "
                 f"selection.candidates > {k} "
                 f"(null: 2k = {2 * k})"]
@@ -482,9 +540,7 @@ class Config:
             if self.tokenizer.model is None:
                 raise ConfigError("data.source=megatron needs tokenizer.model (the tokenizer the data was built with)")
         sel = self.selection
-        if self.method.needs_reference and sel.reference_checkpoint is None:
-            raise ConfigError(f"selection.method={sel.method} needs selection.reference_checkpoint; allowed: a step_N checkpoint "
-                              "folder of a reference run of the same model")
+        self._check_phases()
         if sel.score_window is not None and sel.score_window > m.seq_len:
             raise ConfigError(f"selection.score_window={sel.score_window} is longer than model.seq_len={m.seq_len}; "
                               f"allowed: 1..{m.seq_len}, or null (the whole sequence)")
@@ -495,27 +551,13 @@ class Config:
         if sel.score_layers is not None and sel.score_layers > m.num_layers:
             raise ConfigError(f"selection.score_layers={sel.score_layers} exceeds model.num_layers={m.num_layers}; "
                               f"allowed: 1..{m.num_layers}, or null (every layer)")
-        single_pass = self.update_mode() == SINGLE_PASS
-        if single_pass and self.zero.stage == 3:
-            raise ConfigError("selection.update=single_pass with zero.stage=3: ZeRO-3 partitions the parameters the "
-                              "update is formed for; allowed with single_pass (the default): zero.stage 0, 1 or 2, or "
-                              "selection.update=two_pass")
-        if single_pass and m.dropout > 0:
-            raise ConfigError(f"selection.update=single_pass with model.dropout={m.dropout}: the update reuses the "
-                              "scoring pass, which runs without dropout; allowed: model.dropout=0, or "
-                              "selection.update=two_pass")
         if sel.eta == ETA_AUTO and sel.batch_mean:
             raise ConfigError("selection.batch_mean=true with selection.eta=auto: auto already divides by k; "
                               "allowed: one of them")
-        if sel.preconditioner == ADAM and t.optimizer != ADAMW and self.method.needs_gram:
-            raise ConfigError(f"selection.preconditioner=adam with train.optimizer={t.optimizer}: it reads AdamW's "
-                              "second moment; allowed: train.optimizer=adamw, or selection.preconditioner=none")
-        if sel.target_ema > 0 and self.method.reads("target_ema") and self.zero.stage == 3:
-            raise ConfigError(f"selection.target_ema={sel.target_ema} with zero.stage=3: ZeRO-3 partitions the "
-                              "parameters whose shards the target is kept for; allowed with a target EMA: zero.stage "
-                              "0, 1 or 2, or selection.target_ema=0")
         if not all(isinstance(x, str) for x in sel.score_exclude):
             raise ConfigError(f"selection.score_exclude={sel.score_exclude!r}; allowed: a list of name patterns")
+        for phase in self.phases():  # each phase as a run of its method would be checked
+            phase._check_method()
         if world_size is None:
             return
         model_parallel = p.tensor * p.pipeline
@@ -536,6 +578,55 @@ class Config:
         if n < k:
             raise ConfigError(f"selection.candidates={sel.candidates} is smaller than selection.select={k}; "
                               f"allowed: >= {k}")
+        for phase in self.phases():
+            phase._check_method_layout(world_size)
+
+    def _check_phases(self) -> None:
+        """selection.early_method and early_steps: a phase gating that does something, and leaves
+        selection.method some steps (an early_method with early_steps=0 is noted: unread_selection_keys)."""
+        sel, steps = self.selection, self.train.steps
+        if sel.early_method is None:
+            if sel.early_steps > 0:
+                raise ConfigError(f"selection.early_steps={sel.early_steps} without selection.early_method: no method "
+                                  f"is named for those steps; allowed: selection.early_method set to one of "
+                                  f"{', '.join(CATALOG)}, or selection.early_steps=0")
+            return
+        if sel.early_method == sel.method:
+            others = ", ".join(name for name in CATALOG if name != sel.method)
+            raise ConfigError(f"selection.early_method={sel.early_method} is selection.method itself: every step would "
+                              f"be taken the same way; allowed: another method ({others}), or null")
+        if sel.early_steps >= steps:
+            raise ConfigError(f"selection.early_steps={sel.early_steps} with train.steps={steps}: "
+                              f"selection.method={sel.method} would take no step; allowed: selection.early_steps < "
+                              f"{steps}, or a larger train.steps")
+
+    def _check_method(self) -> None:
+        """What this config's method (selection.method; of a phase, early_config()) needs of the settings."""
+        m, t, sel = self.model, self.train, self.selection
+        if self.method.needs_reference and sel.reference_checkpoint is None:
+            raise ConfigError(f"{self.method_key}={sel.method} needs selection.reference_checkpoint; allowed: a step_N "
+                              "checkpoint folder of a reference run of the same model")
+        single_pass = self.update_mode() == SINGLE_PASS
+        if single_pass and self.zero.stage == 3:
+            raise ConfigError("selection.update=single_pass with zero.stage=3: ZeRO-3 partitions the parameters the "
+                              "update is formed for; allowed with single_pass (the default): zero.stage 0, 1 or 2, or "
+                              "selection.update=two_pass")
+        if single_pass and m.dropout > 0:
+            raise ConfigError(f"selection.update=single_pass with model.dropout={m.dropout}: the update reuses the "
+                              "scoring pass, which runs without dropout; allowed: model.dropout=0, or "
+                              "selection.update=two_pass")
+        if sel.preconditioner == ADAM and t.optimizer != ADAMW and self.method.needs_gram:
+            raise ConfigError(f"selection.preconditioner=adam with train.optimizer={t.optimizer}: it reads AdamW's "
+                              "second moment; allowed: train.optimizer=adamw, or selection.preconditioner=none")
+        if sel.target_ema > 0 and self.method.reads("target_ema") and self.zero.stage == 3:
+            raise ConfigError(f"selection.target_ema={sel.target_ema} with zero.stage=3: ZeRO-3 partitions the "
+                              "parameters whose shards the target is kept for; allowed with a target EMA: zero.stage "
+                              "0, 1 or 2, or selection.target_ema=0")
+
+    def _check_method_layout(self, world_size: int) -> None:
+        """What this config's method needs of the candidates per replica (the layout is checked)."""
+        sel = self.selection
+        k, n = self.num_selected(world_size), self.num_candidates(world_size)
         prefilter = sel.prefilter if self.method.reads("prefilter") else None  # else noted as unread
         if prefilter is not None and not k <= prefilter < n:
             raise ConfigError(f"selection.prefilter={sel.prefilter} with k = {k} selected of N = {n} candidates; "
@@ -544,6 +635,6 @@ class Config:
                               f"filter; allowed: null, or selection.candidates > {k}")
         scored = self.num_scored(world_size) + sel.val_batch
         if sel.score_micro_batch is not None and scored % sel.score_micro_batch:
-            what = "prefilter" if sel.prefilter is not None else "candidates"
+            what = "prefilter" if prefilter is not None else "candidates"
             raise ConfigError(f"selection.score_micro_batch={sel.score_micro_batch} does not divide {what} + "
                               f"val_batch = {scored}; allowed: a divisor of {scored}, or null")

@@ -31,6 +31,14 @@ def selection_file(run_dir: Path) -> Path:
     return run_dir / "selection.jsonl"
 
 
+def method_label(selection: dict) -> str:
+    """A run's method as config.yaml's selection section gives it: 'greats', or with phase gating
+    'maxloss:2+greats' (maxloss took the first 2 steps, greats the rest). Runs written before phase
+    gating have no early_method."""
+    early, steps = selection.get("early_method"), selection.get("early_steps", 0)
+    return f"{early}:{steps}+{selection['method']}" if early is not None and steps > 0 else selection["method"]
+
+
 def read_run(run_dir) -> dict:
     """A finished run's curves from its run_dir files: evaluations, wall time, target-domain share of
     the trained samples per step and overall."""
@@ -47,7 +55,7 @@ def read_run(run_dir) -> dict:
         counts[1] += len(picked)
     picked_total = sum(c[1] for c in share.values())
     return {
-        "method": cfg["selection"]["method"], "target": target,
+        "method": method_label(cfg["selection"]), "target": target,
         "steps": max((m["step"] for m in metrics), default=0),
         "seconds": max((m.get("train/elapsed_s", 0.0) for m in metrics), default=0.0),
         "eval_steps": [m["step"] for m in evals], "val": [m["val/loss"] for m in evals],

@@ -47,6 +47,20 @@ CHEAP_KEYS = ("selection.score_window", "selection.score_window_at", "selection.
 # reference of bench fidelity and the exact rows of bench step.
 EXACT_SCORING = ("selection.score_window=null", "selection.score_window_at=start", "selection.score_layers=null",
                  "selection.prefilter=null")
+# One method for every step: the benchmarks time or compare one method's step, so a config's phase
+# gating (selection.early_method for its first selection.early_steps steps) is left out, with a note.
+ONE_METHOD = ("selection.early_method=null", "selection.early_steps=0")
+
+
+def phases_left_out(cfg, bench: str) -> list:
+    """The note a benchmark prints where the config it was given is phased (it runs with ONE_METHOD)."""
+    if not cfg.phased:
+        return []
+    sel = cfg.selection
+    return [f"{bench} measures one method's step: the config's selection.early_method={sel.early_method} for its "
+            f"first selection.early_steps={sel.early_steps} steps is left out"]
+
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+.-]*")
 _NEXT_KEY = re.compile(r",(?=\s*[A-Za-z_][\w.]*=)")  # a comma that starts the next key=value (not one in a list)
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_greats.bench import CHEAP_KEYS, EXACT_SCORING, default_settings, parse_setting
+from megatron_greats.bench import (CHEAP_KEYS, EXACT_SCORING, ONE_METHOD, default_settings, parse_setting,
+                                   phases_left_out)
 
 # The default settings, sized to the config (bench.default_settings): for tiny-cpu (seq 128, 4 layers,
 # N=32, k=16) window64, window32, window16, window32random, top1, top2, prefilter24, window32+top1.
@@ -132,12 +133,12 @@ def settings_of(config_path: str, overrides: list, texts: list, world: int) -> t
     from megatron_greats.selection.catalog import CATALOG
     from megatron_greats.errors import ConfigError
 
-    exact = load_config(config_path, [*overrides, *EXACT_SCORING], world_size=world)
+    notes = phases_left_out(load_config(config_path, overrides, world_size=world), "bench fidelity")
+    exact = load_config(config_path, [*overrides, *ONE_METHOD, *EXACT_SCORING], world_size=world)
     if not exact.method.needs_gram:
         gram_methods = [name for name, spec in CATALOG.items() if spec.needs_gram]
         raise ConfigError(f"bench fidelity: selection.method={exact.selection.method} forms no Gram or first-order "
                           f"score to compare; allowed: {', '.join(gram_methods)}")
-    notes = []
     if texts:
         given = {}
         for text in texts:
@@ -150,7 +151,8 @@ def settings_of(config_path: str, overrides: list, texts: list, world: int) -> t
     settings = {}
     for name, extra in given.items():
         try:
-            settings[name] = (extra, load_config(config_path, [*overrides, *EXACT_SCORING, *extra], world_size=world))
+            settings[name] = (extra, load_config(config_path, [*overrides, *ONE_METHOD, *EXACT_SCORING, *extra],
+                                                 world_size=world))
         except ConfigError as e:
             if texts:
                 raise ConfigError(f"--setting '{name}': {e}") from None

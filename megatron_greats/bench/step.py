@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_greats.bench import (CHEAP_KEYS, EXACT_SCORING, default_settings, high_water_bytes, parse_setting,
-                                   reset_high_water, rotated, rss_bytes)
+from megatron_greats.bench import (CHEAP_KEYS, EXACT_SCORING, ONE_METHOD, default_settings, high_water_bytes,
+                                   parse_setting, phases_left_out, reset_high_water, rotated, rss_bytes)
 from megatron_greats.training.telemetry import STEP_PHASES, PhaseClock
 
 VARIANTS = ("regular_k", "regular_N", "regular_Nm", "greats", "single")
@@ -79,17 +79,20 @@ class PeakMemory:
 
 def variant_overrides(cfg, world_size: int, cheap: dict = None) -> dict:
     """{variant: its overrides on top of the config}; cheap: {name: [selection overrides]} of the cheap
-    variants (GREATS with them, at the config's update)."""
+    variants (GREATS with them, at the config's update). Every variant takes one method's steps
+    (ONE_METHOD: no phase gating)."""
     dp = cfg.data_parallel_size(world_size)
     n = cfg.num_candidates(world_size)
     m = cfg.selection.val_batch
-    return {"regular_k": ["selection.method=regular"],
-            "regular_N": ["selection.method=regular", f"train.global_batch={n * dp}"],
-            "regular_Nm": ["selection.method=regular", "selection.candidates=null", f"train.global_batch={(n + m) * dp}",
-                           f"train.micro_batch={n + m}"],
-            "greats": ["selection.method=greats", "selection.update=two_pass", *EXACT_SCORING],
-            "single": ["selection.method=greats", "selection.update=single_pass", *EXACT_SCORING],
-            **{name: ["selection.method=greats", *EXACT_SCORING, *extra] for name, extra in (cheap or {}).items()}}
+    variants = {
+        "regular_k": ["selection.method=regular"],
+        "regular_N": ["selection.method=regular", f"train.global_batch={n * dp}"],
+        "regular_Nm": ["selection.method=regular", "selection.candidates=null", f"train.global_batch={(n + m) * dp}",
+                       f"train.micro_batch={n + m}"],
+        "greats": ["selection.method=greats", "selection.update=two_pass", *EXACT_SCORING],
+        "single": ["selection.method=greats", "selection.update=single_pass", *EXACT_SCORING],
+        **{name: ["selection.method=greats", *EXACT_SCORING, *extra] for name, extra in (cheap or {}).items()}}
+    return {name: [*ONE_METHOD, *extra] for name, extra in variants.items()}
 
 
 def cheap_variants(texts, cfg, world_size: int) -> tuple:
@@ -223,7 +226,7 @@ def run(config_path: str, overrides: list, warmup: int, repeats: int, out_dir: s
     world = launcher_world_size()
     base = load_config(config_path, overrides, world_size=world)
     cheap, defaults = cheap_variants(cheap, base, world)
-    configs, notes = {}, []
+    configs, notes = {}, phases_left_out(base, "bench step")
     for name, extra in variant_overrides(base, world, cheap).items():  # every variant checked before work
         try:
             configs[name] = load_config(config_path, [*overrides, *extra], world_size=world)

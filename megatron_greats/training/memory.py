@@ -70,6 +70,7 @@ class ScoringMemory:
     scoring_pass: int   # bytes: the pass's peak over what is resident before it
     first_step: int     # bytes the first optimizer step allocates that the engine has not yet
     target: int = 0     # bytes of selection.target_ema's G and one step's g_val (training/target.py)
+    method: str = ""    # phase gating: 'selection.early_method=X' or 'selection.method=Y', whose pass this is
 
     @property
     def total(self) -> int:
@@ -86,7 +87,8 @@ class ScoringMemory:
         step = f", the first optimizer step {size(self.first_step)}" if self.first_step else ""
         if self.target:
             step += f", the target EMA {size(self.target)}"
-        return f"{size(self.total)} per process: the scoring pass {size(self.scoring_pass)} ({what}){step}"
+        whose = f" of {self.method}" if self.method else ""
+        return f"{size(self.total)} per process: the scoring pass{whose} {size(self.scoring_pass)} ({what}){step}"
 
 
 def size(count: int) -> str:
@@ -201,16 +203,23 @@ def first_step_bytes(cfg, module: torch.nn.Module) -> int:
     return per_parameter * sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def estimate_for_step(cfg, strategy, vocab_size: int, world_size: int) -> Optional[ScoringMemory]:
-    """The estimate for a step strategy (training/step.py), or None where it runs no scoring pass."""
-    scoring = strategy.scoring
-    if scoring is None:
-        return None
-    gram = strategy.selector.needs_gram
-    # the prefilter's forward over all N holds less than the M + m samples' pass with a backward
-    samples = cfg.num_scored(world_size) + cfg.selection.val_batch if gram else cfg.num_candidates(world_size)
-    return replace(estimate_scoring_memory(cfg, scoring, vocab_size, samples, gram),
-                   first_step=first_step_bytes(cfg, scoring.module), target=target_bytes(strategy))
+def estimate_for_step(strategy, vocab_size: int, world_size: int) -> Optional[ScoringMemory]:
+    """The estimate for a step strategy (training/step.py), or None where it runs no scoring pass. A
+    phased one (PhasedStep): the larger of its strategies' (one step's pass runs at a time; each
+    frees what it holds at the end of its step)."""
+    estimates = []
+    phased = len(strategy.strategies()) > 1
+    for part in strategy.strategies():
+        cfg, scoring = part.cfg, part.scoring
+        if scoring is None:
+            continue
+        gram = part.selector.needs_gram
+        # the prefilter's forward over all N holds less than the M + m samples' pass with a backward
+        samples = cfg.num_scored(world_size) + cfg.selection.val_batch if gram else cfg.num_candidates(world_size)
+        estimates.append(replace(estimate_scoring_memory(cfg, scoring, vocab_size, samples, gram),
+                                 first_step=first_step_bytes(cfg, scoring.module), target=target_bytes(part),
+                                 method=f"{cfg.method_key}={cfg.selection.method}" if phased else ""))
+    return max(estimates, key=lambda e: e.total, default=None)
 
 
 def target_bytes(strategy) -> int:
@@ -300,13 +309,13 @@ def memory_verdict(reports: list) -> Optional[str]:
             f"settings whose estimate fits, e.g. a smaller {', '.join(REDUCING_KEYS[:-1])} or {REDUCING_KEYS[-1]}")
 
 
-def check_scoring_memory(cfg, strategy, vocab_size: int, layout, available=None) -> Optional[ScoringMemory]:
-    """Estimate the scoring pass of a step strategy; raise ConfigError (the same line on every rank)
-    where it exceeds the memory available, else print the estimate on rank 0. available: (bytes, what) to
-    use instead of what this machine reports (tests)."""
+def check_scoring_memory(strategy, vocab_size: int, layout, available=None) -> Optional[ScoringMemory]:
+    """Estimate the scoring pass of a step strategy (of a phased one, the larger pass); raise ConfigError
+    (the same line on every rank) where it exceeds the memory available, else print the estimate on
+    rank 0. available: (bytes, what) to use instead of what this machine reports (tests)."""
     import torch.distributed as dist
 
-    estimate = estimate_for_step(cfg, strategy, vocab_size, layout.world_size)
+    estimate = estimate_for_step(strategy, vocab_size, layout.world_size)
     if estimate is None:
         return None
     room, what = available if available is not None else available_memory()

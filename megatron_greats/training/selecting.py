@@ -38,6 +38,7 @@ class StepChoice:
     alignment_terms: Optional[np.ndarray] = None
     seconds: dict = field(default_factory=dict)
     skipped: bool = False                 # the scores held NaN/Inf on some replica: no selection, no update
+    method: Optional[str] = None          # the selection method that took the step (its strategy's)
 
 
 class Selector:

@@ -5,12 +5,15 @@ TwoPassStep: score the candidates (and validation samples), select k, then an or
 step on the k selected samples (a second forward/backward).
 SinglePassStep (selection.update=single_pass): the same scoring and selection, then an update formed
 from the scoring pass's own layer operands, handed to DeepSpeed for the optimizer step.
+PhasedStep (selection.early_method, early_steps): one of those for selection.early_method's steps, one
+for selection.method's, on the same engine; each step is handed to the one its number falls to.
 The strategy owns the step's phase clock; the trainer only keeps the cadence (log, evaluate, save).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -33,6 +36,7 @@ class StepResult:
     choice: StepChoice
     loss: float       # the training loss (NaN when nothing was trained)
     skipped: bool     # NaN/Inf in the scores or the gradients: no update happened
+    phase: Optional[int] = None  # phase gating: 0 (selection.early_method took the step) or 1; None: no phases
 
 
 class StepStrategy:
@@ -42,6 +46,7 @@ class StepStrategy:
     scoring = None  # the scoring pass, where the strategy has one
 
     def __init__(self, cfg, data, layout: Layout, engine, executor, per_replica: int):
+        self.cfg, self.method = cfg, cfg.selection.method  # the config its steps are taken with, and its method
         self.data, self.layout, self.executor, self.engine = data, layout, executor, engine
         # the selector's own split: val and test, which judge the run, are never shown to it
         self.stream = CandidateStream(len(data.train), len(data.selection), per_replica, cfg.selection.val_batch,
@@ -53,9 +58,14 @@ class StepStrategy:
         """Where the phase seconds of each step go (a benchmark passes one that synchronises)."""
         self.clock = clock
 
+    def strategies(self) -> list:
+        """The strategies that take this run's steps, in step order: this one."""
+        return [self]
+
     def take(self, step: int, lr: float) -> StepResult:
         try:
             choice = self.choose(step, lr)
+            choice.method = self.method
             loss = float("nan")
             if not choice.skipped:
                 with self.clock.phase(TRAINING):
@@ -222,11 +232,50 @@ class SinglePassStep(TwoPassStep):
         return data_parallel_mean(losses[rows.to(losses.device)].mean(), self.layout)
 
 
+class PhasedStep:
+    """Phase gating: steps 0 .. early_steps - 1 are taken by `early` (a strategy built from
+    Config.early_config(): selection.method = early_method), the rest by `main`. Each is a whole
+    strategy of its own (its candidate stream, scoring pass, selector), so a step is taken exactly as a
+    run of its method takes it, and the candidates of a step are those that method's run draws at it
+    (a pure function of seed and step). Nothing is carried from one to the other but the engine: a
+    run resumed in either phase goes on as it would have. Both scoring passes are built on the one
+    module; each records in a capture scoped to its own step (ghost/recorder.py) and releases it at the
+    end of the step, so only one step's operands are ever held."""
+
+    def __init__(self, early: StepStrategy, main: StepStrategy, early_steps: int):
+        self.early, self.main, self.early_steps = early, main, early_steps
+
+    def strategies(self) -> list:
+        return [self.early, self.main]
+
+    def phase(self, step: int) -> int:
+        """0 for the early steps, 1 after them."""
+        return int(step >= self.early_steps)
+
+    def use_clock(self, clock: PhaseClock) -> None:
+        for strategy in self.strategies():
+            strategy.use_clock(clock)
+
+    def take(self, step: int, lr: float) -> StepResult:
+        phase = self.phase(step)
+        result = self.strategies()[phase].take(step, lr)
+        result.phase = phase
+        return result
+
+
 def step_strategy(cfg, data, layout: Layout, engine, executor, reference_module=None):
     """The step of selection.update, as the config resolves it (Config.update_mode: single_pass needs a
-    scoring pass with a backward over every sample, every layer and the whole sequence)."""
-    if cfg.method.from_stream:
-        kind = RegularStep
-    else:
-        kind = SinglePassStep if cfg.update_mode() == SINGLE_PASS else TwoPassStep
-    return kind(cfg, data, layout, engine, executor, reference_module=reference_module)
+    scoring pass with a backward over every sample, every layer and the whole sequence); with phase
+    gating a PhasedStep of the early method's step and selection.method's.
+    reference_module: rholoss's reference model, given to the phase whose method reads it."""
+    strategies = []
+    for phase in cfg.phases():
+        if phase.method.from_stream:
+            kind = RegularStep
+        else:
+            kind = SinglePassStep if phase.update_mode() == SINGLE_PASS else TwoPassStep
+        reference = reference_module if phase.method.needs_reference else None
+        strategies.append(kind(phase, data, layout, engine, executor, reference_module=reference))
+    if len(strategies) == 1:
+        return strategies[0]
+    return PhasedStep(*strategies, early_steps=cfg.selection.early_steps)

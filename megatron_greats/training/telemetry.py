@@ -119,19 +119,23 @@ class Telemetry:
 
 
 class SelectionLog:
-    """selection.jsonl (per step and replica: candidates, validation ids, the positions the prefilter kept,
-    the scored window [offset, length], selected ids in pick order, gains, eta, the preconditioner and the
-    largest relative error of its rank-1 fits on the ghost path) and the TensorBoard selection/* scalars
-    and histograms, gathered from every replica to the logging rank."""
+    """selection.jsonl (per step and replica: the method that took the step, candidates, validation ids,
+    the positions the prefilter kept, the scored window [offset, length], selected ids in pick order,
+    gains, eta, the preconditioner and the largest relative error of its rank-1 fits on the ghost path)
+    and the TensorBoard selection/* scalars and histograms, gathered from every replica to the logging
+    rank. The per-candidate score is the method's own (selection/catalog.py `reported`): with phase
+    gating, early_method's steps log theirs under selection/<early_method>/, apart from the main
+    method's selection/score_*."""
 
-    def __init__(self, telemetry: Telemetry, train_samples, layout):
+    def __init__(self, telemetry: Telemetry, train_samples, layout, early_method: str = None):
         self.telemetry, self.samples, self.layout = telemetry, train_samples, layout
         self.domain_names = list(train_samples.domain_names)
+        self.early_method = early_method
 
     def record(self, step: int, choice) -> None:
         if self.layout.tensor_rank != 0 or self.layout.pipeline_rank != 0:
             return  # the replica's selecting rank reports for it
-        mine = {"step": step, "replica": self.layout.data_rank,
+        mine = {"step": step, "replica": self.layout.data_rank, "method": choice.method,
                 "candidates": choice.candidates.tolist(), "selected": choice.ids.tolist(),
                 "gains": [float(g) for g in choice.gains], "picked": choice.picked.tolist(),
                 "alignment_terms": None if choice.alignment_terms is None else
@@ -152,9 +156,9 @@ class SelectionLog:
         if not self.layout.is_logging_rank:
             return
         self.telemetry.append_jsonl(self.telemetry.selection_path, [
-            {**{k: r[k] for k in ("step", "replica", "candidates", "validation", "prefiltered", "score_window",
-                                  "selected", "gains", "alignment_terms", "eta", "preconditioner", "rank_one_error",
-                                  "seconds")},
+            {**{k: r[k] for k in ("step", "replica", "method", "candidates", "validation", "prefiltered",
+                                  "score_window", "selected", "gains", "alignment_terms", "eta", "preconditioner",
+                                  "rank_one_error", "seconds")},
              "selected_domains": [self.domain_names[d] for d in self.samples.domains(np.asarray(r["selected"]))]}
             for r in records])
         self._summaries(step, records)
@@ -182,12 +186,15 @@ class SelectionLog:
             scale = float(np.sum(np.abs(alignment)))
             if scale > 0:
                 scalars["selection/interaction_over_alignment"] = float(np.sum(alignment) - np.sum(gains)) / scale
+        # the score's meaning is its method's: an early method's apart from the main one's
+        early = self.early_method is not None and records[0]["method"] == self.early_method
+        score = f"selection/{self.early_method}/" if early else "selection/"
         if chosen:
-            scalars["selection/score_selected_mean"] = float(np.mean(chosen))
+            scalars[f"{score}score_selected_mean"] = float(np.mean(chosen))
         if rejected:
-            scalars["selection/score_rejected_mean"] = float(np.mean(rejected))
+            scalars[f"{score}score_rejected_mean"] = float(np.mean(rejected))
         for name in ("scoring",) + STEP_PHASES:
             scalars[f"selection/seconds_{name}"] = float(np.mean([r["seconds"].get(name, 0.0) for r in records]))
         self.telemetry.scalars(step, scalars)
-        self.telemetry.histogram(step, "selection/scores_selected", chosen)
-        self.telemetry.histogram(step, "selection/scores_rejected", rejected)
+        self.telemetry.histogram(step, f"{score}scores_selected", chosen)
+        self.telemetry.histogram(step, f"{score}scores_rejected", rejected)

@@ -163,7 +163,8 @@ class Trainer:
             self.cfg.dump(str(self.run_dir / "config.yaml"))
         start_step = self.step
         telemetry = Telemetry(self.run_dir, enabled=self.layout.is_logging_rank, resume_step=start_step)
-        self.selection_log = SelectionLog(telemetry, self.data.train, self.layout)
+        early = self.cfg.selection.early_method if self.cfg.phased else None
+        self.selection_log = SelectionLog(telemetry, self.data.train, self.layout, early_method=early)
         progress = None
         if self.layout.is_logging_rank and t.progress:
             from tqdm import tqdm
@@ -207,6 +208,8 @@ class Trainer:
                 })
                 if norm is not None:  # before clipping; of the data-parallel mean gradient
                     scalars["train/grad_norm"] = norm
+                if result.phase is not None:  # phase gating: 0 selection.early_method took the step, 1 method
+                    scalars["selection/phase"] = result.phase
                 window_start, window_samples = time.time(), 0
             if (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.steps:
                 summary["val_loss"], summary["test_loss"] = self.evaluate(self.data.val), self.evaluate(self.data.test)
@@ -237,11 +240,12 @@ def split_size_notes(cfg, data, world_size: int) -> list:
     new sample: refused. Evaluation takes at most the whole split (evaluation_ids): a note says how
     much it uses."""
     sel, t = cfg.selection, cfg.train
-    if cfg.method.needs_gram and sel.val_batch > len(data.selection):
+    specs = [phase.method for phase in cfg.phases()]  # with phase gating: what either method draws
+    if any(spec.needs_gram for spec in specs) and sel.val_batch > len(data.selection):
         raise ConfigError(f"selection.val_batch={sel.val_batch} is more than the selection split holds "
                           f"({len(data.selection)} samples): a step's validation samples would repeat some of them; "
                           f"allowed: <= {len(data.selection)}, or a larger data.selection_fraction")
-    if not cfg.method.from_stream:
+    if not all(spec.from_stream for spec in specs):
         dp = cfg.data_parallel_size(world_size)
         n = cfg.num_candidates(world_size)
         if n * dp > len(data.train):
@@ -286,11 +290,12 @@ def pretrain(cfg) -> dict:
     with distributed_session(cfg.parallel.distributed_timeout_minutes):
         data, layout = start_up(cfg)
         cfg = cfg.with_value("data.target_domain", data.target_domain)  # config.yaml: the target trained for
-        reference = checkpoint.reference_model(cfg, data.vocab_size, layout) if cfg.method.needs_reference else None
+        needs_reference = any(phase.method.needs_reference for phase in cfg.phases())
+        reference = checkpoint.reference_model(cfg, data.vocab_size, layout) if needs_reference else None
         engine = build_engine(cfg, data.vocab_size, layout)
         trainer = Trainer(cfg, engine, data, layout, run_dir, reference_module=reference)
         # before the first step (and before anything is written): the scoring pass must fit in memory
-        check_scoring_memory(cfg, trainer.strategy, ModelSpec.from_config(cfg, data.vocab_size).vocab_size, layout)
+        check_scoring_memory(trainer.strategy, ModelSpec.from_config(cfg, data.vocab_size).vocab_size, layout)
         summary = trainer.train()
     summary.update(run_dir=str(run_dir), tensorboard=str(run_dir / "tensorboard"), world_size=layout.world_size,
                    layout=f"dp={layout.data} tp={layout.tensor} pp={layout.pipeline}", target_domain=data.target_domain)
