@@ -146,6 +146,25 @@ CASES = {
                                                   "N + m = 5960 samples of 32 tokens", "is available; allowed: ",
                                                   "selection.score_micro_batch", "selection.val_batch",
                                                   "selection.candidates"], 1),
+    # phase gating: the early method's pass is the larger one here (maxloss's is a forward only)
+    "scoring pass of the early method beyond the memory available": (
+        [*GREATS, "selection.method=maxloss", "selection.early_method=greats", "selection.early_steps=1",
+         "model.vocab_pad_multiple=1048576", "selection.candidates=5800", "selection.val_batch=160"],
+        ["the scoring pass would not fit in memory: estimated", "the scoring pass of selection.early_method=greats",
+         "N + m = 5960 samples of 32 tokens"], 1),
+    "early method unknown": (["selection.early_method=maxlos", "selection.early_steps=1"],
+                             ["'selection.early_method'", "'maxlos'", "allowed: greats, first_order", "or null"], 1),
+    "early steps without an early method": (["selection.early_steps=2"],
+                                            ["selection.early_steps=2 without selection.early_method",
+                                             "allowed: selection.early_method set to one of greats"], 1),
+    "early method equal to the method": ([*GREATS, "selection.early_method=greats", "selection.early_steps=2"],
+                                         ["selection.early_method=greats is selection.method itself",
+                                          "allowed: another method"], 1),
+    "early steps leaving the method no step": ([*GREATS, "selection.early_method=maxloss", "selection.early_steps=5"],
+                                               ["selection.early_steps=5 with train.steps=5",
+                                                "allowed: selection.early_steps < 5"], 1),
+    "early rholoss without a reference": ([*GREATS, "selection.early_method=rholoss", "selection.early_steps=2"],
+                                          ["selection.early_method=rholoss needs selection.reference_checkpoint"], 1),
     "init checkpoint missing": (lambda d, t: [f"train.init_checkpoint={t / 'no_step'}"],
                                 ["train.init_checkpoint", "no_step", "is not a folder"], 1),
     "rholoss without a reference": (["selection.method=rholoss", "selection.candidates=16"],
@@ -205,7 +224,9 @@ CASES = {
 # Refused by the config's own checks (before launch/pretrain.py makes the run folder): no run folder at all.
 BEFORE_THE_RUN_FOLDER = {"score window longer than the sequence", "score window not divisible under sequence parallel",
                          "score_layers beyond the model's layers", "prefilter keeping fewer than k",
-                         "prefilter keeping every candidate", "target EMA out of range"}
+                         "prefilter keeping every candidate", "target EMA out of range", "early method unknown",
+                         "early steps without an early method", "early method equal to the method",
+                         "early steps leaving the method no step", "early rholoss without a reference"}
 
 
 def _snapshot(folder: Path) -> dict:

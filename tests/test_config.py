@@ -111,12 +111,88 @@ def test_candidates_equal_to_k_are_noted_not_refused():
      "kept for; allowed with a target EMA: zero.stage 0, 1 or 2, or selection.target_ema=0"),
     (["selection.update=single_pass", "model.dropout=0.1"],
      "selection.update=single_pass with model.dropout=0.1: the update reuses the scoring pass"),
+    (["selection.early_method=greatz", "selection.early_steps=1"],
+     "config key 'selection.early_method' has value 'greatz'; allowed: greats, first_order, gradnorm, maxloss, "
+     "rholoss, uniform, regular, or null"),
+    (["selection.early_steps=-1"], "config key 'selection.early_steps' has value -1; allowed: >= 0"),
+    (["selection.early_steps=3"], "selection.early_steps=3 without selection.early_method: no method is named for "
+                                  "those steps; allowed: selection.early_method set to one of greats, "),
+    (["selection.early_method=greats", "selection.early_steps=3"],
+     "selection.early_method=greats is selection.method itself: every step would be taken the same way; allowed: "
+     "another method (first_order, gradnorm, maxloss, rholoss, uniform, regular), or null"),
+    # early_steps=0 with the method itself: still refused (the note on early_steps=0 is for another method)
+    (["selection.early_method=greats"], "selection.early_method=greats is selection.method itself"),
+    (["selection.early_method=maxloss", "selection.early_steps=10", "train.steps=10"],
+     "selection.early_steps=10 with train.steps=10: selection.method=greats would take no step; allowed: "
+     "selection.early_steps < 10, or a larger train.steps"),
+    # what the early method needs is checked as for a run of it, and named by its key
+    (["selection.early_method=rholoss", "selection.early_steps=3"],
+     "selection.early_method=rholoss needs selection.reference_checkpoint; allowed: "),
+    (["selection.method=maxloss", "selection.early_method=gradnorm", "selection.early_steps=3",
+      "selection.preconditioner=adam", "train.optimizer=sgd"], "it reads AdamW's second moment"),
+    (["selection.method=maxloss", "selection.early_method=greats", "selection.early_steps=3", "zero.stage=3"],
+     "selection.update=single_pass with zero.stage=3"),
 ])
 def test_bad_config_is_one_line(overrides, needle):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_phase_gating_checks_each_phase_as_a_run_of_its_method():
+    """Each phase's config is the run's with selection.method = its method: keys one method reads are
+    checked for the phase that reads them, and noted only where neither reads them."""
+    cfg = load_config(None, ["selection.early_method=maxloss", "selection.early_steps=3", "selection.prefilter=12",
+                             "train.global_batch=8", "selection.candidates=16"], world_size=1)
+    early, main = cfg.phases()
+    assert cfg.phased and (early.selection.method, main.selection.method) == ("maxloss", "greats")
+    assert (early.method_key, main.method_key) == ("selection.early_method", "selection.method")
+    assert early.selection.early_method is None and early.selection.early_steps == 0 and not early.phased
+    assert (early.num_scored(1), main.num_scored(1)) == (16, 12)  # maxloss does not read the prefilter
+    assert early.update_mode() == "two_pass" and main.update_mode() == "single_pass"
+    # the prefilter of the main method is checked against the layout; the early method's micro-batches too
+    # (greats scores M + m = 11 + 4 samples, maxloss N + m = 16 + 4)
+    phased = ["selection.method=greats", "selection.early_method=maxloss", "selection.early_steps=3",
+              "selection.candidates=16", "selection.prefilter=11", "selection.val_batch=4"]
+    load_config(None, [*phased, "selection.early_method=null", "selection.early_steps=0", "selection.score_micro_batch=3"],
+                world_size=1)
+    with pytest.raises(ConfigError, match=r"selection.score_micro_batch=3 does not divide candidates \+ val_batch = "
+                                          r"20; allowed: a divisor of 20"):
+        load_config(None, [*phased, "selection.score_micro_batch=3"], world_size=1)
+    # read by the early method only: no note; read by neither: noted, naming both
+    greats_keys = ["selection.eta=auto", "selection.preconditioner=adam"]
+    assert load_config(None, ["selection.method=maxloss", "selection.early_method=greats", "selection.early_steps=3",
+                              *greats_keys]).unread_selection_keys() == []
+    (note,) = load_config(None, ["selection.method=maxloss", "selection.early_method=uniform",
+                                 "selection.early_steps=3", "selection.eta=auto"]).unread_selection_keys()
+    assert note.startswith("selection.eta='auto' is not read by selection.early_method=uniform nor "
+                           "selection.method=maxloss (it applies to greats)"), note
+
+
+def test_an_early_method_without_early_steps_is_noted_not_refused():
+    """early_steps=0 (the default) is phase gating off: an early_method left set takes no step, which the
+    run says (as it does for any set key it does not read), and steps as selection.method throughout."""
+    cfg = load_config(None, ["selection.early_method=maxloss"], world_size=1)
+    assert not cfg.phased and [c.selection.method for c in cfg.phases()] == ["greats"]
+    assert cfg.unread_selection_keys() == [
+        "selection.early_method='maxloss' with selection.early_steps=0 takes no step; this run steps with "
+        "selection.method=greats throughout (to use it: selection.early_steps > 0)"]
+    assert load_config(None, ["selection.early_method=maxloss", "selection.early_steps=1"]).unread_selection_keys() \
+        == []
+
+
+def test_phase_notes_name_the_phase_they_are_about():
+    """N = k under phase gating: each selecting phase's note names its own method and key."""
+    notes = load_config(None, ["selection.candidates=8", "train.global_batch=8", "selection.method=greats",
+                               "selection.early_method=maxloss", "selection.early_steps=2"]).selection_notes(1)
+    assert [n.split(": ")[1].split(" takes")[0] for n in notes] == ["selection.early_method=maxloss",
+                                                                    "selection.method=greats"]
+    assert "so the steps of selection.early_method=maxloss train on the samples" in notes[0]
+    # regular draws k from the stream: nothing to note for its steps
+    (note,) = load_config(None, ["selection.candidates=8", "train.global_batch=8", "selection.method=greats",
+                                 "selection.early_method=regular", "selection.early_steps=2"]).selection_notes(1)
+    assert "selection.method=greats takes every candidate, so the steps of selection.method=greats train" in note
 
 
 def test_layout_must_divide_world_size():
