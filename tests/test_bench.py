@@ -266,6 +266,28 @@ def test_cheap_settings_parse_and_default_to_the_config():
     assert "top2" not in default_settings(small, 1, DEFAULT_KINDS)
 
 
+def test_benchmarks_measure_one_method_of_a_phased_config():
+    """bench step and bench fidelity time or compare one method's step: given a phased config, every
+    variant and setting runs without phase gating (regular_k would otherwise be refused: its
+    early_method=regular would be the method itself), and the benchmark notes what it left out."""
+    from megatron_greats.bench.fidelity import settings_of
+    from megatron_greats.bench.step import variant_overrides
+    from megatron_greats.config import load_config
+
+    config = str(REPO / "configs" / "tiny-cpu.yaml")
+    phased = ["selection.early_method=regular", "selection.early_steps=2"]
+    base = load_config(config, phased, world_size=1)
+    assert base.phased
+    for name, extra in variant_overrides(base, 1, {"w32": ["selection.score_window=32"]}).items():
+        variant = load_config(config, [*phased, *extra], world_size=1)
+        assert not variant.phased and not any("early" in n for n in variant.unread_selection_keys()), name
+    exact, settings, notes = settings_of(config, phased, ["w32:selection.score_window=32"], 1)
+    assert not exact.phased and not settings["w32"][1].phased
+    assert notes == ["bench fidelity measures one method's step: the config's selection.early_method=regular for "
+                     "its first selection.early_steps=2 steps is left out"]
+    assert settings_of(config, [], ["w32:selection.score_window=32"], 1)[2] == []
+
+
 def _naive_average_ranks(x):
     """Rank of each value by counting (1 + the values below it + half of its other ties): independent of sorting."""
     import numpy as np

@@ -245,3 +245,19 @@ def test_the_recorded_command_reads_back_to_the_same_arguments():
         command = shlex.split(recorded_command(args, parser))
         assert command[:2] == ["bash", "launch/compare.sh"]
         assert vars(parser.parse_args(command[2:])) == vars(args), command
+
+
+def test_a_phased_run_is_named_by_both_its_methods(tmp_path):
+    """report and compare name a run by its config.yaml: with phase gating 'maxloss:2+greats' (maxloss for
+    the first 2 steps), so that it is not taken for a plain greats run; an early_method that takes no
+    step, or a config written before phase gating, names selection.method alone."""
+    from megatron_greats.report import read_run
+
+    for name, selection, label in (
+            ("phased", {"method": "greats", "early_method": "maxloss", "early_steps": 2}, "maxloss:2+greats"),
+            ("unused", {"method": "greats", "early_method": "maxloss", "early_steps": 0}, "greats"),
+            ("older", {"method": "greats"}, "greats")):
+        _finished_run(tmp_path / name, "greats", 5.0)
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump({"data": {"target_domain": "python_docs"},
+                                                                     "selection": selection}))
+        assert read_run(tmp_path / name)["method"] == label, name
