@@ -122,3 +122,23 @@ def test_phased_telemetry_labels_each_step_with_its_method(runs):
         r = records[step]
         assert value == pytest.approx(np.mean(r["alignment_terms"]) / r["eta"], rel=1e-5)
     assert {"selection/maxloss/scores_selected", "selection/scores_selected"} <= set(events.Tags()["histograms"])
+
+
+def test_phases_that_both_read_the_target_ema_share_one_average(data_cache, tmp_path):
+    """With selection.target_ema both first_order and greats align with the average of the validation
+    gradients; phased, the greats steps go on with the average the first_order steps built (one file in
+    a checkpoint). Reference: a plain first_order run, then a plain greats run resumed from its checkpoint
+    at the switch (which reads the target file it left). A resume in the main phase goes on alike."""
+    ema = ["selection.target_ema=0.5"]
+    phased_keys = ["selection.method=greats", "selection.early_method=first_order", f"selection.early_steps={EARLY}"]
+    train(data_cache, tmp_path / "phased", *phased_keys, *ema)
+    assert sorted(p.name for p in (tmp_path / "phased" / "checkpoints" / "step_3").glob("target_ema*")) == \
+        ["target_ema_tp0_pp0.pt"]
+    train(data_cache, tmp_path / "first", "selection.method=first_order", *ema)
+    switched = rewound(tmp_path / "first", tmp_path / "switched", EARLY)
+    train(data_cache, switched, "selection.method=greats", *ema)
+    assert_same_steps(tmp_path / "phased", tmp_path / "first", range(1, EARLY + 1))
+    assert_same_steps(tmp_path / "phased", switched, range(EARLY + 1, STEPS + 1))
+    resumed = rewound(tmp_path / "phased", tmp_path / "resumed", EARLY + 1)
+    train(data_cache, resumed, *phased_keys, *ema)
+    assert_same_steps(resumed, tmp_path / "phased", range(EARLY + 2, STEPS + 1))

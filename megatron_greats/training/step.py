@@ -256,6 +256,19 @@ class PhasedStep:
         for strategy in self.strategies():
             strategy.use_clock(clock)
 
+    def _carrying(self) -> list:
+        """The strategies whose state a checkpoint keeps: a target both phases share, once."""
+        shared = getattr(self.early, "target", None) is not None and self.early.target is self.main.target
+        return [self.main] if shared else self.strategies()
+
+    def save_state(self, folder) -> None:
+        for strategy in self._carrying():
+            strategy.save_state(folder)
+
+    def load_state(self, folder) -> None:
+        for strategy in self._carrying():
+            strategy.load_state(folder)
+
     def take(self, step: int, lr: float) -> StepResult:
         phase = self.phase(step)
         result = self.strategies()[phase].take(step, lr)
@@ -278,4 +291,9 @@ def step_strategy(cfg, data, layout: Layout, engine, executor, reference_module=
         strategies.append(kind(phase, data, layout, engine, executor, reference_module=reference))
     if len(strategies) == 1:
         return strategies[0]
-    return PhasedStep(*strategies, early_steps=cfg.selection.early_steps)
+    early, main = strategies
+    if getattr(early, "target", None) is not None and getattr(main, "target", None) is not None:
+        # both phases read selection.target_ema: one average of the validation gradients over the whole run
+        # (it does not depend on the method; one file in a checkpoint)
+        early.target = main.target
+    return PhasedStep(early, main, early_steps=cfg.selection.early_steps)
