@@ -2,7 +2,9 @@
 python -m megatron_greats.bench step --config FILE [--warmup W] [--repeats R] [--rounds N] [--out DIR] [key=value ...]
     [--cheap NAME:key=value[,key=value...] ...] (any launcher: python, torchrun, deepspeed; every rank runs it)
 python -m megatron_greats.bench fidelity --config FILE [--steps S] [--every E] [--setting NAME:key=value[,...] ...]
-    [--out DIR] [--raw] [key=value ...]"""
+    [--out DIR] [--raw] [key=value ...]
+python -m megatron_greats.bench proxy --run RUN_DIR [--steps a,b,c | --every K] [--out FILE.json] [--sel-samples N]
+    [--val-samples N] [--seed S] [--batch B] [--no-adam] [key=value ...] (one process; reads val, never test)"""
 
 from __future__ import annotations
 
@@ -63,6 +65,26 @@ def main(argv=None) -> int:
                           help="also write fidelity_raw.npz: every measured step's scores, Grams and picks")
     fidelity.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     fidelity.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
+    proxy = sub.add_parser("proxy", help="does the selector fit its proxy? a finished run's picks replayed at its "
+                                         "checkpoints: their gains on the step's validation samples, the "
+                                         "selection split and val, against a random pick of the same candidates")
+    proxy.add_argument("--run", required=True, help="run_dir of a finished run (checkpoints/step_N, selection.jsonl)")
+    which = proxy.add_mutually_exclusive_group()
+    which.add_argument("--steps", default=None, help="checkpoint steps a,b,c (each with a selection logged at "
+                                                     "the step after it); default: every such checkpoint")
+    which.add_argument("--every", type=int, default=None, help="the checkpoint steps that are multiples of K")
+    proxy.add_argument("--out", default=None, help="the JSON report (and a .md beside it); default: "
+                                                   "RUN_DIR/proxy_probe.json")
+    proxy.add_argument("--sel-samples", type=int, default=None,
+                       help="S: the first N samples of the selection split (default: all of it)")
+    proxy.add_argument("--val-samples", type=int, default=None,
+                       help="V: the first N samples of the val split (default: all of it)")
+    proxy.add_argument("--seed", type=int, default=0, help="seed of the random control R (drawn per step)")
+    proxy.add_argument("--batch", type=int, default=16, help="samples per forward/backward")
+    proxy.add_argument("--no-adam", dest="adam", action="store_false",
+                       help="leave out the views preconditioned by Adam's D from the checkpoint")
+    proxy.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the run's config.yaml "
+                                                    "(e.g. data.cache_dir=...)")
     args = parser.parse_args(argv)
 
     import warnings
@@ -84,7 +106,7 @@ def main(argv=None) -> int:
 
     try:
         gram_form()  # MEGATRON_GREATS_GRAM_FORM, checked before anything is built or measured
-        return {"step": _step, "fidelity": _fidelity, "ghost": _ghost}[args.bench](args)
+        return {"step": _step, "fidelity": _fidelity, "ghost": _ghost, "proxy": _proxy}[args.bench](args)
     except GreatsError as e:
         print(f"megatron_greats: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
@@ -144,6 +166,17 @@ def _fidelity(args) -> int:
         written = ", ".join(f"{args.out}/{name}" for name in ("fidelity.json", "fidelity.md")
                             + (("fidelity_raw.npz",) if args.raw else ()))
         print(f"written: {written}", flush=True)
+    return 0
+
+
+def _proxy(args) -> int:
+    from megatron_greats.bench import proxy
+
+    proxy.plan(args.run, args.steps, args.every)  # refusals before the heavy imports
+    report = proxy.run(args.run, args.steps, args.every, args.out, args.overrides, args.sel_samples,
+                       args.val_samples, args.seed, args.batch, args.adam)
+    print(proxy.markdown(report), flush=True)
+    print(f"written: {', '.join(report['written'])}", flush=True)
     return 0
 
 
