@@ -8,7 +8,8 @@ SPEC_JSON:
   {"steps":  [{"weights": PT or null, "ids": [...], "lr": x, "clip": c}, ...],
    "select": [{"weights": PT or null, "candidates": [...], "validation": [...], "eta": x, "k": k}, ...],
    "adamw":  {"ids": [[...], ...], "lrs": [...], "clip": c, "betas": [b1, b2], "eps": e, "weight_decay": w},
-   "losses": [{"weights": PT or null, "ids": [...]}, ...]}
+   "losses": [{"weights": PT or null, "ids": [...]}, ...],
+   "gradients": [{"weights": PT or null, "groups": {NAME: [SPLIT, [ids], [offset, length] or null]}}, ...]}
 "weights" is a state dict saved with torch.save (null: the initial weights).
   steps:  the gradient of the mean per-sample loss over `ids`, its 2-norm, and the weights after one
           plain SGD step (no momentum, no weight decay) with clipping to `clip` (0: none);
@@ -28,12 +29,15 @@ SPEC_JSON:
           the only candidates selected from; picks are positions among all candidates, and
           "prefiltered" (the M positions) and "losses" (all candidates') are returned too.
   losses: per-sample losses of train samples `ids` at the given weights (forward only);
+  gradients: per group, the mean over its samples (of split SPLIT, cut to the window if one is given) of
+          each sample's flat gradient, one backward per sample; with the parameter names and sizes of the
+          flat layout and AdamW's parameter order (decayed names first, Megatron's rule on module types);
   adamw:  consecutive steps from the initial weights with torch's own AdamW, on the mean gradient over
           each step's ids, clipped to `clip`, with parameter groups built here from Megatron's rule:
           no weight decay on biases, on the weights of normalisation layers, or on learned positions.
 Writes {"initial": state, "steps": [{"grad_norm", "weights"}], "select": [{"picked", "gains"[, "prefiltered",
 "losses"]}],
-"losses": [tensor, ...], "adamw": {"decayed": [names], "grad_norms": [...], "weights": [state after each
+"losses": [tensor, ...], "gradients": [{"names", "sizes", "optimizer_order", NAME: flat tensor}], "adamw": {"decayed": [names], "grad_norms": [...], "weights": [state after each
 step]}} to OUT.
 """
 
@@ -75,6 +79,15 @@ def decays(name, module, seq_len):
     is_norm = type(module).__name__.endswith("Norm")                                  # LayerNorm, RMSNorm
     is_positions = isinstance(module, torch.nn.Embedding) and module.num_embeddings == seq_len
     return not (name == "bias" or is_norm or is_positions)
+
+
+def optimizer_order(model, seq_len):
+    """The parameter names in AdamW's order: the decayed group, then the rest."""
+    decay, rest = [], []
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            (decay if decays(name, module, seq_len) else rest).append(f"{module_name}.{name}")
+    return decay + rest
 
 
 def adamw_steps(model, data, spec, seq_len):
@@ -214,6 +227,17 @@ def main():
         load(model, initial, s["weights"])
         with torch.no_grad():
             result.setdefault("losses", []).append(per_sample_losses(model, data.train.get(np.asarray(s["ids"]))))
+    for s in spec.get("gradients", []):
+        load(model, initial, s["weights"])
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        grads = {"names": [n for n, _ in named], "sizes": [p.numel() for _, p in named],
+               "optimizer_order": optimizer_order(model, cfg.model.seq_len)}
+        for name, (split, ids, window) in s["groups"].items():
+            tokens = getattr(data, split).get(np.asarray(ids))
+            if window is not None:
+                tokens = tokens[:, window[0]: window[0] + window[1] + 1]
+            grads[name] = torch.stack([flat_gradient(model, tokens[i:i + 1]) for i in range(tokens.shape[0])]).mean(0)
+        result.setdefault("gradients", []).append(grads)
     if "adamw" in spec:
         load(model, initial, None)
         result["adamw"] = adamw_steps(model, data, spec["adamw"], cfg.model.seq_len)
