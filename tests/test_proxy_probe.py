@@ -55,8 +55,10 @@ def test_probe_gains_match_a_per_sample_reference_and_the_logged_selection(data_
     for entry in report["steps"]:
         s, record = entry["step"], logged[entry["step"] + 1]
         assert entry["k"] == len(record["selected"]) and entry["N"] == len(record["candidates"])
-        control = entry["random_control"]
+        control, target_control = entry["random_control"], entry["random_target_control"]
         assert len(set(control)) == entry["k"] and set(control) <= set(record["candidates"])
+        assert len(set(target_control)) == entry["target_selected"] <= entry["target_candidates"]
+        assert set(target_control) <= set(record["candidates"])
         weights = tmp_path / f"weights_{s}.pt"
         torch.save(full_weights(run / "checkpoints" / f"step_{s}"), weights)
         window = record["score_window"]
@@ -64,7 +66,8 @@ def test_probe_gains_match_a_per_sample_reference_and_the_logged_selection(data_
                   "C": ["train", record["candidates"], None], "V_step": ["selection", record["validation"], None],
                   "S": ["selection", list(range(SAMPLES)), None], "V": ["val", list(range(SAMPLES)), None],
                   "wP": ["train", record["selected"], window], "wR": ["train", control, window],
-                  "wV_step": ["selection", record["validation"], window], "wV": ["val", list(range(SAMPLES)), window]}
+                  "wV_step": ["selection", record["validation"], window], "wV": ["val", list(range(SAMPLES)), window],
+                  **({"R_tgt": ["train", target_control, None]} if target_control else {})}
         spec["gradients"].append({"weights": str(weights), "groups": groups})
     reference = run_reference(spec, overrides, tmp_path / "reference")
 
@@ -88,18 +91,21 @@ def test_probe_gains_match_a_per_sample_reference_and_the_logged_selection(data_
             got = entry["views"][view]
 
             def vec(name):
-                x = ref[name] * (diag if diag is not None and name in ("P", "R", "C") else 1.0)
+                x = ref[name] * (diag if diag is not None and name in ("P", "R", "C", "R_tgt") else 1.0)
                 return x if mask is None else x[mask]
-            for y in ("P", "R", "C"):
+            for y in ("P", "R", "C", *(("R_tgt",) if "R_tgt" in ref else ())):
                 for x in ("V_step", "S", "V"):
                     a, b = vec(y), vec(x)
                     scale = float(a.norm() * b.norm())
-                    assert _close(got["gain"][y][x], float(a @ b), scale), (s, view, y, x, got["gain"][y][x], float(a @ b))
+                    assert _close(got["gain"][y][x], float(a @ b), scale), (s, view, y, x, got["gain"][y][x])
                     assert got["cos"][y][x] == pytest.approx(float(a @ b) / scale, abs=1e-4), (s, view, y, x)
                 assert got["norm"][y] == pytest.approx(float(vec(y).norm()), rel=1e-4)
             for x in ("V_step", "S", "V"):
                 assert got["lift"][x] == pytest.approx(got["cos"]["P"][x] - got["cos"]["R"][x], abs=1e-12)
                 assert got["ratio_P_R"][x] == pytest.approx(got["gain"]["P"][x] / got["gain"]["R"][x], rel=1e-9)
+                if got["cos"]["P_tgt"] is not None:
+                    assert got["lift_tgt"][x] == pytest.approx(got["cos"]["P_tgt"][x] - got["cos"]["R_tgt"][x],
+                                                               abs=1e-12)
         # the selector's own view: its window, its parameters, no preconditioner (TINY_TRAIN)
         window = entry["views"]["window"]
         for y, x in (("P", "V_step"), ("R", "V_step"), ("P", "V")):

@@ -16,18 +16,22 @@ mean token loss) of
 
   P      the k selected samples of step s + 1          R      a random k of the same N candidates (seeded)
   C      all N candidates                              P_tgt  the selected samples of the target domain
-  C_tgt  the candidates of the target domain           V_step the step's m validation samples (selection split)
+  C_tgt  the candidates of the target domain           R_tgt  a random |P_tgt| of C_tgt (seeded)
+  V_step the step's m validation samples (selection split)
   S      the selection split (its first --sel-samples)  V      the val split (its first --val-samples)
 
 and per view (the parameters: all trainable ones, or those the run scored: selection.score_layers and
 score_exclude; plain, or times Adam's D = 1 / (sqrt(v_hat) + eps) of the coming step, from the
 checkpoint's optimizer state with the candidates' mean gradient C as the coming gradient, as
 training/preconditioning.py forms it) the first-order gains <Y, X> and cosines for Y in P, R, C, P_tgt,
-C_tgt and X in V_step, S, V; the ratios <P, X> / <R, X> and <P, X> / <C, X>; and the lift
-cos(P, X) - cos(R, X), which does not grow with the norm of X. One more view, "window", is what the
-selector itself saw: every sample cut to the logged score_window, the scored parameters, and D where
-the run logged preconditioner adam. If P's lift on V_step is far above its
-lift on S, the picks fit the step's m samples; above its lift on V, they fit the selection split.
+C_tgt and X in V_step, S, V; the ratios <P, X> / <R, X> and <P, X> / <C, X>; the lift cos(P, X) - cos(R, X),
+which does not grow with the norm of X; and lift_tgt = cos(P_tgt, X) - cos(R_tgt, X): whether the
+target-domain samples the selector takes are better for X than as many random ones of the target
+domain among the same candidates (a mean of fewer samples has a lower cosine: R_tgt is of P_tgt's
+size). One more view, "window", is what the selector itself saw: every sample cut to the logged
+score_window, the scored parameters, and D where the run logged preconditioner adam. If P's lift on
+V_step is far above its lift on S, the picks fit the step's m samples; above its lift on V, they fit
+the selection split.
 """
 
 from __future__ import annotations
@@ -41,12 +45,13 @@ from pathlib import Path
 
 import numpy as np
 
-SELECTIONS = ("P", "R", "C", "P_tgt", "C_tgt")   # gradients that an update would follow
+SELECTIONS = ("P", "R", "C", "P_tgt", "R_tgt", "C_tgt")   # gradients that an update would follow
 TARGETS = ("V_step", "S", "V")                   # gradients of the target domain it is judged on
 GROUPS = SELECTIONS + TARGETS
-RATIO_METRICS = ("ratio_P_R", "ratio_P_C", "lift")
+RATIO_METRICS = ("ratio_P_R", "ratio_P_C", "lift", "lift_tgt")
 VIEW_ORDER = ("all", "scored", "all+adam", "scored+adam", "window")
 _RANDOM_STREAM = 0x9A0B  # the control's stream of --seed (one draw per step)
+_TARGET_STREAM = 0x9A0C  # the target-domain control's stream
 
 
 # ---- what to measure: read and checked before anything heavy is imported --------------------------
@@ -185,7 +190,9 @@ def products(grads: dict, members: list, diagonal=None) -> dict:
     return {"norm": norm, "gain": gain, "cos": cos, "targets_cos": between,
             "ratio_P_R": {x: _ratio(gain["P"][x], gain["R"][x]) for x in TARGETS},
             "ratio_P_C": {x: _ratio(gain["P"][x], gain["C"][x]) for x in TARGETS},
-            "lift": {x: cos["P"][x] - cos["R"][x] for x in TARGETS}}
+            "lift": {x: cos["P"][x] - cos["R"][x] for x in TARGETS},
+            "lift_tgt": {x: None if cos["P_tgt"] is None or cos["R_tgt"] is None
+                         else cos["P_tgt"][x] - cos["R_tgt"][x] for x in TARGETS}}
 
 
 def _ratio(a: float, b: float) -> float:
@@ -193,8 +200,8 @@ def _ratio(a: float, b: float) -> float:
 
 
 # ---- the run -------------------------------------------------------------------------------------
-def random_control(candidates: np.ndarray, k: int, seed: int, step: int) -> np.ndarray:
-    rng = np.random.default_rng(np.random.SeedSequence([seed, step, _RANDOM_STREAM]))
+def random_control(candidates: np.ndarray, k: int, seed: int, step: int, stream: int = _RANDOM_STREAM) -> np.ndarray:
+    rng = np.random.default_rng(np.random.SeedSequence([seed, step, stream]))
     return np.sort(rng.choice(candidates, size=k, replace=False))
 
 
@@ -275,9 +282,13 @@ def run(run_dir: str, steps_text=None, every=None, out_file=None, overrides=(), 
             ids = {"P": (data.train, selected), "R": (data.train, control), "C": (data.train, candidates),
                    "V_step": (data.selection, np.asarray(record["validation"])),
                    "S": (data.selection, sel_ids), "V": (data.val, val_ids)}
+            target_control = None
             if target is not None:
                 ids["P_tgt"] = (data.train, selected[data.train.domains(selected) == target])
                 ids["C_tgt"] = (data.train, candidates[data.train.domains(candidates) == target])
+                target_control = random_control(ids["C_tgt"][1], len(ids["P_tgt"][1]), seed, s + 1,
+                                                stream=_TARGET_STREAM)
+                ids["R_tgt"] = (data.train, target_control)
             grads = {name: mean_gradient(model, params, split.get(i), batch) if len(i) else None
                      for name, (split, i) in ids.items()}
             views = view_members(cfg, model, names, params)
@@ -294,8 +305,9 @@ def run(run_dir: str, steps_text=None, every=None, out_file=None, overrides=(), 
                 offset, length = window
                 cut = {name: mean_gradient(model, params, split.get(i)[:, offset:offset + length + 1], batch)
                        if len(i) else None for name, (split, i) in ids.items()}
-                d = None if state is None or record.get("preconditioner") != "adam" else adam_diagonal(state, order, params, cut["C"], cfg.train.beta2,
-                                                             cfg.train.adam_eps)
+                d = None
+                if state is not None and record.get("preconditioner") == "adam":
+                    d = adam_diagonal(state, order, params, cut["C"], cfg.train.beta2, cfg.train.adam_eps)
                 measured["window"] = products(cut, views.get("scored", views["all"]), diagonal=d)
             report_steps.append({
                 "step": s, "selection_step": s + 1, "k": k, "N": len(candidates), "m": len(record["validation"]),
@@ -304,7 +316,9 @@ def run(run_dir: str, steps_text=None, every=None, out_file=None, overrides=(), 
                 "shares": {"selected": shares(data.train, selected), "candidates": shares(data.train, candidates)},
                 "target_selected": None if target is None else int(len(ids["P_tgt"][1])),
                 "target_candidates": None if target is None else int(len(ids["C_tgt"][1])),
-                "random_control": control.tolist(), "views": measured, "seconds": time.time() - t0})
+                "random_control": control.tolist(),
+                "random_target_control": None if target_control is None else target_control.tolist(),
+                "views": measured, "seconds": time.time() - t0})
             del model, grads
             print(f"megatron_greats: proxy: step_{s} ({position} of {len(chosen)}) measured in "
                   f"{time.time() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -376,30 +390,32 @@ def markdown(r: dict) -> str:
              f"mean-loss gradients. P: the k picks; R: a random k of the same N candidates (probe seed "
              f"{r['probe_seed']}); C: all N; V_step: the step's m validation samples; S: {r['S_samples']} of the "
              f"selection split's {r['splits']['selection']} samples; V: {r['V_samples']} of val's "
-             f"{r['splits']['val']} (test is never read). lift = cos(P, X) - cos(R, X).", "",
+             f"{r['splits']['val']} (test is never read). lift = cos(P, X) - cos(R, X); lift_tgt = cos(P_tgt, X) - "
+             "cos(R_tgt, X): the picks of the target domain against as many random target-domain candidates.", "",
              f"Per step, view {primary}:", "",
              f"| step | {tgt} share picks / cand. | P/R V_step | P/R S | P/R V | lift V_step | lift S | lift V | "
              "cos P,V | cos R,V | cos C,V | cos S,V |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in r["steps"]:
         v = s["views"][primary]
-        share = f"{s['shares']['selected'].get(tgt, math.nan):.2f} / {s['shares']['candidates'].get(tgt, math.nan):.2f}"
+        share = " / ".join(f"{s['shares'][who].get(tgt, math.nan):.2f}" for who in ("selected", "candidates"))
         lines.append(f"| {s['step']} | {share} | " + " | ".join(_f(v["ratio_P_R"][x], 2) for x in TARGETS) + " | "
                      + " | ".join(_f(v["lift"][x]) for x in TARGETS) + " | "
-                     + " | ".join(_f(v["cos"][y]["V"]) for y in ("P", "R", "C")) + f" | {_f(v['targets_cos']['S~V'])} |")
+                     + " | ".join(_f(v["cos"][y]["V"]) for y in ("P", "R", "C"))
+                     + f" | {_f(v['targets_cos']['S~V'])} |")
     lines += ["", "Medians over steps (all / early half / late half):", "",
-              "| view | part | P/R V_step | P/R S | P/R V | P/C V_step | P/C S | P/C V | lift V_step | lift S | lift V | "
-              "cos P_tgt,V | cos C_tgt,V | cos V_step,V | cos S,V |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| view | part | P/R V_step | P/R S | P/R V | P/C V_step | P/C S | P/C V | lift V_step | lift S | "
+              "lift V | lift_tgt V_step | lift_tgt S | lift_tgt V | cos V_step,V | cos S,V |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for view in r["views"]:
         for part in ("all", "early", "late"):
             e = r["summary"][view][part]
             if e is None:
                 continue
             lines.append(f"| {view} | {part} ({len(e['steps'])}) | "
-                         + " | ".join(_f(e[m][x], 2 if m != "lift" else 3) for m in RATIO_METRICS for x in TARGETS)
-                         + f" | {_f(e['cos']['P_tgt']['V'])} | {_f(e['cos']['C_tgt']['V'])} | "
-                         f"{_f(e['targets_cos']['V_step~V'])} | {_f(e['targets_cos']['S~V'])} |")
+                         + " | ".join(_f(e[m][x], 2 if m.startswith("ratio") else 3) for m in RATIO_METRICS
+                                      for x in TARGETS)
+                         + f" | {_f(e['targets_cos']['V_step~V'])} | {_f(e['targets_cos']['S~V'])} |")
     lines += ["", "Views: all: every trainable parameter; scored: those the run scored (selection.score_layers, "
                   "score_exclude); +adam: the selections' side times Adam's D of the coming step from the "
                   "checkpoint's optimizer state; window: what the selector saw, every sample cut to the logged "
