@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The first thing to run on a GPU machine: one command, about 8 minutes on one GPU, and the numbers a
 # user on GPUs asks for (docs/cluster.md, "Checking a GPU machine").
-#   bash launch/gpu_check.sh [--out DIR] [--minutes M]
+#   bash launch/gpu_check.sh [--out DIR] [--minutes M] [--wheels DIR]
 #
 #   --out DIR     where results go (default runs/gpu-check-<date>): summary.md (one table),
 #                 results.json, steps.tsv, logs/<step>.log and each step's own outputs
 #   --minutes M   time budget for the whole check, set-up included (default 8; 12 with 2+ GPUs).
 #                 A step gets at most what is left; a step that would start with under 20 s left is
 #                 skipped and recorded as such.
+#   --wheels DIR  offline: a machine that cannot reach the package index. DIR is a folder made by
+#                 launch/gpu_wheels.sh where the index is reachable; its wheels go on top of python3's
+#                 own packages (its CUDA torch is kept, whatever its version) and nothing is fetched.
 #
 # Steps, in order (one function each, below): env (a CUDA torch wheel, then requirements.txt), data
 # (the embedded corpus), tests (the device code paths on the GPU), quickstart-bf16 (GREATS vs Regular,
@@ -18,34 +21,45 @@
 #   GPU_CHECK_CUDA         CUDA tag of the torch wheel (default cu128; e.g. cu126)
 #   GPU_CHECK_TORCH_INDEX  index holding that wheel (default https://download.pytorch.org/whl/$GPU_CHECK_CUDA)
 #   GPU_CHECK_ANY_TORCH=1  keep an importable CUDA torch of another version than the pin
-#   MEGATRON_GREATS_VENV   the virtual environment (default .venv, as launch/setup_env.sh)
+#   MEGATRON_GREATS_VENV   the virtual environment (default .venv; with --wheels the folder the wheels
+#                          go to, default .venv-wheels: as launch/setup_env.sh)
+#   PYTHON                 with --wheels: the Python whose CUDA torch is used (default python3)
+#   GPU_CHECK_COMMIT       the commit to record where the copy has no .git (a copied working tree)
 #
 # Exit status: 0 every step ran and passed; 1 a step failed, timed out or was skipped for time (the
 # others still ran; summary.md says which); 2 a bad option, or no CUDA GPU: nvidia-smi missing or
 # listing no GPU (then nothing is installed or written), or torch.cuda.is_available() False once the
 # environment is set up (then the folder holds the env step's log).
 set -uo pipefail   # no -e: a failed step is recorded and the next one runs
+# paths given on the command line are the caller's; everything else is the repository's
+CALLER="$(pwd)"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$(pwd)"
 
 die() { echo "gpu_check: $*" >&2; exit 2; }
 
-out="" minutes=""
+out="" minutes="" wheels=""
 while [ $# -gt 0 ]; do
   [[ "$1" == --?*=* ]] && set -- "${1%%=*}" "${1#*=}" "${@:2}"
   case "$1" in
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    --out|--minutes) [ $# -ge 2 ] || die "option $1 needs a value" ;;
-    *) die "unknown option '$1'; allowed: --out DIR, --minutes M" ;;
+    --out|--minutes|--wheels) [ $# -ge 2 ] || die "option $1 needs a value" ;;
+    *) die "unknown option '$1'; allowed: --out DIR, --minutes M, --wheels DIR" ;;
   esac
   case "$1" in
-    --out) out="$2" ;;
+    --out) out="$2"; [[ "$out" == /* ]] || out="$CALLER/$out" ;;
     --minutes) minutes="$2" ;;
+    --wheels) wheels="$2"; [[ "$wheels" == /* ]] || wheels="$CALLER/$wheels" ;;
   esac
   shift 2
 done
 [ -z "$minutes" ] || { [[ "$minutes" =~ ^[0-9]+([.][0-9]+)?$ ]] && awk -v m="$minutes" 'BEGIN { exit !(m > 0) }'; } \
   || die "--minutes must be a positive number, got '$minutes'"
+if [ -n "$wheels" ]; then
+  compgen -G "$wheels/*.whl" >/dev/null \
+    || die "--wheels '$wheels' is no folder of .whl files; make one with launch/gpu_wheels.sh"
+  wheels="$(cd "$wheels" && pwd)"
+fi
 
 # ---- the GPU probe: first, so that a machine without a GPU gets one line and nothing installed -----
 # nvidia-smi is the driver's own tool: without it (or without a GPU it lists) no CUDA torch can help.
@@ -67,7 +81,13 @@ OUT="$(cd "$OUT" && pwd)"
 [ -n "$minutes" ] || { minutes=8; [ "$NGPU" -lt 2 ] || minutes=12; }
 START="$(date +%s)"
 DEADLINE="$(awk -v s="$START" -v m="$minutes" 'BEGIN { printf "%d", s + m * 60 }')"
-VENV="${MEGATRON_GREATS_VENV:-$REPO/.venv}"
+if [ -n "$wheels" ]; then
+  VENV="${MEGATRON_GREATS_VENV:-$REPO/.venv-wheels}"
+  export MEGATRON_GREATS_WHEELS="$wheels"
+else
+  VENV="${MEGATRON_GREATS_VENV:-$REPO/.venv}"
+fi
+export MEGATRON_GREATS_VENV="$VENV"
 # the pin lives in launch/setup_env.sh (TORCH_SPEC); the CUDA wheel is the same version
 TORCH_VERSION="$(sed -n 's/.*TORCH_SPEC:-torch==\([0-9][0-9.]*\)}.*/\1/p' launch/setup_env.sh | head -1)"
 GPU_CHECK_CUDA="${GPU_CHECK_CUDA:-cu128}"
@@ -76,6 +96,8 @@ GPU_CHECK_TORCH_INDEX="${GPU_CHECK_TORCH_INDEX:-https://download.pytorch.org/whl
 DATA_CACHE="$REPO/data_cache"
 export REPO OUT VENV NGPU TORCH_VERSION GPU_CHECK_CUDA GPU_CHECK_TORCH_INDEX DATA_CACHE
 export GPU_CHECK_ANY_TORCH="${GPU_CHECK_ANY_TORCH:-0}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+# with GPU_CHECK_ANY_TORCH=1, setup_env.sh must not replace the kept torch by the pin (in every step)
+if [ "$GPU_CHECK_ANY_TORCH" = 1 ]; then export TORCH_SPEC=torch; fi
 
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/nvidia-smi.csv" 2>&1
 {
@@ -83,11 +105,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/nvidia-smi.csv" 2>
   if commit="$(git rev-parse HEAD 2>/dev/null)"; then
     git diff --quiet HEAD 2>/dev/null || commit="$commit (modified)"
   else
-    commit="unknown (no git checkout)"
+    commit="${GPU_CHECK_COMMIT:-unknown (no git checkout)}"
   fi
   echo "commit=$commit"
   echo "started=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "minutes=$minutes"
+  echo "wheels=${wheels:-none (the package index)}"
   echo "host=$(hostname)"
 } > "$OUT/machine.txt"
 printf 'step\tstatus\texit\tseconds\tnote\n' > "$OUT/steps.tsv"
@@ -96,6 +119,32 @@ echo "[gpu_check] $NGPU GPU(s): $(printf '%s\n' "$GPU_LIST" | head -1); budget $
 # ---- the steps: each runs in its own bash under `timeout`, output in $OUT/logs/<step>.log ----------
 
 step_env() {
+  if [ -n "${MEGATRON_GREATS_WHEELS:-}" ]; then
+    echo "[env] offline: the wheels of $MEGATRON_GREATS_WHEELS over ${PYTHON:-python3}'s own packages"
+  else
+    step_env_online || return 1
+  fi
+  # shellcheck disable=SC1091
+  ( source launch/setup_env.sh && python - "$OUT/torch.json" ) <<'EOF'
+import json, sys
+import torch, deepspeed
+from importlib.metadata import version
+info = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+        "cuda_available": torch.cuda.is_available(), "device_count": torch.cuda.device_count(),
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "capability": [list(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())],
+        "nccl": None if not torch.cuda.is_available() else
+                (lambda v: ".".join(map(str, v)) if isinstance(v, tuple) else str(v))(torch.cuda.nccl.version()),
+        "bf16_supported": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "deepspeed": deepspeed.__version__, "megatron_core": version("megatron-core"),
+        "python": sys.version.split()[0], "executable": sys.executable}
+json.dump(info, open(sys.argv[1], "w"), indent=2)
+print(json.dumps(info))
+sys.exit(0 if info["cuda_available"] else 3)
+EOF
+}
+
+step_env_online() {
   # A venv whose torch is the pinned version and sees the GPU is kept as it is. Otherwise: a new venv
   # reuses a system torch that sees the GPU (--system-site-packages), else the CUDA wheel of the pinned
   # version is installed from GPU_CHECK_TORCH_INDEX (a CPU build of the same version is replaced: its
@@ -122,26 +171,6 @@ sys.exit(0 if ok else 1)'
     "$VENV/bin/python" -m pip install "torch==$TORCH_VERSION+$GPU_CHECK_CUDA" \
       --extra-index-url "$GPU_CHECK_TORCH_INDEX" || return 1
   fi
-  # with GPU_CHECK_ANY_TORCH=1, setup_env.sh must not replace the kept torch by the pin
-  if [ "$GPU_CHECK_ANY_TORCH" = 1 ]; then export TORCH_SPEC=torch; fi
-  # shellcheck disable=SC1091
-  ( source launch/setup_env.sh ) || return 1
-  "$VENV/bin/python" - "$OUT/torch.json" <<'EOF'
-import json, sys
-import torch, deepspeed
-from importlib.metadata import version
-info = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-        "cuda_available": torch.cuda.is_available(), "device_count": torch.cuda.device_count(),
-        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "capability": [list(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())],
-        "nccl": None if not torch.cuda.is_available() else
-                (lambda v: ".".join(map(str, v)) if isinstance(v, tuple) else str(v))(torch.cuda.nccl.version()),
-        "bf16_supported": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        "deepspeed": deepspeed.__version__, "megatron_core": version("megatron-core")}
-json.dump(info, open(sys.argv[1], "w"), indent=2)
-print(json.dumps(info))
-sys.exit(0 if info["cuda_available"] else 3)
-EOF
 }
 
 step_data() {
@@ -277,7 +306,7 @@ not_run() {  # NAME REASON: a step that does not apply here (not a failure)
   record "$1" "not run" "" 0 "$2"
 }
 
-export -f step_env step_data step_tests train_pair step_quickstart deepspeed_pair step_dp2 step_tp2 \
+export -f step_env step_env_online step_data step_tests train_pair step_quickstart deepspeed_pair step_dp2 step_tp2 \
   bench_step step_bench_step_bf16 step_bench_step_fp32 step_bench_ghost
 
 run_step env 600 step_env

@@ -1,8 +1,10 @@
-"""launch/gpu_check.sh where there is no GPU, and its summary builder (launch/gpu_check_summary.py).
+"""launch/gpu_check.sh where there is no GPU, its offline set-up (--wheels, launch/setup_env.sh with
+MEGATRON_GREATS_WHEELS) and its summary builder (launch/gpu_check_summary.py).
 
 Without an NVIDIA GPU the script must stop before installing or writing anything: exit status 2 and
-exactly one stderr line naming the cause. The summary builder is checked on committed CPU results
-standing in for a GPU run's outputs, so that its table is known to work before a GPU is lent.
+exactly one stderr line naming the cause. The offline set-up is run for real on this machine's Python
+up to torch's own GPU check. The summary builder is checked on committed CPU results standing in for
+a GPU run's outputs, so that its table is known to work before a GPU is lent.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib.util
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -75,12 +78,112 @@ def test_an_nvidia_smi_that_lists_no_gpu_is_no_gpu(tmp_path):
     (["--minutes", "0"], "--minutes must be a positive number, got '0'"),
     (["--minutes=soon"], "--minutes must be a positive number, got 'soon'"),
     (["--out"], "option --out needs a value"),
-    (["--gpus", "2"], "unknown option '--gpus'; allowed: --out DIR, --minutes M"),
+    (["--gpus", "2"], "unknown option '--gpus'; allowed: --out DIR, --minutes M, --wheels DIR"),
+    (["--wheels", "/nonexistent/wheels"],
+     "--wheels '/nonexistent/wheels' is no folder of .whl files; make one with launch/gpu_wheels.sh"),
 ])
 def test_a_bad_option_is_one_line_before_the_gpu_probe(tmp_path, args, message):
     proc, _ = run_script(*args)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"gpu_check: {message}"]
+
+
+WHEELS_SCRIPT = REPO / "launch" / "gpu_wheels.sh"
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "no folder given; usage: bash launch/gpu_wheels.sh DIR [--python-version V] [--have FILE]"),
+    (["w", "--python-version", "312"], "--python-version must be major.minor (e.g. 3.12), got '312'"),
+    (["w", "--have", "/nonexistent/have.txt"], "--have file '/nonexistent/have.txt' cannot be read"),
+    (["w", "v"], "one folder only, got 'w' and 'v'"),
+    (["w", "--platform", "x"], "unknown option '--platform'; allowed: DIR, --python-version V, --have FILE"),
+])
+def test_gpu_wheels_refuses_bad_arguments_in_one_line_before_any_work(tmp_path, args, message):
+    """(Making a wheelhouse needs the package index, so it is checked by hand: docs/cluster.md.)"""
+    proc = subprocess.run(["bash", str(WHEELS_SCRIPT), *args], cwd=tmp_path, env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"gpu_wheels: {message}"]
+    assert not (tmp_path / "w").exists()
+
+
+def build_wheel(folder: Path, tmp: Path) -> Path:
+    """A real wheel of a one-module package, built by pip (a wheelhouse's smallest member)."""
+    source = tmp / "probe-source"
+    (source / "wheel_probe").mkdir(parents=True)
+    (source / "wheel_probe" / "__init__.py").write_text("VALUE = 42\n")
+    (source / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools>=68"]\n'
+                                           'build-backend = "setuptools.build_meta"\n'
+                                           '[project]\nname = "wheel_probe"\nversion = "1.0"\n')
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "--no-index", "-w", str(folder), str(source)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = folder.glob("wheel_probe-1.0-*.whl")
+    return wheel
+
+
+def source_setup_env(env: dict, command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", f"source launch/setup_env.sh && {command}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_offline_setup_installs_the_wheels_over_the_pythons_own_packages_and_keeps_them(tmp_path):
+    """MEGATRON_GREATS_WHEELS: the folder's wheels land in MEGATRON_GREATS_VENV/site, on PYTHONPATH
+    before PYTHON's own packages (whose torch stays); `python` there is PYTHON itself; nothing is
+    fetched (PIP_NO_INDEX); a second set-up with the same wheels installs nothing."""
+    wheels = tmp_path / "wheels"
+    build_wheel(wheels, tmp_path)
+    prefix = tmp_path / "prefix"
+    env = child_env(MEGATRON_GREATS_WHEELS=str(wheels), MEGATRON_GREATS_VENV=str(prefix), PYTHON=sys.executable,
+                    PIP_NO_INDEX="1")
+    show = "python -c 'import sys, torch, wheel_probe; print(sys.executable, wheel_probe.VALUE, wheel_probe.__file__)'"
+    first = source_setup_env(env, show)
+    assert first.returncode == 0, first.stderr
+    assert "[setup] installing the wheels of" in first.stdout
+    executable, value, location = first.stdout.splitlines()[-1].split()
+    assert executable == sys.executable and value == "42"
+    assert Path(location).is_relative_to(prefix / "site")
+    again = source_setup_env(env, show)
+    assert again.returncode == 0 and "[setup] installing" not in again.stdout
+    assert again.stdout.splitlines()[-1] == first.stdout.splitlines()[-1]
+
+
+def test_offline_setup_refuses_a_folder_without_wheels_in_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = child_env(MEGATRON_GREATS_WHEELS=str(empty), MEGATRON_GREATS_VENV=str(tmp_path / "prefix"))
+    proc = source_setup_env(env, "true")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"[setup] error: MEGATRON_GREATS_WHEELS='{empty}' is no folder of .whl "
+                                        "files; make one with launch/gpu_wheels.sh"]
+    assert not (tmp_path / "prefix").exists()
+
+
+def test_with_wheels_and_a_gpu_listed_but_no_cuda_torch_it_sets_up_offline_then_stops_in_one_line(tmp_path):
+    """The whole --wheels path up to torch's own GPU check: an nvidia-smi that lists a GPU (this
+    machine has none), the offline set-up for real, then torch.cuda.is_available() False: exit 2 and
+    one line, torch.json and the env step's log kept."""
+    wheels = tmp_path / "wheels"
+    build_wheel(wheels, tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 81559 MiB'\n")
+    fake.chmod(0o755)
+    out, prefix = tmp_path / "out", tmp_path / "prefix"
+    env = child_env(MEGATRON_GREATS_VENV=str(prefix), PYTHON=sys.executable, PIP_NO_INDEX="1")
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    proc = subprocess.run(["bash", str(SCRIPT), "--out", str(out), "--wheels", str(wheels)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"gpu_check: no CUDA GPU found (torch.cuda.is_available() is False; see {out}/logs/env.log); "
+        "run it on a machine with an NVIDIA GPU"]
+    torch_info = json.loads((out / "torch.json").read_text())
+    assert torch_info["cuda_available"] is False and torch_info["executable"] == sys.executable
+    assert f"wheels={wheels}" in (out / "machine.txt").read_text().splitlines()
+    assert "[setup] installing the wheels of" in (out / "logs" / "env.log").read_text()
+    assert (prefix / "site" / "wheel_probe" / "__init__.py").exists()
 
 
 def load_summary():
