@@ -112,6 +112,19 @@ if missing:
     sys.exit(f"gpu_wheels: not downloaded (pip's output above): {', '.join(missing)}")
 EOF
 fi
+# a folder used before may hold another version of a package: pip installs both and fails there
+python - "$dir" <<'EOF'
+import re, sys
+from collections import defaultdict
+from pathlib import Path
+
+versions = defaultdict(list)
+for wheel in sorted(Path(sys.argv[1]).glob("*.whl")):
+    versions[re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()].append(wheel.name)
+twice = [f"{', '.join(names)}" for names in versions.values() if len(names) > 1]
+if twice:
+    sys.exit(f"gpu_wheels: {sys.argv[1]} holds two versions of a package ({'; '.join(twice)}); remove the older")
+EOF
 size="$(du -sh "$dir" | cut -f1)"
 echo "[gpu_wheels] $dir: $(ls "$dir"/*.whl | wc -l) wheels, $size; on the target:"
 echo "  MEGATRON_GREATS_WHEELS=$dir PYTHON=python3 source launch/setup_env.sh   # or: bash launch/gpu_check.sh --wheels $dir"

@@ -16,6 +16,9 @@ if [ -n "$WHEELS" ]; then
     || { echo "[setup] error: MEGATRON_GREATS_WHEELS='${MEGATRON_GREATS_WHEELS}' is no folder of .whl files; make one with launch/gpu_wheels.sh" >&2; exit 1; }
   base_python="$(command -v "$PYTHON")" \
     || { echo "[setup] error: PYTHON='$PYTHON' not found" >&2; exit 1; }
+  # the folder is rewritten below: never a virtual environment (its bin/ would go)
+  [ ! -f "$VENV/pyvenv.cfg" ] \
+    || { echo "[setup] error: MEGATRON_GREATS_VENV='$VENV' is a virtual environment; with MEGATRON_GREATS_WHEELS name a folder of its own (default .venv-wheels)" >&2; exit 1; }
   stamp="$VENV/.megatron_greats_installed"
   want="$(cd "$WHEELS" && stat -c '%n %s %Y' ./*.whl | sha256sum | cut -c1-16) $base_python"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then

@@ -159,6 +159,20 @@ def test_offline_setup_refuses_a_folder_without_wheels_in_one_line(tmp_path):
     assert not (tmp_path / "prefix").exists()
 
 
+def test_offline_setup_never_rewrites_a_virtual_environment(tmp_path):
+    wheels = tmp_path / "wheels"
+    build_wheel(wheels, tmp_path)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (venv / "bin" / "python").write_text("kept")
+    proc = source_setup_env(child_env(MEGATRON_GREATS_WHEELS=str(wheels), MEGATRON_GREATS_VENV=str(venv)), "true")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"[setup] error: MEGATRON_GREATS_VENV='{venv}' is a virtual environment; with "
+                                        "MEGATRON_GREATS_WHEELS name a folder of its own (default .venv-wheels)"]
+    assert (venv / "bin" / "python").read_text() == "kept"
+
+
 def test_with_wheels_and_a_gpu_listed_but_no_cuda_torch_it_sets_up_offline_then_stops_in_one_line(tmp_path):
     """The whole --wheels path up to torch's own GPU check: an nvidia-smi that lists a GPU (this
     machine has none), the offline set-up for real, then torch.cuda.is_available() False: exit 2 and
