@@ -193,7 +193,7 @@ def test_a_resumed_run_makes_the_same_selections(data_cache, tmp_path):
     """launch/pretrain.py, GREATS with selection.target_ema=0.9 and the adam preconditioner, 6 steps with
     checkpoints at 2, 4, 6 (one target file each, tensor/pipeline rank 0, written beside rank_state_0.pt).
     Rolled back to step 4 and rerun: steps 5 and 6 pick the same candidates with the same gains (relative
-    1e-6) as the uninterrupted run. The control resumes from step 4 with the target file replaced by an
+    1e-6, and 1e-6 of the largest gain) as the uninterrupted run. The control resumes from step 4 with the target file replaced by an
     empty target (no steps folded in): its step-5 gains differ, so the saved target is what the resumed
     run reads."""
     run_dir = tmp_path / "run"
@@ -223,6 +223,9 @@ def test_a_resumed_run_makes_the_same_selections(data_cache, tmp_path):
         if not emptied:
             for step in (5, 6):
                 assert records[step]["selected"] == whole[step]["selected"], step
-                np.testing.assert_allclose(records[step]["gains"], whole[step]["gains"], rtol=1e-6, atol=0)
+                # float32 rounding is relative to the largest gain, not to each (a gain near zero
+                # moved by 1e-9 under a loaded CI machine); the control below differs by 1e-3 of it
+                scale = np.max(np.abs(whole[step]["gains"]))
+                np.testing.assert_allclose(records[step]["gains"], whole[step]["gains"], rtol=1e-6, atol=1e-6 * scale)
     assert np.max(np.abs(np.array(gains_at["emptied"]) - np.array(whole[5]["gains"]))) > \
         1e-3 * np.max(np.abs(whole[5]["gains"]))
